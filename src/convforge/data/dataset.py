@@ -1,0 +1,93 @@
+"""In-memory (or memory-mapped) image datasets as uint8 tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Split:
+    """One split: ``images`` is uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class Dataset:
+    """A classification dataset: named classes, splits, and the normalisation measured on ``train``."""
+
+    spec: str
+    classes: list[str]
+    train: Split
+    test: Split
+    val: Split | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    default_augment: str = "none"
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.mean:
+            self.mean, self.std = channel_stats(self.train.images)
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.train.images.shape[2:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> Split:
+        chosen = getattr(self, name, None)
+        if chosen is None:
+            raise KeyError(f"dataset {self.spec!r} has no {name!r} split")
+        return chosen
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "classes": list(self.classes),
+            "channels": self.channels,
+            "image_size": list(self.image_size),
+            "train": len(self.train),
+            "val": len(self.val) if self.val is not None else 0,
+            "test": len(self.test),
+            "mean": [round(m, 6) for m in self.mean],
+            "std": [round(s, 6) for s in self.std],
+        }
+
+
+def channel_stats(images: torch.Tensor, max_images: int = 50_000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale (from at most ``max_images``)."""
+    sample = images[:max_images]
+    total = torch.zeros(sample.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for start in range(0, sample.shape[0], 4096):
+        chunk = sample[start:start + 4096].to(torch.float64).div_(255.0)
+        total += chunk.sum(dim=(0, 2, 3))
+        total_sq += chunk.square().sum(dim=(0, 2, 3))
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    if count == 0:
+        return tuple([0.5] * sample.shape[1]), tuple([0.5] * sample.shape[1])
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(float(m) for m in mean), tuple(max(float(s), 1e-3) for s in std)

@@ -1,0 +1,131 @@
+"""Batches from uint8 tensors, with augmentations applied to whole batches (no per-image Python loop)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from convforge.data.dataset import Split
+from convforge.errors import ConfigError
+
+AUGMENTS = ("none", "flip", "crop", "crop-flip")
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The global sample order of one epoch: a function of (seed, epoch) only, so runs and ranks agree."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=gen)
+
+
+def shard(indices: torch.Tensor, batch_size: int, rank: int, world_size: int, drop_last: bool) -> list[torch.Tensor]:
+    """Cut ``indices`` into global batches of ``batch_size * world_size`` and give each rank its interleaved share.
+
+    The union over ranks of the k-th per-rank batch is exactly the k-th global batch, so a run on
+    N processes with batch b sees the same samples per step as one process with batch N*b.
+    """
+    global_batch = batch_size * world_size
+    if drop_last:
+        indices = indices[: len(indices) // global_batch * global_batch]
+    batches = []
+    for start in range(0, len(indices), global_batch):
+        chunk = indices[start:start + global_batch]
+        batches.append(chunk[rank::world_size])
+    return [b for b in batches if len(b)]
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 or [0, 255] float images -> ``(x / 255 - mean) / std`` as float32."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=x.device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device).view(1, -1, 1, 1)
+    return torch.addcmul(shift, x.float(), scale)
+
+
+def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Pad every image by ``padding`` zeros and crop back at per-image ``offsets`` (N, 2) in [0, 2*padding]."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
+    picked = padded.gather(2, rows)
+    cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return picked.gather(3, cols)
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror the images whose ``flip`` flag is set."""
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+class BatchLoader:
+    """Iterates over a split in batches of normalised float tensors on ``device``.
+
+    Sampling and augmentation draws depend only on (seed, epoch), never on global RNG state,
+    so a resumed run repeats the same batches, and ``rank``/``world_size`` shard the samples.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        shuffle: bool = False,
+        augment: str = "none",
+        crop_padding: int = 4,
+        drop_last: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if augment not in AUGMENTS:
+            raise ConfigError(f"unknown augment {augment!r}: use one of {', '.join(AUGMENTS)}")
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        images = split.images
+        if self.device.type != "cpu":
+            images = images.to(self.device, non_blocking=True)  # the whole uint8 split lives on the accelerator
+        self.images, self.labels = images, split.labels.to(self.device)
+        self.batch_size, self.mean, self.std = batch_size, tuple(mean), tuple(std)
+        self.shuffle, self.augment, self.crop_padding = shuffle, augment, crop_padding
+        self.drop_last, self.seed, self.channels_last = drop_last, seed, channels_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[torch.Tensor]:
+        n = self.images.shape[0]
+        order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
+        return shard(order, self.batch_size, self.rank, self.world_size, self.drop_last and self.shuffle)
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from ``start_batch`` on (earlier ones are skipped, not computed)."""
+        n = self.images.shape[0]
+        h, w = self.images.shape[2:]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_777_777)
+        # Augmentation draws are per sample index (not per batch position) so sharding does not change them.
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5
+        for idx in self._batches()[start_batch:]:
+            x = self.images[idx.to(self.images.device)] if self.device.type != "cpu" else self.images[idx]
+            y = self.labels[idx.to(self.labels.device)]
+            if self.augment in ("crop", "crop-flip") and self.crop_padding > 0 and min(h, w) > 1:
+                x = random_crop(x, self.crop_padding, offsets[idx].to(x.device))
+            if self.augment in ("flip", "crop-flip"):
+                x = flip_where(x, flips[idx].to(x.device))
+            x = normalize(x, self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y

@@ -1,0 +1,42 @@
+"""The default small CNN for tiny images (8x8 digits, 28x28 MNIST, 32x32 CIFAR)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from convforge.layers import ConvNormAct
+from convforge.models.registry import register_model
+
+
+class SmallCNN(nn.Module):
+    """A stem conv, then stages of ``conv-BN-ReLU`` each followed by 2x2 max-pooling, global pooling, linear.
+
+    Works at any input size of 4x4 or more: pooling stops once the feature map is 2x2.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        self.widths = tuple(widths)
+        self.stem = ConvNormAct(in_chans, widths[0], 3)
+        stages = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            stages.append(nn.Sequential(ConvNormAct(c_in, c_out, 3), nn.MaxPool2d(2, ceil_mode=True)))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@register_model(
+    family="smallcnn",
+    input_size=(1, 8, 8),
+    num_classes=10,
+    description="Default small CNN for tiny images (3 conv layers, ~93k params)",
+)
+def smallcnn(num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128)) -> SmallCNN:
+    """Default small CNN for tiny images."""
+    return SmallCNN(num_classes=num_classes, in_chans=in_chans, widths=tuple(widths))

@@ -1,0 +1,314 @@
+"""The training engine: ``train(config)`` is what ``convforge train`` runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from convforge.config import TrainConfig, dump_yaml, load_yaml
+from convforge.data import BatchLoader, Dataset, load
+from convforge.errors import CheckpointError, ConfigError, NonFiniteLossError
+from convforge.measure import count_macs, count_params
+from convforge.models import create_model
+from convforge.progress import EpochBar, echo
+from convforge.train.checkpoint import load_train_state, save_checkpoint, save_train_state
+from convforge.train.ema import ModelEma
+from convforge.train.evaluate import evaluate
+from convforge.train.optim import build_optimizer, lr_at
+from convforge.train.rundir import ProcessRole, RunDir, default_run_dir
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+class TrainingInterrupted(Exception):
+    """Raised (from a signal handler or KeyboardInterrupt) to stop a run after saving its state."""
+
+    def __init__(self, exit_code: int = 130) -> None:
+        super().__init__(f"training interrupted (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def config_for_resume(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """The saved config of ``config.resume``, with any option set differently in ``config`` applied on top."""
+    run_dir = Path(config.resume)  # type: ignore[arg-type]
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise CheckpointError(f"cannot resume {run_dir}: no config.yaml there (is it a convforge run directory?)")
+    saved = TrainConfig.from_dict(load_yaml(saved_path), str(saved_path))
+    defaults = TrainConfig()
+    overrides = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("resume", "out"):
+            continue
+        value = getattr(config, f.name)
+        if value != getattr(defaults, f.name) and value != getattr(saved, f.name):
+            setattr(saved, f.name, value)
+            overrides.append(f"{f.name}={value}")
+    saved.resume, saved.out = str(run_dir), str(run_dir)
+    return saved, overrides
+
+
+def checkpoint_meta(cfg: TrainConfig, data: Dataset, model_args: dict, metrics: dict, epoch: int) -> dict[str, Any]:
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "cache_dir", "device", "threads")}
+    return {
+        "model": {"name": cfg.model, "args": model_args, "num_classes": data.num_classes, "in_chans": data.channels},
+        "classes": list(data.classes),
+        "input_size": [data.channels, *data.image_size],
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "data": {"spec": data.spec, "train": len(data.train), "test": len(data.test)},
+        "weights": "ema" if cfg.ema else "trained",
+        "epoch": epoch,
+        "metrics": metrics,
+        "recipe": recipe,
+    }
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    role: ProcessRole | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train a model as ``config`` says and return the run's summary (also written to summary.json).
+
+    ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is written.
+    """
+    started = time.perf_counter()
+    config = config or TrainConfig()
+    overrides: list[str] = []
+    if config.resume:
+        config, overrides = config_for_resume(config)
+    config.validate()
+    role = role or ProcessRole()
+    say = (lambda message: None) if quiet or not role.is_main else echo
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    data = load(config.data, image_size=config.image_size, skip_bad_images=config.skip_bad_images,
+                cache_dir=config.cache_dir, log=say)
+    cfg = config.resolved(data.channels, data.image_size, data.default_augment)
+    for note in data.notes:
+        say(f"note: {note}")
+
+    run = RunDir(cfg.out or default_run_dir(cfg.model, cfg.data), role)
+    if not cfg.resume and run.file("resume.safetensors").exists():
+        raise ConfigError(f"{run.path} already holds a run; resume it with --resume {run.path} or choose another --out")
+
+    model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **cfg.model_args)
+    params = count_params(model)
+    macs = count_macs(model, (data.channels, *data.image_size))
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
+
+    train_loader = BatchLoader(
+        data.train, cfg.batch_size, data.mean, data.std, shuffle=True, augment=cfg.augment,
+        crop_padding=cfg.crop_padding, drop_last=True, seed=cfg.seed, device=device,
+        channels_last=cfg.channels_last, rank=role.rank, world_size=role.world_size,
+    )
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch size {cfg.batch_size} x {role.world_size} process(es) is larger than the "
+            f"{len(data.train)} training images; lower --batch-size"
+        )
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+
+    start_epoch, start_batch, best = 0, 0, {"top1": -1.0, "epoch": 0}
+    partial: dict[str, float] = {}
+    if cfg.resume:
+        extra = load_train_state(run.file("resume.safetensors"), model, optimizer, ema)
+        start_epoch, start_batch, best, partial = extra["epoch"], extra["batch"], extra["best"], extra["partial"]
+        run.load_records(start_epoch)
+        say(f"resuming {run.path} at epoch {start_epoch + 1}, batch {start_batch}"
+            + (f" (overrides: {', '.join(overrides)})" if overrides else ""))
+    run.write_text("config.yaml", dump_yaml(cfg))
+    run.log(f"start: model={cfg.model} data={cfg.data} device={device} params={params} macs={macs}")
+
+    forward = torch.compile(model) if cfg.compile else model
+    eval_model = ema.module if ema is not None else model
+    select_on = "val" if data.val is not None else "test"
+    say(
+        f"convforge train: {cfg.model} ({params:,} params, {macs / 1e6:.2f} M MACs) on {cfg.data} "
+        f"[{len(data.train)} train / {len(data.test)} test, {data.channels}x{data.image_size[0]}x{data.image_size[1]}] "
+        f"device={device} threads={torch.get_num_threads()}\n"
+        f"  epochs={cfg.epochs} batch={cfg.batch_size} {cfg.optimizer} lr={cfg.lr:g} wd={cfg.weight_decay:g} "
+        f"{cfg.schedule} warmup={cfg.warmup_epochs:g} augment={cfg.augment} label_smoothing={cfg.label_smoothing:g}"
+        f"{' ema' if cfg.ema else ''}{' amp' if cfg.amp else ''}{' channels_last' if cfg.channels_last else ''}"
+        f"{' compile' if cfg.compile else ''}  run dir: {run.path}"
+    )
+
+    check_every = 1 if device.type == "cpu" else 25
+    train_seconds = sum(r.get("train_time_s", 0.0) for r in run.records)
+    global_step = start_epoch * steps_per_epoch + start_batch
+    epoch = start_epoch
+    batch_index = start_batch
+    lr = cfg.lr
+    sums: dict[str, float] = {}
+    epoch_start = time.perf_counter()
+
+    def save_state(next_epoch: int, next_batch: int, partial_sums: dict[str, float]) -> None:
+        if role.is_main:
+            extra = {"epoch": next_epoch, "batch": next_batch, "best": best, "partial": partial_sums,
+                     "global_step": next_epoch * steps_per_epoch + next_batch}
+            save_train_state(run.file("resume.safetensors"), model, optimizer, ema, extra)
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            train_loader.set_epoch(epoch)
+            sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
+            if epoch == start_epoch and start_batch:
+                sums.update(partial)
+            epoch_start = time.perf_counter()
+            seen_this_session = 0
+            with EpochBar(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch) as bar:
+                batches = train_loader.iter_from(start_batch if epoch == start_epoch else 0)
+                batch_index = start_batch if epoch == start_epoch else 0
+                for x, y in batches:
+                    lr = lr_at(global_step, total_steps, warmup_steps, cfg.lr, cfg.schedule)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                        logits = forward(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    if global_step % check_every == 0 and not torch.isfinite(loss):
+                        raise NonFiniteLossError(_nonfinite_message(float(loss), epoch, batch_index, lr, run))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update(model)
+                    global_step += 1
+                    batch_index += 1
+                    seen_this_session += y.shape[0]
+                    sums["loss"] += float(loss.detach()) * y.shape[0]
+                    sums["correct"] += float((logits.detach().argmax(1) == y).sum())
+                    sums["seen"] += y.shape[0]
+                    elapsed = time.perf_counter() - epoch_start
+                    bar.update(batch_index, sums["loss"] / sums["seen"], 100 * sums["correct"] / sums["seen"],
+                               seen_this_session / max(elapsed, 1e-9))
+            if not math.isfinite(sums["loss"]):
+                raise NonFiniteLossError(_nonfinite_message(sums["loss"], epoch, batch_index, lr, run))
+            epoch_time = sums["time"] + time.perf_counter() - epoch_start
+            train_seconds += time.perf_counter() - epoch_start
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": sums["loss"] / sums["seen"],
+                "train_top1": 100 * sums["correct"] / sums["seen"],
+                "lr": lr,
+                "images_per_s": seen_this_session / max(time.perf_counter() - epoch_start, 1e-9),
+                "train_time_s": epoch_time,
+            }
+            last_epoch = epoch + 1 == cfg.epochs
+            if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
+                eval_start = time.perf_counter()
+                for split_name in ("val", "test") if data.val is not None else ("test",):
+                    result = evaluate(eval_model, data.split(split_name), data.mean, data.std,
+                                      batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp,
+                                      channels_last=cfg.channels_last, num_classes=data.num_classes, details=False)
+                    record.update({f"{split_name}_loss": result["loss"], f"{split_name}_top1": result["top1"],
+                                   f"{split_name}_top5": result["top5"]})
+                record["eval_time_s"] = time.perf_counter() - eval_start
+            record["elapsed_s"] = time.perf_counter() - started
+            run.append_record(record)
+            metrics = {k: v for k, v in record.items() if k.endswith(("top1", "top5", "loss"))}
+            meta = checkpoint_meta(cfg, data, cfg.model_args, metrics, epoch + 1)
+            if role.is_main:
+                save_checkpoint(run.file("last.safetensors"), eval_model, meta)
+                if f"{select_on}_top1" in record and record[f"{select_on}_top1"] > best["top1"]:
+                    best = {"top1": record[f"{select_on}_top1"], "epoch": epoch + 1}
+                    save_checkpoint(run.file("best.safetensors"), eval_model, meta)
+            save_state(epoch + 1, 0, {})
+            line = _epoch_line(record, cfg.epochs)
+            run.log(line)
+            say(line)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+    except (KeyboardInterrupt, TrainingInterrupted) as exc:
+        code = exc.exit_code if isinstance(exc, TrainingInterrupted) else 130
+        if 0 < batch_index < steps_per_epoch and sums:
+            sums["time"] += time.perf_counter() - epoch_start
+            save_state(epoch, batch_index, sums)
+        message = (f"interrupted at epoch {epoch + 1}, batch {batch_index}; state saved. "
+                   f"Resume with: convforge train --resume {run.path}")
+        run.log(message)
+        say(message)
+        raise TrainingInterrupted(code) from None
+    except NonFiniteLossError as exc:
+        run.log(str(exc))
+        run.write_json("summary.json", {"status": "diverged", "error": str(exc), "run_dir": str(run.path)})
+        raise
+
+    final = run.records[-1]
+    summary = {
+        "status": "completed",
+        "run_dir": str(run.path),
+        "model": cfg.model,
+        "data": cfg.data,
+        "epochs": cfg.epochs,
+        "test_top1": final.get("test_top1"),
+        "test_top5": final.get("test_top5"),
+        "test_loss": final.get("test_loss"),
+        "val_top1": final.get("val_top1"),
+        "best_epoch": best["epoch"],
+        "best_top1": best["top1"],
+        "best_selected_on": select_on,
+        "params": params,
+        "macs": macs,
+        "train_time_s": train_seconds,
+        "wall_time_s": time.perf_counter() - started,
+        "images_per_s": steps_per_epoch * cfg.batch_size * role.world_size * cfg.epochs / max(train_seconds, 1e-9),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "checkpoints": {"best": str(run.file("best.safetensors")), "last": str(run.file("last.safetensors"))},
+    }
+    run.write_json("summary.json", summary)
+    run.log(f"done: test top-1 {summary['test_top1']:.2f}% in {summary['wall_time_s']:.1f} s")
+    return summary
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.4f}",
+             f"train {record['train_top1']:.2f}%"]
+    if "val_top1" in record:
+        parts.append(f"val {record['val_top1']:.2f}%")
+    if "test_top1" in record:
+        parts.append(f"test {record['test_top1']:.2f}%")
+    parts += [f"lr {record['lr']:.3g}", f"{record['images_per_s']:.0f} img/s", f"{record['elapsed_s']:.1f} s"]
+    return "  ".join(parts)
+
+
+def _nonfinite_message(value: float, epoch: int, batch: int, lr: float, run: RunDir) -> str:
+    last = run.file("last.safetensors")
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished, so no checkpoint was written"
+    return (f"loss became {value} at epoch {epoch + 1}, batch {batch} (lr {lr:.3g}); training stopped and {kept}. "
+            f"Try a lower learning rate (e.g. --lr {lr / 10:.3g}) or --grad-clip 1.0.")

@@ -1,0 +1,70 @@
+"""Evaluation: top-1, top-5, per-class accuracy, confusion matrix, optional flip test-time augmentation."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from convforge.data import BatchLoader, Split
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, tta: bool = False, amp: bool = False
+) -> torch.Tensor:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x).float()
+        if tta:
+            logits = 0.5 * (logits + model(x.flip(3)).float())
+    return logits
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    tta: bool = False,
+    amp: bool = False,
+    channels_last: bool = False,
+    num_classes: int | None = None,
+    details: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``split``. ``details`` adds per-class accuracy and the confusion matrix."""
+    was_training = model.training
+    model.eval()
+    loader = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last)
+    num_classes = num_classes or int(split.labels.max()) + 1
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, top5_hits, count = 0.0, 0, 0
+    for x, y in loader:
+        logits = predict_logits(model, x, tta=tta, amp=amp)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        k = min(5, logits.shape[1])
+        top5_hits += int((logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum())
+        pred = logits.argmax(dim=1)
+        confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+        count += y.shape[0]
+    model.train(was_training)
+    correct = int(confusion.diag().sum())
+    result: dict[str, Any] = {
+        "top1": 100.0 * correct / max(count, 1),
+        "top5": 100.0 * top5_hits / max(count, 1),
+        "loss": loss_sum / max(count, 1),
+        "images": count,
+    }
+    if details:
+        per_class_total = confusion.sum(dim=1)
+        result["per_class"] = [
+            (100.0 * int(confusion[i, i]) / int(per_class_total[i])) if per_class_total[i] else None
+            for i in range(num_classes)
+        ]
+        result["confusion"] = confusion.tolist()
+    return result
