@@ -31,7 +31,7 @@ class Dataset:
 
     spec: str
     classes: list[str]
-    train: Split
+    train: Split | None
     test: Split
     val: Split | None = None
     mean: tuple[float, ...] = ()
@@ -41,15 +41,22 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if not self.mean:
-            self.mean, self.std = channel_stats(self.train.images)
+            # Measured on train; an evaluation-only folder (no train/) falls back to its own images.
+            self.mean, self.std = channel_stats(self.first_split.images)
+            if self.train is None:
+                self.notes.append("no train split: normalisation statistics were measured on the evaluation split")
+
+    @property
+    def first_split(self) -> Split:
+        return next(s for s in (self.train, self.val, self.test) if s is not None)
 
     @property
     def channels(self) -> int:
-        return self.train.images.shape[1]
+        return self.first_split.images.shape[1]
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.train.images.shape[2:])  # type: ignore[return-value]
+        return tuple(self.first_split.images.shape[2:])  # type: ignore[return-value]
 
     @property
     def num_classes(self) -> int:
@@ -67,7 +74,7 @@ class Dataset:
             "classes": list(self.classes),
             "channels": self.channels,
             "image_size": list(self.image_size),
-            "train": len(self.train),
+            "train": len(self.train) if self.train is not None else 0,
             "val": len(self.val) if self.val is not None else 0,
             "test": len(self.test),
             "mean": [round(m, 6) for m in self.mean],
@@ -91,3 +98,16 @@ def channel_stats(images: torch.Tensor, max_images: int = 50_000) -> tuple[tuple
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
     return tuple(float(m) for m in mean), tuple(max(float(s), 1e-3) for s in std)
+
+
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) images to ``channels``: gray -> RGB by repetition, RGB -> gray by ITU-R 601 luma."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1:
+        return images.expand(-1, channels, -1, -1).contiguous()
+    if have == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {have}-channel images to {channels} channels")

@@ -44,15 +44,15 @@ def list_image_folder(root: Path, splits: tuple[str, ...] = ("train", "val", "te
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     present = [s for s in splits if (root / s).is_dir()]
-    if "train" not in present:
+    if not present:
         raise DataError(
-            f"{root} has no 'train' folder: expected {root}/train/<class>/*.png (and test/ or val/)"
+            f"{root} has no train/, val/ or test/ folder: expected {root}/train/<class>/*.png and {root}/test/<class>/*.png"
         )
-    if len(present) < 2:
+    if present == ["train"]:
         raise DataError(f"{root} has a 'train' folder but neither 'test' nor 'val': add one to evaluate on")
     classes = sorted({entry.name for s in present for entry in os.scandir(root / s) if entry.is_dir()})
     if not classes:
-        raise DataError(f"{root / 'train'} has no class folders: expected {root}/train/<class>/*.png")
+        raise DataError(f"{root / present[0]} has no class folders: expected {root}/{present[0]}/<class>/*.png")
     files: dict[str, list[tuple[str, int]]] = {}
     ignored = 0
     for split in present:
@@ -67,7 +67,7 @@ def list_image_folder(root: Path, splits: tuple[str, ...] = ("train", "val", "te
                     found.append(entry.path)
                 else:
                     ignored += 1
-            if not found and split == "train":
+            if not found and split == present[0]:
                 raise DataError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             items.extend((path, label) for path in sorted(found))
         if not items:
@@ -101,7 +101,7 @@ def decode_image(path: str, size: tuple[int, int] | None) -> np.ndarray:
             img = img.convert("L" if img.mode in ("1", "L", "LA") else "RGB")
             if size is not None and (img.height, img.width) != size:
                 img = _resize_center_crop(img, size)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -225,7 +225,7 @@ def load_image_folder(
         present = set(labels)
         missing = [listing.classes[i] for i in range(len(listing.classes)) if i not in present]
         if split == "train" and missing:
-            raise DataError(f"class folder(s) with no usable image in {root / 'train'}: {', '.join(missing)}")
+            raise DataError(f"class folder(s) with no usable image in {root / split}: {', '.join(missing)}")
     _write_cache(entry, listing.classes, decoded, channels, notes)
     meta = json.loads((entry / "meta.json").read_text())
     splits = {name: _open_cached(entry, name) for name in meta["splits"]}

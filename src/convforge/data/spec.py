@@ -71,7 +71,7 @@ def load(
             classes, splits, notes = load_image_folder(root, size, skip_bad_images, _path(cache_dir), log=log)
     test = splits.get("test") or splits.get("val")
     val = splits.get("val") if "test" in splits else None
-    return Dataset(spec=spec, classes=classes, train=splits["train"], test=test, val=val,
+    return Dataset(spec=spec, classes=classes, train=splits.get("train"), test=test, val=val,
                    default_augment=augment, notes=notes)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from convforge.config import TrainConfig, dump_yaml, load_yaml
 from convforge.data import BatchLoader, Dataset, load
-from convforge.errors import CheckpointError, ConfigError, NonFiniteLossError
+from convforge.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from convforge.measure import count_macs, count_params
 from convforge.models import create_model
 from convforge.progress import EpochBar, echo
@@ -107,6 +107,8 @@ def train(
 
     data = load(config.data, image_size=config.image_size, skip_bad_images=config.skip_bad_images,
                 cache_dir=config.cache_dir, log=say)
+    if data.train is None:
+        raise DataError(f"{config.data} has no train split to train on (expected a train/ folder)")
     cfg = config.resolved(data.channels, data.image_size, data.default_augment)
     for note in data.notes:
         say(f"note: {note}")

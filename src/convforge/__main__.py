@@ -1,0 +1,5 @@
+import sys
+
+from convforge.cli import main
+
+sys.exit(main())
