@@ -24,6 +24,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_FORMAT = 1
 # Decompression-bomb guard: refuse images above this many pixels (PIL's own default is ~89 M).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+MMAP_THRESHOLD_BYTES = int(os.environ.get("CONVFORGE_MMAP_THRESHOLD", 4 * 1024**3))
 
 
 @dataclass
@@ -260,8 +261,11 @@ def _write_cache(entry: Path, classes: list[str], decoded: dict, channels: int, 
 
 
 def _open_cached(entry: Path, split: str) -> Split:
-    # mmap_mode="c": copy-on-write pages, so tensors are writable views without reading the file up front
-    images = np.load(entry / f"{split}_images.npy", mmap_mode="c", allow_pickle=False)
+    path = entry / f"{split}_images.npy"
+    # Small caches are read in one sequential pass: random-order batches from a cold memory map
+    # would cost one disk seek per image. Larger ones are memory-mapped (copy-on-write, so writable).
+    mmap = "c" if path.stat().st_size > MMAP_THRESHOLD_BYTES else None
+    images = np.load(path, mmap_mode=mmap, allow_pickle=False)
     labels = np.load(entry / f"{split}_labels.npy", allow_pickle=False)
     return Split(torch.from_numpy(images), torch.from_numpy(labels))
 

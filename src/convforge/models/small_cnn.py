@@ -12,13 +12,18 @@ from convforge.models.registry import register_model
 class SmallCNN(nn.Module):
     """A stem conv, then stages of ``conv-BN-ReLU`` each followed by 2x2 max-pooling, global pooling, linear.
 
-    Works at any input size of 4x4 or more: pooling stops once the feature map is 2x2.
+    ``stem_pool`` halves the resolution right after the stem, for 28x28 and larger inputs.
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128), stem_pool: bool = False
+    ) -> None:
         super().__init__()
         self.widths = tuple(widths)
-        self.stem = ConvNormAct(in_chans, widths[0], 3)
+        stem: list[nn.Module] = [ConvNormAct(in_chans, widths[0], 3)]
+        if stem_pool:
+            stem.append(nn.MaxPool2d(2, ceil_mode=True))
+        self.stem = nn.Sequential(*stem)
         stages = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             stages.append(nn.Sequential(ConvNormAct(c_in, c_out, 3), nn.MaxPool2d(2, ceil_mode=True)))
@@ -37,6 +42,8 @@ class SmallCNN(nn.Module):
     num_classes=10,
     description="Default small CNN for tiny images (3 conv layers, ~93k params)",
 )
-def smallcnn(num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128)) -> SmallCNN:
+def smallcnn(
+    num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128), stem_pool: bool = False
+) -> SmallCNN:
     """Default small CNN for tiny images."""
-    return SmallCNN(num_classes=num_classes, in_chans=in_chans, widths=tuple(widths))
+    return SmallCNN(num_classes=num_classes, in_chans=in_chans, widths=tuple(widths), stem_pool=stem_pool)

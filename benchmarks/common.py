@@ -1,0 +1,51 @@
+"""Shared helpers for the benchmarks: locating ../shared data and recording results."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CONVFORGE_SHARED", ROOT.parent / "shared"))
+DATA_ROOT = Path(os.environ.get("CONVFORGE_BENCH_DATA", "/tmp/convforge-bench-data"))
+
+
+def extracted(archive: str, folder: str) -> Path:
+    """Extract ``../shared/datasets/ARCHIVE`` once into DATA_ROOT and return DATA_ROOT/FOLDER."""
+    target = DATA_ROOT / folder
+    if (target / ".complete").is_file():
+        return target
+    source = SHARED / "datasets" / archive
+    if not source.is_file():
+        raise SystemExit(f"{source} not found: the benchmarks need ../shared/datasets (set CONVFORGE_SHARED)")
+    DATA_ROOT.mkdir(parents=True, exist_ok=True)
+    print(f"extracting {source} into {DATA_ROOT} ...", flush=True)
+    with tarfile.open(source) as tar:
+        tar.extractall(DATA_ROOT, filter="data")
+    (target / ".complete").write_text("ok\n")
+    return target
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def record(section: str, lines: list[str]) -> None:
+    """Print ``lines`` and append them under a dated heading to benchmarks/RESULTS.md."""
+    text = f"\n### {section}, {time.strftime('%Y-%m-%d')}\nMachine: {machine()}\n\n" + "\n".join(lines) + "\n"
+    print(text)
+    with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as handle:
+        handle.write(text)
