@@ -110,6 +110,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        # Python 3 writes bytes (e.g. an array's raw data) in protocol 2 as _codecs.encode(str, "latin1").
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: D401
