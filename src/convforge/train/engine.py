@@ -199,7 +199,7 @@ def train(
                         logits = forward(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     if global_step % check_every == 0 and not torch.isfinite(loss):
-                        raise NonFiniteLossError(_nonfinite_message(float(loss), epoch, batch_index, lr, run))
+                        raise NonFiniteLossError(_nonfinite_message(float(loss.detach()), epoch, batch_index, lr, run))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip:
