@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model name, for --weights")
     ev.add_argument("--weights", help="foreign weight file (.pth/.th/.pt, loaded with weights_only=True, or .safetensors)")
     ev.add_argument("--num-classes", type=int, help="classes of the foreign model (default: the data's)")
+    ev.add_argument("--in-chans", type=int, help="input channels of the foreign model (default: the registry's)")
+    ev.add_argument("--model-arg", dest="model_args", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra argument of the foreign model (value parsed as YAML), repeatable")
     ev.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel on [0, 1] (foreign weights)")
     ev.add_argument("--std", type=float, nargs="+", help="normalisation std per channel on [0, 1] (foreign weights)")
     ev.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: 256)")
@@ -108,17 +111,24 @@ def _train_config(args: argparse.Namespace):
     values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
     explicit = {f: getattr(args, f) for _, f, _, _ in TRAIN_OPTIONS if hasattr(args, f)}
     if hasattr(args, "model_args"):
-        import yaml
-
-        model_args = dict(values.get("model_args", {}))
-        for item in args.model_args:
-            key, eq, raw = item.partition("=")
-            if not eq or not key:
-                raise ConvforgeError(f"--model-arg expects KEY=VALUE, got {item!r}")
-            model_args[key] = yaml.safe_load(raw)
-        explicit["model_args"] = model_args
+        explicit["model_args"] = {**values.get("model_args", {}), **_parse_model_args(args.model_args)}
     values.update(coerce_fields(explicit, "command line"))
     return TrainConfig(**values)
+
+
+def _parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConvforgeError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConvforgeError(f"--model-arg {item!r}: the value is not valid YAML ({exc})") from None
+    return parsed
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,8 +175,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         data = load_data_for(args.data, args.image_size, args.skip_bad_images)
         from convforge.models import model_info
 
-        in_chans = model_info(args.model).input_size[0]
-        model = create_model(args.model, num_classes=args.num_classes or data.num_classes, in_chans=in_chans)
+        in_chans = args.in_chans or model_info(args.model).input_size[0]
+        model = create_model(args.model, num_classes=args.num_classes or data.num_classes, in_chans=in_chans,
+                             **_parse_model_args(args.model_args))
         load_foreign_weights(model, args.weights)
         if (args.mean is None) != (args.std is None):
             raise ConvforgeError("give both --mean and --std, or neither")

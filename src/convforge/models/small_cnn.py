@@ -20,10 +20,8 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         self.widths = tuple(widths)
-        stem: list[nn.Module] = [ConvNormAct(in_chans, widths[0], 3)]
-        if stem_pool:
-            stem.append(nn.MaxPool2d(2, ceil_mode=True))
-        self.stem = nn.Sequential(*stem)
+        self.stem = ConvNormAct(in_chans, widths[0], 3)
+        self.stem_pool = nn.MaxPool2d(2, ceil_mode=True) if stem_pool else nn.Identity()
         stages = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             stages.append(nn.Sequential(ConvNormAct(c_in, c_out, 3), nn.MaxPool2d(2, ceil_mode=True)))
@@ -32,7 +30,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
+        x = self.stages(self.stem_pool(self.stem(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
