@@ -1,5 +1,7 @@
 """MNIST (PNG folders from ../shared/datasets) to >= 99.0% test accuracy: wall time from process start.
 
+Recipe: the small CNN at widths 16-32-64 with a max-pool after the stem (2.0 M MACs), 2 epochs of
+one-cycle SGD, bfloat16 autocast (fast on CPUs with AVX512-BF16), channels_last, no augmentation.
 The cache is warmed first (decoding is a one-time cost); then `convforge train` runs as a fresh
 process and the wall time from its start to its exit is measured, imports included. The epoch at
 which test accuracy first reached 99.0% is read from the run's metrics.jsonl.
@@ -21,7 +23,8 @@ from common import extracted, record  # noqa: E402
 
 RECIPE = [
     "--model", "smallcnn", "--model-arg", "widths=[16,32,64]", "--model-arg", "stem_pool=true",
-    "--epochs", "2", "--batch-size", "256", "--lr", "0.4", "--label-smoothing", "0.1", "--channels-last",
+    "--epochs", "2", "--batch-size", "128", "--lr", "0.2", "--label-smoothing", "0.1", "--augment", "none",
+    "--amp", "--channels-last",
 ]
 
 
