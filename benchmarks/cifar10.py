@@ -136,10 +136,7 @@ def main() -> None:
         f"wall ({summary['images_per_s']:.0f} img/s).",
         "Command: `python benchmarks/cifar10.py" + (f" --budget-epochs {args.budget_epochs}" if args.budget_epochs != 4 else "") + "`",
     ]
-    if args.no_record:
-        print("\n".join(lines))
-    else:
-        record("CIFAR-10-JPEG, ResNet-20 training throughput", lines)
+    record("CIFAR-10-JPEG, ResNet-20 training throughput", lines, save=not args.no_record)
 
 
 if __name__ == "__main__":

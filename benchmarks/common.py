@@ -43,9 +43,11 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def record(section: str, lines: list[str]) -> None:
-    """Print ``lines`` and append them under a dated heading to benchmarks/RESULTS.md."""
+def record(section: str, lines: list[str], save: bool = True) -> None:
+    """Print ``lines`` and, if ``save``, append them under a dated heading to benchmarks/RESULTS.md."""
     text = f"\n### {section}, {time.strftime('%Y-%m-%d')}\nMachine: {machine()}\n\n" + "\n".join(lines) + "\n"
     print(text)
+    if not save:
+        return
     with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as handle:
         handle.write(text)

@@ -66,10 +66,7 @@ def main() -> None:
         f"Median wall time {walls[len(walls) // 2]:.1f} s; every run >= 99.0%: {all(a >= 99.0 for _, a, _ in rows)}.",
         f"Command: `convforge train --data mnist:DIR {' '.join(RECIPE)}` (warm cache), via `python benchmarks/mnist.py`.",
     ]
-    if args.no_record:
-        print("\n".join(lines))
-    else:
-        record("MNIST to 99.0%, wall time from process start", lines)
+    record("MNIST to 99.0%, wall time from process start", lines, save=not args.no_record)
 
 
 if __name__ == "__main__":
