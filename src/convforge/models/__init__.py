@@ -1,10 +1,23 @@
-"""Model families and the registry (``create_model``, ``list_models``, ``model_info``)."""
+"""Model families and the registry (``create_model``, ``list_models``, ``model_info``).
 
-from convforge.models import resnet_cifar, small_cnn  # noqa: F401  (registers the families)
+Every module in this package other than the infrastructure ones below holds one model
+family and registers it on import; they are all imported here.
+"""
+
+import importlib
+import pkgutil
+
+from convforge.models.base import Classifier
 from convforge.models.registry import ModelInfo, create_model, list_models, model_info, register_model
 from convforge.models.weights import load_foreign_weights
 
+_INFRASTRUCTURE = {"base", "registry", "weights"}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module}")
+
 __all__ = [
+    "Classifier",
     "ModelInfo",
     "create_model",
     "list_models",
