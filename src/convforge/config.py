@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -50,7 +52,7 @@ class TrainConfig:
     resume: str | None = None
     cache_dir: str | None = None
 
-    def resolved(self, channels: int, image_size: tuple[int, int], default_augment: str) -> "TrainConfig":
+    def resolved(self, channels: int, image_size: tuple[int, int], default_augment: str) -> TrainConfig:
         """A copy with every ``None`` default replaced by the value this run will use."""
         cfg = dataclasses.replace(self)
         if cfg.lr is None:
@@ -66,6 +68,7 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        _check_types_and_limits(self)
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -91,8 +94,38 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         return cls(**coerce_fields(values, source))
+
+
+# Upper limits, so that an absurd value is a clear error here instead of an overflow deep in training.
+LIMITS = {"epochs": 1_000_000, "batch_size": 1 << 24, "eval_every": 1_000_000, "threads": 4096,
+          "crop_padding": 4096, "image_size": 8192, "seed": 2**32 - 1}
+_MODEL_ARGS_MAX_DEPTH = 16
+_MODEL_ARGS_MAX_ITEMS = 10_000
+
+
+def _check_types_and_limits(cfg: TrainConfig) -> None:
+    """The checks ``validate`` adds to the per-field ones: types (for a TrainConfig built directly),
+    ranges that would otherwise fail deep inside training, and characters no path may hold."""
+    coerce_fields(dataclasses.asdict(cfg), "config")
+    for name, high in LIMITS.items():
+        value = getattr(cfg, name)
+        low = 0 if name in ("crop_padding", "seed") else 1
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"{name} must be in {low}..{high}, got {value}")
+    if not 0 <= cfg.momentum <= 1:
+        raise ConfigError(f"momentum must be in [0, 1], got {cfg.momentum}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,4}", cfg.device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_short(cfg.device)}")
+    from convforge.data.loader import AUGMENTS
+
+    if cfg.augment is not None and cfg.augment not in AUGMENTS:
+        raise ConfigError(f"unknown augment {_short(cfg.augment)}: use one of {', '.join(AUGMENTS)}")
+    for name in ("model", "data", "out", "resume", "cache_dir"):
+        value = getattr(cfg, name)
+        if value is not None and "\0" in value:
+            raise ConfigError(f"{name} must not contain NUL characters, got {_short(value)}")
 
 
 def coerce_fields(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -109,9 +142,44 @@ def coerce_fields(values: dict[str, Any], source: str) -> dict[str, Any]:
 
             close = difflib.get_close_matches(name, names, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{source}: unknown option {key!r}{hint}")
-        out[name] = _coerce(value, hints[name], f"{source}: option {key!r}")
+            raise ConfigError(f"{source}: unknown option {_short(key)}{hint}")
+        out[name] = _coerce(value, hints[name], f"{source}: option {_short(key)}")
     return out
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a message must not print a whole document)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - e.g. a recursive structure too deep to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """``value`` must be JSON-like (it is written into config.yaml and checkpoint metadata): None, bool,
+    int, finite float, str, lists and string-keyed mappings of them, not too deep or too large."""
+    stack = [(value, 0)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > _MODEL_ARGS_MAX_DEPTH or seen > _MODEL_ARGS_MAX_ITEMS:
+            raise ConfigError(f"{where} is nested too deeply or too large (a recursive YAML alias?)")
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"{where}: key {_short(key)} must be a string")
+                stack.append((sub, depth + 1))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((sub, depth + 1) for sub in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{where}: {item} is not a finite number")
+        elif item is not None and not isinstance(item, (bool, int, float, str)):
+            raise ConfigError(
+                f"{where}: {_short(item)} ({type(item).__name__}) is not a plain value: use numbers, strings, "
+                f"true/false, lists or mappings (quote dates and other YAML types)"
+            )
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -122,22 +190,29 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where} may not be empty")
     if "dict" in text:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping, got {_short(value)}")
+        _check_plain(value, where)
         return value
     if "bool" in text:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
+        raise ConfigError(f"{where} must be true or false, got {_short(value)}")
     if "int" in text and "float" not in text:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {_short(value)}")
         return value
     if "float" in text:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where} must be a number, got {_short(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where} is too large, got {_short(value)}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number, got {number}")
+        return number
     if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {value!r}")
+        raise ConfigError(f"{where} must be a string, got {_short(value)}")
     return value
 
 
@@ -154,6 +229,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. a date like 2024-13-45
+        raise ConfigError(f"{path} is not valid YAML: {type(exc).__name__}: {_short(str(exc), 300)}") from None
     return coerce_fields(values or {}, str(path))
 
 

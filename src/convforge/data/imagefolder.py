@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,28 +11,30 @@ import tempfile
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from convforge.data.dataset import Split
+from convforge.data.paths import printable
 from convforge.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_FORMAT = 1
 # Decompression-bomb guard: refuse images above this many pixels (PIL's own default is ~89 M).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
-MMAP_THRESHOLD_BYTES = int(os.environ.get("CONVFORGE_MMAP_THRESHOLD", 4 * 1024**3))
+MMAP_THRESHOLD_BYTES = int(os.environ.get("CONVFORGE_MMAP_THRESHOLD", str(4 * 1024**3)))
 
 
 @dataclass
 class FolderListing:
-    classes: list[str]
+    classes: list[str]  # class folder names as on disk (see ``printable`` for display)
     files: dict[str, list[tuple[str, int]]]  # split -> [(path, class index)]
     ignored: int
+    notes: list[str] = field(default_factory=list)
 
 
 def default_cache_dir() -> Path:
@@ -40,41 +43,109 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def _scandir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as exc:
+        raise DataError(f"cannot list {printable(folder)}: {exc.strerror or exc}") from None
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """"dir", "file", "broken" (a dangling symlink), "loop" (a symlink cycle), "error" or "other"."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        return "broken" if entry.is_symlink() else "other"
+    except OSError as exc:  # is_dir()/is_file() follow symlinks: ELOOP for a link to itself
+        return "loop" if exc.errno == errno.ELOOP else "error"
+
+
+def _link_target(path: str) -> str:
+    try:
+        return printable(os.readlink(path))
+    except OSError:
+        return "?"
+
+
+def _check_class_entry(entry: os.DirEntry, kind: str, split_dir: Path) -> bool:
+    """Whether ``entry`` (in a split folder) is a class folder; a broken or looping link is an error."""
+    where = printable(entry.path)
+    if kind in ("broken", "loop", "error"):
+        what = {"broken": "a broken symbolic link", "loop": "a symbolic link loop"}.get(kind, "unreadable")
+        raise DataError(f"class folder {where} is {what} (-> {_link_target(entry.path)}): fix or remove it")
+    if kind != "dir":
+        return False
+    if entry.is_symlink():
+        target = os.path.realpath(entry.path)
+        here = os.path.realpath(split_dir)
+        if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+            raise DataError(
+                f"class folder {where} is a symbolic link to {printable(target)}, which contains it "
+                f"(a symlink loop): remove the link"
+            )
+    return True
+
+
 def list_image_folder(root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> FolderListing:
-    """Find ``root/<split>/<class>/<image>`` files; classes are the sorted union of class folders."""
+    """Find ``root/<split>/<class>/<image>`` files; classes are the sorted union of class folders.
+
+    Folders are not searched recursively, so symlinked directories inside a class folder (loops
+    included) are ignored and counted. An image-named entry that is a broken or looping symlink is
+    listed, so that it fails to decode with a clear message (or is skipped with ``--skip-bad-images``).
+    A class folder without images is an error, unless another split has images of that class
+    (then it is a note).
+    """
+    shown = printable(root)
     if not root.is_dir():
-        raise DataError(f"data directory not found: {root}")
+        raise DataError(f"data directory not found: {shown}")
     present = [s for s in splits if (root / s).is_dir()]
     if not present:
         raise DataError(
-            f"{root} has no train/, val/ or test/ folder: expected {root}/train/<class>/*.png and {root}/test/<class>/*.png"
+            f"{shown} has no train/, val/ or test/ folder: expected {shown}/train/<class>/*.png and {shown}/test/<class>/*.png"
         )
     if present == ["train"]:
-        raise DataError(f"{root} has a 'train' folder but neither 'test' nor 'val': add one to evaluate on")
-    classes = sorted({entry.name for s in present for entry in os.scandir(root / s) if entry.is_dir()})
+        raise DataError(f"{shown} has a 'train' folder but neither 'test' nor 'val': add one to evaluate on")
+    class_dirs: dict[str, set[str]] = {}
+    for split in present:
+        entries = _scandir(root / split)
+        class_dirs[split] = {e.name for e in entries if _check_class_entry(e, _kind(e), root / split)}
+    classes = sorted(set().union(*class_dirs.values()))
     if not classes:
-        raise DataError(f"{root / present[0]} has no class folders: expected {root}/{present[0]}/<class>/*.png")
-    files: dict[str, list[tuple[str, int]]] = {}
+        raise DataError(f"{printable(root / present[0])} has no class folders: expected {shown}/{present[0]}/<class>/*.png")
+    found: dict[str, dict[str, list[str]]] = {split: {} for split in present}
     ignored = 0
+    for split in present:
+        for name in sorted(class_dirs[split]):
+            images = []
+            for entry in _scandir(root / split / name):
+                kind = _kind(entry)
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and kind in ("file", "broken", "loop", "error"):
+                    images.append(entry.path)
+                else:
+                    ignored += 1
+            found[split][name] = images
+    notes: list[str] = []
+    files: dict[str, list[tuple[str, int]]] = {}
     for split in present:
         items: list[tuple[str, int]] = []
         for label, name in enumerate(classes):
-            folder = root / split / name
-            if not folder.is_dir():
+            if name not in found[split]:
                 continue
-            found = []
-            for entry in os.scandir(folder):
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(entry.path)
-                else:
-                    ignored += 1
-            if not found and split == present[0]:
-                raise DataError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            items.extend((path, label) for path in sorted(found))
+            images = found[split][name]
+            if not images:
+                folder = printable(root / split / name)
+                elsewhere = [s for s in present if found[s].get(name)]
+                if split == present[0] or not elsewhere:
+                    raise DataError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                notes.append(f"class folder {folder} holds no images (the class has images in {', '.join(elsewhere)})")
+            items.extend((path, label) for path in images)
         if not items:
-            raise DataError(f"{root / split} holds no images")
+            raise DataError(f"{printable(root / split)} holds no images")
         files[split] = items
-    return FolderListing(classes=classes, files=files, ignored=ignored)
+    return FolderListing(classes=classes, files=files, ignored=ignored, notes=notes)
 
 
 def _fingerprint(listing: FolderListing, root: Path, options: dict) -> str:
@@ -82,24 +153,75 @@ def _fingerprint(listing: FolderListing, root: Path, options: dict) -> str:
     digest.update(json.dumps({"format": CACHE_FORMAT, "root": str(root.resolve()), **options}, sort_keys=True).encode())
     for split in sorted(listing.files):
         for path, label in listing.files[split]:
-            st = os.stat(path)
-            digest.update(f"{split}\0{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            try:
+                st = os.stat(path)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:  # a broken link: listed so that it is reported (or skipped) when decoding
+                size, mtime = -1, -1
+            digest.update(f"{split}\0{path}\0{label}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:24]
 
 
+class _BadImage(Exception):
+    """An image refused by convforge's own checks; the message is the reason."""
+
+
 def decode_image(path: str, size: tuple[int, int] | None) -> np.ndarray:
-    """Decode one file to uint8 (H, W, C) with C = 1 (grayscale modes) or 3 (everything else)."""
+    """Decode one file to uint8 (H, W, C) with C = 1 (grayscale modes) or 3 (everything else).
+
+    The format is found from the content, not the extension. Anything that cannot be decoded
+    (truncated, corrupt, empty, not an image, a decompression bomb, a broken link) raises a
+    DataError naming the file and the reason.
+    """
+    try:
+        return _decode(path, size)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise DataError(f"cannot read image {printable(path)}: {image_problem(path, exc)}") from None
+
+
+def image_problem(path: str, exc: BaseException) -> str:
+    """Why decoding ``path`` failed with ``exc``, in words."""
+    if isinstance(exc, _BadImage):
+        return str(exc)
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"refused by the decompression-bomb guard ({exc})"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return f"a symbolic link loop (-> {_link_target(path)})"
+    if isinstance(exc, FileNotFoundError):
+        if os.path.islink(path):
+            return f"a broken symbolic link (-> {_link_target(path)})"
+        return "file not found"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return printable(exc.strerror or str(exc))
+    if isinstance(exc, UnidentifiedImageError):
+        try:
+            if os.path.getsize(path) == 0:
+                return "the file is empty (0 bytes)"
+        except OSError:
+            pass
+        return "not an image in a known format (or its header is corrupt)"
+    if isinstance(exc, MemoryError):
+        return "not enough memory to decode it"
+    return printable(f"truncated or corrupt image data ({type(exc).__name__}: {exc})")
+
+
+def _decode(path: str, size: tuple[int, int] | None) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise DataError(f"{img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit")
+                raise _BadImage(
+                    f"its header claims {img.width}x{img.height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel "
+                    f"decompression-bomb limit"
+                )
+            if img.width < 1 or img.height < 1:
+                raise _BadImage(f"its header claims {img.width}x{img.height} pixels")
             img.load()
             if img.mode.startswith("I;16") or img.mode in ("I", "F"):
                 high = np.asarray(img, dtype=np.float64)
                 scale = 256.0 if img.mode != "F" else 1.0
-                img = Image.fromarray(np.clip(high / scale, 0, 255).astype(np.uint8), "L")
-            img = img.convert("L" if img.mode in ("1", "L", "LA") else "RGB")
+                img = Image.fromarray(np.clip(np.nan_to_num(high / scale), 0, 255).astype(np.uint8), "L")
+            img = img.convert("L" if img.mode in ("1", "L", "LA", "La") else "RGB")
             if size is not None and (img.height, img.width) != size:
                 img = _resize_center_crop(img, size)
             array = np.array(img, dtype=np.uint8)
@@ -120,17 +242,21 @@ def _decode_chunk(args: tuple[list[str], tuple[int, int] | None]) -> list[np.nda
     out: list[np.ndarray | str] = []
     for path in paths:
         try:
-            out.append(decode_image(path, size))
-        except Exception as exc:  # any decoder failure becomes a per-file message
-            out.append(f"{type(exc).__name__}: {exc}")
+            out.append(_decode(path, size))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a per-file message
+            out.append(image_problem(path, exc))
     return out
 
 
 def _probe_size(path: str) -> tuple[int, int] | None:
     try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except Exception:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if not 0 < img.width * img.height <= MAX_IMAGE_PIXELS:
+                    return None  # refused when decoded; must not become the size everything is resized to
+                return img.height, img.width
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is decoded
         return None
 
 
@@ -175,9 +301,10 @@ def load_image_folder(
     """Load (from the cache when possible) every split of an image folder; returns classes, splits, notes."""
     root = Path(root)
     listing = list_image_folder(root)
-    notes: list[str] = []
+    classes = [printable(name) for name in listing.classes]
+    notes: list[str] = list(listing.notes)
     if listing.ignored:
-        notes.append(f"ignored {listing.ignored} entries in {root} that are not {'/'.join(IMAGE_EXTENSIONS)} files")
+        notes.append(f"ignored {listing.ignored} entries in {printable(root)} that are not {'/'.join(IMAGE_EXTENSIONS)} files")
     size = image_size
     if size is None:
         sample = [p for split in listing.files.values() for p, _ in split[:: max(1, len(split) // 200)]]
@@ -192,9 +319,10 @@ def load_image_folder(
     if (entry / "meta.json").is_file():
         meta = json.loads((entry / "meta.json").read_text())
         splits = {name: _open_cached(entry, name) for name in meta["splits"]}
-        return meta["classes"], splits, notes + meta.get("notes", [])
+        return [printable(c) for c in meta["classes"]], splits, notes + [printable(n) for n in meta.get("notes", [])]
 
-    log(f"decoding {sum(len(v) for v in listing.files.values())} images from {root} into the cache at {entry}")
+    log(f"decoding {sum(len(v) for v in listing.files.values())} images from {printable(root)} "
+        f"into the cache at {printable(entry)}")
     workers = workers or min(8, os.cpu_count() or 1)
     decoded: dict[str, tuple[list[np.ndarray], list[int]]] = {}
     bad: list[tuple[str, str]] = []
@@ -204,7 +332,7 @@ def load_image_folder(
         kept = [(a, label) for a, (_, label) in zip(arrays, items) if a is not None]
         decoded[split] = ([a for a, _ in kept], [label for _, label in kept])
     if bad:
-        shown = "; ".join(f"{_display(p)} ({err})" for p, err in bad[:5])
+        shown = "; ".join(f"{printable(p)} ({err})" for p, err in bad[:5]) + ("; ..." if len(bad) > 5 else "")
         if not skip_bad_images:
             raise DataError(
                 f"{len(bad)} image file(s) could not be decoded: {shown}. "
@@ -213,28 +341,28 @@ def load_image_folder(
         notes.append(f"skipped {len(bad)} unreadable image(s): {shown}")
     shapes = Counter(a.shape[:2] for arrays, _ in decoded.values() for a in arrays)
     if len(shapes) > 1:
-        raise DataError(f"images in {root} differ in size ({', '.join(f'{h}x{w}' for h, w in shapes)}); pass --image-size")
+        raise DataError(f"images in {printable(root)} differ in size ({', '.join(f'{h}x{w}' for h, w in shapes)}); pass --image-size")
     if not shapes:
-        raise DataError(f"no image in {root} could be decoded")
+        raise DataError(f"no image in {printable(root)} could be decoded")
     channels = max(a.shape[2] for arrays, _ in decoded.values() for a in arrays)
     converted = sum(a.shape[2] != channels for arrays, _ in decoded.values() for a in arrays)
     if converted:
         notes.append(f"converted {converted} grayscale image(s) to RGB (the dataset has RGB images)")
     for split, (arrays, labels) in decoded.items():
         if not arrays:
-            raise DataError(f"every image in {root / split} failed to decode")
+            raise DataError(f"every image in {printable(root / split)} failed to decode")
         present = set(labels)
-        missing = [listing.classes[i] for i in range(len(listing.classes)) if i not in present]
+        missing = [classes[i] for i in range(len(classes)) if i not in present]
         if split == "train" and missing:
-            raise DataError(f"class folder(s) with no usable image in {root / split}: {', '.join(missing)}")
-    _write_cache(entry, listing.classes, decoded, channels, notes)
+            raise DataError(
+                f"class folder(s) with no usable image in {printable(root / split)}: {', '.join(missing)} "
+                f"(images of them are only in other splits, or every one failed to decode): add training "
+                f"images or remove the class from every split"
+            )
+    _write_cache(entry, classes, decoded, channels, notes)
     meta = json.loads((entry / "meta.json").read_text())
     splits = {name: _open_cached(entry, name) for name in meta["splits"]}
-    return listing.classes, splits, notes
-
-
-def _display(path: str) -> str:
-    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+    return classes, splits, notes
 
 
 def _write_cache(entry: Path, classes: list[str], decoded: dict, channels: int, notes: list[str]) -> None:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import struct
+import zlib
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from convforge.data.dataset import Split
+from convforge.data.paths import printable
 from convforge.errors import DataError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -58,27 +62,55 @@ def find_idx_files(root: Path) -> dict[tuple[str, str], Path] | None:
     return found if len(found) == 4 else None
 
 
+_READ_CHUNK = 64 * 1024 * 1024
+
+
+def _read_upto(handle, size: int) -> bytes:
+    """At most ``size`` bytes, read in chunks (one huge ``read(size)`` would allocate ``size`` bytes first)."""
+    parts = bytearray()
+    while len(parts) < size:
+        chunk = handle.read(min(_READ_CHUNK, size - len(parts)))
+        if not chunk:
+            break
+        parts += chunk
+    return bytes(parts)
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (uint8 data, any rank); ``.gz`` files are decompressed."""
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path} is not a valid gzip file: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path} is not an IDX file (bad magic number)")
-    dtype_code, ndim = raw[2], raw[3]
-    if dtype_code != 0x08:
-        raise DataError(f"{path}: only unsigned-byte IDX data is supported (type code 0x{dtype_code:02x})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated (header)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims)) if dims else 0
-    if len(raw) - header != expected:
-        raise DataError(f"{path} is truncated or padded: header says {dims} = {expected} bytes, file has {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    """Read an IDX file (uint8 data, any rank); ``.gz`` files are decompressed.
+
+    The header's dimensions must match the data exactly. No more than the header promises (plus
+    one byte, to detect padding) is ever read or decompressed, so a gzip bomb cannot fill memory.
+    """
+    shown = printable(path)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+            start = _read_upto(handle, 4)
+            if len(start) < 4 or start[0] != 0 or start[1] != 0:
+                raise DataError(f"{shown} is not an IDX file (bad magic number): re-download it")
+            dtype_code, ndim = start[2], start[3]
+            if dtype_code != 0x08:
+                raise DataError(f"{shown}: only unsigned-byte IDX data is supported (type code 0x{dtype_code:02x})")
+            if ndim == 0:
+                raise DataError(f"{shown}: the IDX header gives no dimensions: re-download it")
+            raw_dims = _read_upto(handle, 4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError(f"{shown} is truncated (header): re-download it")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            expected = math.prod(dims)
+            data = _read_upto(handle, expected + 1)
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:
+        kind = "a valid gzip file" if path.suffix == ".gz" else "readable"
+        raise DataError(f"{shown} is not {kind}: {printable(str(exc))}. Re-download it") from None
+    if len(data) != expected:
+        what = "padded" if len(data) > expected else "truncated"
+        raise DataError(
+            f"{shown} is {what}: its header says {dims} = {expected} bytes of data, the file has "
+            f"{'more' if len(data) > expected else len(data)}. Re-download it"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def load_mnist_idx(files: dict[tuple[str, str], Path]) -> tuple[list[str], dict[str, Split]]:
@@ -89,10 +121,10 @@ def load_mnist_idx(files: dict[tuple[str, str], Path]) -> tuple[list[str], dict[
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(
                 f"MNIST {split}: images {images.shape} and labels {labels.shape} do not match "
-                f"({files[(split, 'images')]}, {files[(split, 'labels')]})"
+                f"({printable(files[(split, 'images')])}, {printable(files[(split, 'labels')])})"
             )
         if labels.size and labels.max() > 9:
-            raise DataError(f"{files[(split, 'labels')]}: label {labels.max()} is not a digit")
+            raise DataError(f"{printable(files[(split, 'labels')])}: label {labels.max()} is not a digit")
         splits[split] = Split(torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels))
     return [str(d) for d in range(10)], splits
 
@@ -103,7 +135,7 @@ def load_mnist_idx(files: dict[tuple[str, str], Path]) -> tuple[list[str], dict[
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: any other global is refused, so no code runs."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -114,23 +146,55 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: D401
+    def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
 
 
 def read_cifar_batch(path: Path) -> dict:
+    """One CIFAR pickle, unpickled without running code from it (numpy arrays and plain containers only)."""
+    shown = printable(path)
     try:
         with open(path, "rb") as handle:
             obj = _ArrayOnlyUnpickler(io.BufferedReader(handle), encoding="bytes").load()
     except pickle.UnpicklingError as exc:
-        raise DataError(f"refused to read {path}: {exc}") from None
-    except Exception as exc:
-        raise DataError(f"{path} is not a readable CIFAR batch file: {exc}") from None
+        raise DataError(f"refused to read {shown}: {printable(str(exc))}") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt pickle can fail in any way; each is this one error
+        raise DataError(
+            f"{shown} is not a readable CIFAR batch file ({type(exc).__name__}: {printable(str(exc))[:200]}): "
+            f"re-download the python version of CIFAR-10"
+        ) from None
     if not isinstance(obj, dict):
-        raise DataError(f"{path} does not hold a CIFAR batch (a dict with 'data' and 'labels')")
+        raise DataError(f"{shown} does not hold a CIFAR batch (a dict with 'data' and 'labels')")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _batch_arrays(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    shown = printable(path)
+    try:
+        rows = np.asarray(batch.get("data"))
+    except (ValueError, TypeError, OverflowError, MemoryError):
+        rows = np.asarray(None)
+    if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
+        raise DataError(f"{shown}: 'data' must be uint8 rows of 3072 values, got {rows.dtype} {rows.shape}")
+    raw_labels = batch.get("labels")
+    try:
+        labels = np.asarray(raw_labels, dtype=np.int64)
+    except (ValueError, TypeError, OverflowError, MemoryError):
+        raise DataError(f"{shown}: 'labels' must be a list of class indices, got {type(raw_labels).__name__}") from None
+    if labels.shape != (rows.shape[0],):
+        raise DataError(f"{shown}: {rows.shape[0]} images but {labels.size} labels")
+    return rows, labels
+
+
+def _label_names(path: Path) -> list[str] | None:
+    names = read_cifar_batch(path).get("label_names")
+    if names is None or (isinstance(names, (list, tuple)) and not names):
+        return None
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, (bytes, str)) for n in names):
+        raise DataError(f"{printable(path)}: 'label_names' must be a list of class names: fix or remove the file")
+    return [printable(n.decode("utf-8", "backslashreplace") if isinstance(n, bytes) else n) for n in names]
 
 
 def load_cifar10_batches(root: Path) -> tuple[list[str], dict[str, Split]]:
@@ -141,7 +205,7 @@ def load_cifar10_batches(root: Path) -> tuple[list[str], dict[str, Split]]:
             break
     else:
         raise DataError(
-            f"no CIFAR-10 batch files in {root}: expected data_batch_1..5 and test_batch "
+            f"no CIFAR-10 batch files in {printable(root)}: expected data_batch_1..5 and test_batch "
             f"(the python version of CIFAR-10), or use imagefolder:DIR for image folders"
         )
     names = {"train": sorted(root.glob("data_batch_*")), "test": [root / "test_batch"]}
@@ -150,24 +214,27 @@ def load_cifar10_batches(root: Path) -> tuple[list[str], dict[str, Split]]:
         data, labels = [], []
         for path in paths:
             if not path.is_file():
-                raise DataError(f"missing CIFAR-10 file: {path}")
-            batch = read_cifar_batch(path)
-            rows = np.asarray(batch.get("data"))
-            if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
-                raise DataError(f"{path}: 'data' must be uint8 rows of 3072 values, got {rows.dtype} {rows.shape}")
-            batch_labels = np.asarray(batch.get("labels"), dtype=np.int64)
-            if batch_labels.shape != (rows.shape[0],):
-                raise DataError(f"{path}: {rows.shape[0]} images but {batch_labels.size} labels")
+                raise DataError(f"missing CIFAR-10 file: {printable(path)}")
+            rows, batch_labels = _batch_arrays(read_cifar_batch(path), path)
             data.append(rows.reshape(-1, 3, 32, 32))
-            labels.append(batch_labels)
-        splits[split] = Split(torch.from_numpy(np.concatenate(data)), torch.from_numpy(np.concatenate(labels)))
+            labels.append((batch_labels, path))
+        splits[split] = (data, labels)
     classes = list(CIFAR10_CLASSES)
     meta = root / "batches.meta"
     if meta.is_file():
-        names_raw = read_cifar_batch(meta).get("label_names")
-        if names_raw:
-            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names_raw]
-    return classes, splits
+        classes = _label_names(meta) or classes
+    out = {}
+    for split, (data, labels) in splits.items():
+        for batch_labels, path in labels:
+            if batch_labels.size and (batch_labels.min() < 0 or batch_labels.max() >= len(classes)):
+                bad = batch_labels.min() if batch_labels.min() < 0 else batch_labels.max()
+                raise DataError(
+                    f"{printable(path)}: label {bad} is not a class index 0..{len(classes) - 1} "
+                    f"({len(classes)} classes): re-download the file"
+                )
+        out[split] = Split(torch.from_numpy(np.concatenate(data)),
+                           torch.from_numpy(np.concatenate([lab for lab, _ in labels])))
+    return classes, out
 
 
 # ---------------------------------------------------------------- synthetic

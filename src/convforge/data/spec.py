@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from convforge.data import sources
 from convforge.data.dataset import Dataset
 from convforge.data.imagefolder import load_image_folder
+from convforge.data.paths import printable
 from convforge.errors import DataError
 
 KINDS = ("digits", "synthetic", "mnist", "cifar10", "imagefolder")
 SYNTHETIC_OPTIONS = {"classes": int, "size": int, "channels": int, "train": int, "test": int, "seed": int}
+# Smallest and largest value of each synthetic option, and the most pixel values it may generate
+# (as float32 before quantisation, so about 1 GiB at the limit).
+SYNTHETIC_RANGES = {"classes": (1, 10_000), "size": (1, 4096), "channels": (1, 64), "train": (1, 10_000_000),
+                    "test": (1, 10_000_000), "seed": (0, 2**63 - 1)}
+SYNTHETIC_MAX_VALUES = 2**28
+MAX_IMAGE_SIZE = 8192
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -19,7 +27,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
     if kind not in KINDS:
-        hint = f" For a folder of images use imagefolder:{spec}." if Path(spec).exists() else ""
+        hint = f" For a folder of images use imagefolder:{printable(spec)}." if _exists(spec) else ""
         raise DataError(f"unknown data spec {spec!r}: use one of digits, synthetic, mnist:DIR, cifar10:DIR, imagefolder:DIR.{hint}")
     if kind in ("mnist", "cifar10", "imagefolder") and not arg:
         raise DataError(f"data spec {spec!r} needs a directory: {kind}:DIR")
@@ -39,8 +47,10 @@ def load(
     Image folders are decoded once into a memory-mapped uint8 cache (``$CONVFORGE_CACHE``, by
     default ``~/.cache/convforge``) keyed by the file list, sizes and modification times.
     """
+    if not isinstance(spec, str):
+        raise DataError(f"a data spec must be a string such as 'digits' or 'imagefolder:DIR', got {spec!r}")
     kind, arg = parse_spec(spec)
-    size = (image_size, image_size) if isinstance(image_size, int) else (tuple(image_size) if image_size else None)
+    size = _image_size(image_size)
     notes: list[str] = []
     augment = "crop-flip"
     if kind == "digits":
@@ -75,13 +85,39 @@ def load(
                    default_augment=augment, notes=notes)
 
 
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _existing_dir(arg: str) -> Path:
-    path = Path(arg).expanduser()
-    if not path.exists():
-        raise DataError(f"data directory not found: {path}")
-    if not path.is_dir():
-        raise DataError(f"{path} is not a directory")
+    if "\0" in arg:
+        raise DataError(f"data directory {arg!r} contains a NUL character")
+    try:
+        path = Path(arg).expanduser()
+    except RuntimeError:  # ~user for an unknown user
+        raise DataError(f"data directory not found: {printable(arg)} (cannot expand '~')") from None
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # e.g. a name too long
+        raise DataError(f"cannot use data directory {printable(path)}: {exc.strerror or exc}") from None
+    if not exists:
+        raise DataError(f"data directory not found: {printable(path)}")
+    if not is_dir:
+        raise DataError(f"{printable(path)} is not a directory")
     return path
+
+
+def _image_size(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if (pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            or not all(1 <= v <= MAX_IMAGE_SIZE for v in pair)):
+        raise DataError(f"image size must be an integer in 1..{MAX_IMAGE_SIZE} (or a pair of them), got {value!r}")
+    return pair  # type: ignore[return-value]
 
 
 def _path(value: str | Path | None) -> Path | None:
@@ -95,7 +131,19 @@ def _synthetic_options(arg: str) -> dict:
         if not eq or key not in SYNTHETIC_OPTIONS:
             raise DataError(f"bad synthetic option {item!r}: use {', '.join(f'{k}=N' for k in SYNTHETIC_OPTIONS)}")
         try:
-            options["num_classes" if key == "classes" else key] = SYNTHETIC_OPTIONS[key](value)
+            number = SYNTHETIC_OPTIONS[key](value)
         except ValueError:
             raise DataError(f"synthetic option {key} must be an integer, got {value!r}") from None
+        low, high = SYNTHETIC_RANGES[key]
+        if not low <= number <= high:
+            raise DataError(f"synthetic option {key} must be in {low}..{high}, got {number}")
+        options["num_classes" if key == "classes" else key] = number
+    values = {name: p.default for name, p in inspect.signature(sources.load_synthetic).parameters.items()}
+    values.update(options)
+    total = (values["train"] + values["test"] + values["num_classes"]) * values["channels"] * values["size"] ** 2
+    if total > SYNTHETIC_MAX_VALUES:
+        raise DataError(
+            f"synthetic data of {total:,} pixel values is over the limit of {SYNTHETIC_MAX_VALUES:,}: "
+            f"use fewer or smaller images (train, test, size, channels)"
+        )
     return options
