@@ -18,7 +18,15 @@ from convforge import TrainConfig, load_checkpoint, train
 from convforge.cli import main
 from convforge.data import load
 from convforge.errors import DataError, NonFiniteLossError
-from helpers import TINY_SYNTH, make_image_folder, random_images, run_cli, save_image, write_cifar10_batches
+from helpers import (
+    TINY_SYNTH,
+    make_image_folder,
+    random_images,
+    read_jsonl,
+    run_cli,
+    save_image,
+    write_cifar10_batches,
+)
 
 
 def cli(capsys, *args):
@@ -261,7 +269,8 @@ def test_resume_run_without_state(tmp_path, capsys):
     run.mkdir()
     (run / "config.yaml").write_text(f"data: '{TINY_SYNTH}'\nepochs: 1\nbatch_size: 4\n")
     code, _, err = cli(capsys, "train", "--resume", run)
-    assert code == 2 and f"no resume state at {run / 'resume.safetensors'}" in err
+    assert code == 0 and "has no saved state yet" in err and "starting it from the beginning" in err
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1 and (run / "last.safetensors").is_file()
 
 
 def test_existing_run_dir_cli(tmp_path, capsys):

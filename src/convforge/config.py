@@ -15,6 +15,7 @@ from convforge.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
+NAN_POLICIES = ("stop", "skip-batch")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class TrainConfig:
     warmup_epochs: float | None = None
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    nan_policy: str = "stop"
     ema: bool = False
     ema_decay: float = 0.999
     augment: str | None = None
@@ -48,6 +50,7 @@ class TrainConfig:
     threads: int | None = None
     seed: int = 0
     eval_every: int = 1
+    save_every_steps: int = 0
     out: str | None = None
     resume: str | None = None
     cache_dir: str | None = None
@@ -82,6 +85,9 @@ class TrainConfig:
              f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
+            (self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0: at epoch ends only), got {self.save_every_steps}"),
+            (self.nan_policy in NAN_POLICIES,
+             f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),

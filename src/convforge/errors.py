@@ -25,3 +25,9 @@ class NonFiniteLossError(ConvforgeError):
     """Training produced a NaN or infinite loss."""
 
     exit_code = 3
+
+
+class DiskFullError(ConvforgeError):
+    """A write failed because the disk (or quota) is full; earlier files are intact."""
+
+    exit_code = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import platform
 import time
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 
 from convforge.config import TrainConfig, dump_yaml, load_yaml
 from convforge.data import BatchLoader, Dataset, load
-from convforge.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from convforge.errors import CheckpointError, ConfigError, DataError, DiskFullError, NonFiniteLossError
+from convforge.faults import fault_point
 from convforge.measure import count_macs, count_params
 from convforge.models import create_model
 from convforge.progress import EpochBar, echo
@@ -90,7 +92,31 @@ def train(
     """Train a model as ``config`` says and return the run's summary (also written to summary.json).
 
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is written.
+    A full disk raises :class:`DiskFullError`; every file written before stays intact.
     """
+    try:
+        return _train(config, on_epoch_end=on_epoch_end, role=role, quiet=quiet)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(_disk_full_message(exc, config)) from None
+
+
+def _disk_full_message(exc: OSError, config: TrainConfig | None) -> str:
+    where = Path(config.resume or config.out or ".") if config else Path(".")
+    intact = [p.name for p in (where / "last.safetensors", where / "resume.safetensors") if p.exists()]
+    kept = (f"the files written before are intact ({', '.join(intact)} in {where}); after freeing space, "
+            f"resume with: convforge train --resume {where}") if intact else "no checkpoint had been written yet"
+    return f"disk full ({exc.strerror}) while writing {exc.filename or 'a file'}: {kept}"
+
+
+def _train(
+    config: TrainConfig | None,
+    *,
+    on_epoch_end: EpochCallback | None,
+    role: ProcessRole | None,
+    quiet: bool,
+) -> dict[str, Any]:
     started = time.perf_counter()
     config = config or TrainConfig()
     overrides: list[str] = []
@@ -142,7 +168,10 @@ def train(
 
     start_epoch, start_batch, best = 0, 0, {"top1": -1.0, "epoch": 0}
     partial: dict[str, float] = {}
-    if cfg.resume:
+    if cfg.resume and not run.file("resume.safetensors").exists():
+        say(f"note: {run.path} has no saved state yet (the run stopped before its first save); "
+            "starting it from the beginning")
+    elif cfg.resume:
         extra = load_train_state(run.file("resume.safetensors"), model, optimizer, ema)
         start_epoch, start_batch, best, partial = extra["epoch"], extra["batch"], extra["best"], extra["partial"]
         run.load_records(start_epoch)
@@ -173,6 +202,8 @@ def train(
     sums: dict[str, float] = {}
     epoch_start = time.perf_counter()
 
+    skipped_in_a_row = 0
+
     def save_state(next_epoch: int, next_batch: int, partial_sums: dict[str, float]) -> None:
         if role.is_main:
             extra = {"epoch": next_epoch, "batch": next_batch, "best": best, "partial": partial_sums,
@@ -198,10 +229,24 @@ def train(
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         logits = forward(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    if global_step % check_every == 0 and not torch.isfinite(loss):
+                    if cfg.nan_policy == "stop" and global_step % check_every == 0 and not torch.isfinite(loss):
                         raise NonFiniteLossError(_nonfinite_message(float(loss.detach()), epoch, batch_index, lr, run))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if cfg.nan_policy == "skip-batch" and not _loss_and_grads_finite(loss, model):
+                        sums["skipped"] = sums.get("skipped", 0.0) + 1
+                        skipped_in_a_row += 1
+                        if skipped_in_a_row > MAX_SKIPS_IN_A_ROW:
+                            raise NonFiniteLossError(_nonfinite_message(
+                                float(loss.detach()), epoch, batch_index, lr, run,
+                                f"{skipped_in_a_row} batches in a row had a non-finite loss or gradient"))
+                        say(f"warning: non-finite loss or gradient at epoch {epoch + 1}, batch {batch_index}: "
+                            f"batch skipped ({sums['skipped']:.0f} this epoch)")
+                        optimizer.zero_grad(set_to_none=True)
+                        global_step += 1
+                        batch_index += 1
+                        continue
+                    skipped_in_a_row = 0
                     if cfg.grad_clip:
                         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
@@ -209,6 +254,7 @@ def train(
                         ema.update(model)
                     global_step += 1
                     batch_index += 1
+                    fault_point("step")
                     seen_this_session += y.shape[0]
                     sums["loss"] += float(loss.detach()) * y.shape[0]
                     sums["correct"] += float((logits.detach().argmax(1) == y).sum())
@@ -216,6 +262,11 @@ def train(
                     elapsed = time.perf_counter() - epoch_start
                     bar.update(batch_index, sums["loss"] / sums["seen"], 100 * sums["correct"] / sums["seen"],
                                seen_this_session / max(elapsed, 1e-9))
+                    if cfg.save_every_steps and global_step % cfg.save_every_steps == 0 and batch_index < steps_per_epoch:
+                        save_state(epoch, batch_index, {**sums, "time": sums["time"] + elapsed})
+            if not sums["seen"]:
+                raise NonFiniteLossError(_nonfinite_message(
+                    math.nan, epoch, batch_index, lr, run, "every batch of the epoch had a non-finite loss or gradient"))
             if not math.isfinite(sums["loss"]):
                 raise NonFiniteLossError(_nonfinite_message(sums["loss"], epoch, batch_index, lr, run))
             epoch_time = sums["time"] + time.perf_counter() - epoch_start
@@ -228,8 +279,11 @@ def train(
                 "images_per_s": seen_this_session / max(time.perf_counter() - epoch_start, 1e-9),
                 "train_time_s": epoch_time,
             }
+            if cfg.nan_policy == "skip-batch":
+                record["skipped_batches"] = int(sums.get("skipped", 0))
             last_epoch = epoch + 1 == cfg.epochs
             if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
+                fault_point("eval")
                 eval_start = time.perf_counter()
                 for split_name in ("val", "test") if data.val is not None else ("test",):
                     result = evaluate(eval_model, data.split(split_name), data.mean, data.std,
@@ -309,8 +363,21 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _nonfinite_message(value: float, epoch: int, batch: int, lr: float, run: RunDir) -> str:
+MAX_SKIPS_IN_A_ROW = 20
+
+
+def _loss_and_grads_finite(loss: torch.Tensor, model: nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not torch.isfinite(loss):
+        return False
+    return bool(torch.isfinite(torch.stack([g.abs().amax() for g in grads]).amax())) if grads else True
+
+
+def _nonfinite_message(value: float, epoch: int, batch: int, lr: float, run: RunDir, what: str = "") -> str:
+    """Why training stopped, where the last good checkpoint is, and what to try (``what`` replaces the loss part)."""
     last = run.file("last.safetensors")
     kept = f"the last good checkpoint is {last}" if last.exists() else "no epoch had finished, so no checkpoint was written"
-    return (f"loss became {value} at epoch {epoch + 1}, batch {batch} (lr {lr:.3g}); training stopped and {kept}. "
-            f"Try a lower learning rate (e.g. --lr {lr / 10:.3g}) or --grad-clip 1.0.")
+    skip_hint = "" if what else ", or --nan-policy skip-batch to skip such batches"
+    what = what or f"loss became {value}"
+    return (f"{what} at epoch {epoch + 1}, batch {batch} (lr {lr:.3g}); training stopped and {kept}. "
+            f"Try a lower learning rate (e.g. --lr {lr / 10:.3g}) or --grad-clip 1.0{skip_hint}.")

@@ -48,6 +48,14 @@ class RunDir:
         self.records: list[dict[str, Any]] = []
         if role.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete temporary files left by a process killed in the middle of an atomic write."""
+        stale = sorted(self.path.glob(".*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def file(self, name: str) -> Path:
         return self.path / name
