@@ -7,6 +7,7 @@ weights file alone is enough); ``resume.safetensors`` holds everything needed to
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from convforge.errors import CheckpointError
+from convforge.errors import CheckpointError, ConvforgeError
 from convforge.fileio import atomic_write_bytes, atomic_write_json
 
 FORMAT = "convforge-checkpoint"
@@ -64,47 +65,98 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata stored in a checkpoint's header."""
+    """The JSON metadata stored in a checkpoint's header, checked by ``validate_meta``."""
     path = resolve_checkpoint_path(path)
+    shown = _printable(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(
+            f"{shown} is not a readable safetensors file ({_printable(str(exc))[:300]}): it is truncated or "
+            f"corrupt; use another checkpoint (e.g. last.safetensors or best.safetensors of the run)"
+        ) from None
     if META_KEY not in header:
-        raise CheckpointError(f"{path} has no convforge metadata; load it with --model NAME --weights {path}")
+        raise CheckpointError(f"{shown} has no convforge metadata; load it with --model NAME --weights {shown}")
     try:
         meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: its convforge metadata is not valid JSON ({exc})") from None
-    validate_meta(meta, str(path))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; deep nesting a RecursionError
+        raise CheckpointError(
+            f"{shown}: its convforge metadata is not valid JSON ({type(exc).__name__}: {_printable(str(exc))[:200]}): "
+            f"the header is corrupt; use another checkpoint"
+        ) from None
+    validate_meta(meta, shown)
     return meta
 
 
+def _printable(text: str | Path) -> str:
+    from convforge.data.paths import printable
+
+    return printable(text)
+
+
+# The largest input height or width a checkpoint may declare (predict resizes images to it).
+MAX_INPUT_SIDE = 8192
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_meta(meta: Any, source: str) -> None:
-    """Check the fields a checkpoint sidecar must have, with errors naming the field."""
+    """Check the fields a checkpoint (or its JSON sidecar) must have; each error names the field.
+
+    Anything else (e.g. a value of the wrong type, a NaN) is a CheckpointError too, never a
+    TypeError later: the metadata of a damaged or hand-edited file is untrusted.
+    """
+    damaged = "the metadata is damaged or hand-edited; use another checkpoint"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not a convforge checkpoint (missing 'format': '{FORMAT}')")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{source}: checkpoint format version {meta.get('format_version')!r} is not supported")
+    version = meta.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: checkpoint format version {_short(version)} is not supported (this convforge reads "
+            f"version {FORMAT_VERSION}); load it with the convforge version that wrote it"
+        )
     model = meta.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-        raise CheckpointError(f"{source}: 'model.name' is missing")
-    for key, kind in (("num_classes", int), ("in_chans", int), ("args", dict)):
-        if not isinstance(model.get(key), kind):
-            raise CheckpointError(f"{source}: 'model.{key}' must be {kind.__name__}")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not model["name"]:
+        raise CheckpointError(f"{source}: 'model.name' is missing: {damaged}")
+    for key in ("num_classes", "in_chans"):
+        if not _is_int(model.get(key)) or model[key] < 1:
+            raise CheckpointError(f"{source}: 'model.{key}' must be an int >= 1, got {_short(model.get(key))}: {damaged}")
+    if not isinstance(model.get("args"), dict) or not all(isinstance(k, str) for k in model["args"]):
+        raise CheckpointError(f"{source}: 'model.args' must be dict of named arguments, got {_short(model.get('args'))}")
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) != model["num_classes"] or not all(isinstance(c, str) for c in classes):
-        raise CheckpointError(f"{source}: 'classes' must list {model['num_classes']} class names")
+        raise CheckpointError(f"{source}: 'classes' must list {model['num_classes']} class names: {damaged}")
+    channels = model["in_chans"]
     norm = meta.get("normalization")
     if (not isinstance(norm, dict) or not all(isinstance(norm.get(k), list) for k in ("mean", "std"))
-            or len(norm["mean"]) != model["in_chans"] or len(norm["std"]) != model["in_chans"]
-            or not all(isinstance(v, (int, float)) for v in norm["mean"] + norm["std"])
+            or len(norm["mean"]) != channels or len(norm["std"]) != channels
+            or not all(_is_number(v) for v in norm["mean"] + norm["std"])
             or not all(v > 0 for v in norm["std"])):
-        raise CheckpointError(f"{source}: 'normalization' must give mean and std (> 0) for {model['in_chans']} channels")
+        raise CheckpointError(
+            f"{source}: 'normalization' must give finite mean and std (> 0) for {channels} channels: {damaged}"
+        )
     size = meta.get("input_size")
-    if not isinstance(size, list) or len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
-        raise CheckpointError(f"{source}: 'input_size' must be [channels, height, width]")
+    if (not isinstance(size, list) or len(size) != 3 or not all(_is_int(v) and v > 0 for v in size)
+            or size[0] != channels or max(size[1:]) > MAX_INPUT_SIDE):
+        raise CheckpointError(
+            f"{source}: 'input_size' must be [channels, height, width] with channels = model.in_chans = {channels} "
+            f"and sides up to {MAX_INPUT_SIDE}, got {_short(size)}: {damaged}"
+        )
+    data = meta.get("data")
+    if data is not None and (not isinstance(data, dict) or not isinstance(data.get("spec", ""), str)):
+        raise CheckpointError(f"{source}: 'data' must be a mapping with a string 'spec', got {_short(data)}: {damaged}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -140,9 +192,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     path = resolve_checkpoint_path(path)
     meta = read_checkpoint_meta(path)
     spec = meta["model"]
-    model = create_model(spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"], **spec["args"])
-    state = st_load(path.read_bytes())
-    load_state_dict_checked(model, state, str(path))
+    shown = _printable(path)
+    try:
+        model = create_model(spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"], **spec["args"])
+    except Exception as exc:  # noqa: BLE001 - a model builder given damaged arguments can fail in any way
+        reason = str(exc) if isinstance(exc, ConvforgeError) else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(
+            f"{shown}: cannot build its model {spec['name']!r} with args {_short(spec['args'])}: {_printable(reason)}. "
+            f"The checkpoint was written by another convforge version or its metadata is damaged"
+        ) from None
+    try:
+        state = st_load(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{shown} is not a readable safetensors file ({_printable(str(exc))[:300]})") from None
+    load_state_dict_checked(model, state, shown)
     model.to(device).eval()
     return Checkpoint(model=model, meta=meta, path=path)
 
