@@ -6,6 +6,12 @@ w_0 * w_m ** round(log(u_j / w_0) / log(w_m))``, rounded to a multiple of 8); co
 equal width form a stage. Every block is an X block (1x1, grouped 3x3 with ``group_width``
 channels per group, 1x1, bottleneck ratio 1); RegNetY adds squeeze-excitation with ratio 0.25.
 Layout and parameter names follow torchvision (``stem``, ``trunk_output.block{i}.block{i}-{j}.f.{a,b,se,c}``, ``fc``).
+
+The stage widths are made multiples of the group width with torchvision's rounding (half up,
+never more than 10% down), so the parameter counts are torchvision's. The paper's own code (pycls)
+rounds halves to even, which differs for two of the models here: RegNetX-400MF's last stage is 384
+wide there (5.2M parameters, the paper's figure) and 400 here and in torchvision (5.5M); RegNetY-800MF's
+stages are 64/128/320/768 there (6.3M) and 64/144/320/784 here (6.4M).
 """
 
 from __future__ import annotations
