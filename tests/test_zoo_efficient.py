@@ -59,6 +59,11 @@ def test_forward_backward_small_input(name):
     model = create_model(name, num_classes=7, in_chans=2)
     assert isinstance(model, Classifier)
     size = (32, 40) if name in BIG else (64, 48)  # non-square, not the default size
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    if name in BIG:
+        # the backward pass still runs through every layer to the stem, without ~1 GB of weight gradients
+        model.requires_grad_(False)
+        first_conv.requires_grad_(True)
     x = torch.randn(2, 2, *size)
     features = model.forward_features(x)
     pooled = model.forward_head(features, pre_logits=True)
@@ -66,7 +71,6 @@ def test_forward_backward_small_input(name):
     logits = model.forward_head(features)
     assert logits.shape == (2, 7)
     logits.pow(2).sum().backward()
-    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     assert first_conv.in_channels == 2
     assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
