@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from typing import Any, Sequence
@@ -36,6 +37,8 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--compile", "compile", "flag", "torch.compile the model"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N (default: auto)"),
     ("--threads", "threads", int, "CPU threads for PyTorch (default: PyTorch's choice)"),
+    ("--sync-bn", "sync_bn", "flag", "distributed runs: BatchNorm statistics over the global batch"),
+    ("--dist-timeout", "dist_timeout", float, "distributed runs: seconds a collective may wait (default: 1800)"),
     ("--seed", "seed", int, "random seed (default: 0)"),
     ("--eval-every", "eval_every", int, "evaluate every N epochs (default: 1)"),
     ("--save-every-steps", "save_every_steps", int, "also save the resume state every N steps (default: 0, epoch ends only)"),
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
             train.add_argument(option, dest=field, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             train.add_argument(option, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
+    train.add_argument("--nproc-per-node", type=int, metavar="N",
+                       help="train with N processes on this machine (DistributedDataParallel via torch.distributed.run; "
+                            "for several machines use torchrun directly, see the README)")
     train.add_argument("--model-arg", dest="model_args", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
                        help="extra model argument (value parsed as YAML), repeatable")
     _add_json(train)
@@ -133,10 +139,44 @@ def _parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
-def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+def _launch_processes(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run this ``convforge train`` command as ``nproc`` processes under torch.distributed.run."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if nproc < 1:
+        raise ConvforgeError(f"--nproc-per-node must be >= 1, got {nproc}")
+    forwarded, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            forwarded.append(item)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    launcher = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", "convforge", *forwarded])
+    try:
+        run(launcher)
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        first_rank = min(codes)
+        code = codes[first_rank]
+        code = 128 - code if code < 0 else code  # killed by signal -k: report 128+k like a shell
+        print(f"convforge train: error: process(es) {sorted(codes)} of {nproc} failed "
+              f"(rank {first_rank} exit code {code}); see the messages above", file=sys.stderr)
+        return code or 1
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     from convforge.train import train
+    from convforge.train.rundir import ProcessRole
 
     summary = train(_train_config(args))
+    if not ProcessRole.from_env().is_main:
+        return None
     if not args.json:
         _print_table("run summary", [
             ("test top-1", f"{summary['test_top1']:.2f}%"),
@@ -298,11 +338,14 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convforge`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from convforge.train import TrainingInterrupted
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        if getattr(args, "nproc_per_node", None) and "TORCHELASTIC_RUN_ID" not in os.environ:
+            return _launch_processes(args.nproc_per_node, argv)
         result = COMMANDS[args.command](args)
     except ConvforgeError as exc:
         print(f"convforge {args.command}: error: {exc}", file=sys.stderr)
@@ -312,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) and result is not None:
         try:
             print(json.dumps(result), flush=True)
         except BrokenPipeError:

@@ -49,17 +49,25 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
+    sync_bn: bool = False
+    dist_timeout: float = 1800.0
     eval_every: int = 1
     save_every_steps: int = 0
     out: str | None = None
     resume: str | None = None
     cache_dir: str | None = None
 
-    def resolved(self, channels: int, image_size: tuple[int, int], default_augment: str) -> TrainConfig:
-        """A copy with every ``None`` default replaced by the value this run will use."""
+    def resolved(
+        self, channels: int, image_size: tuple[int, int], default_augment: str, world_size: int = 1
+    ) -> TrainConfig:
+        """A copy with every ``None`` default replaced by the value this run will use.
+
+        The default learning rate follows the linear scaling rule for the *global* batch
+        (``batch_size * world_size``): 0.1 per 128 images for SGD, 2e-3 per 128 for AdamW.
+        """
         cfg = dataclasses.replace(self)
         if cfg.lr is None:
-            cfg.lr = (0.1 if cfg.optimizer == "sgd" else 2e-3) * cfg.batch_size / 128
+            cfg.lr = (0.1 if cfg.optimizer == "sgd" else 2e-3) * cfg.batch_size * world_size / 128
         if cfg.weight_decay is None:
             cfg.weight_decay = 5e-4 if cfg.optimizer == "sgd" else 0.05
         if cfg.warmup_epochs is None:
@@ -91,6 +99,7 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}"),
         ]
         for ok, message in checks:
             if not ok:

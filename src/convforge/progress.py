@@ -40,13 +40,13 @@ def echo(message: str) -> None:
 class EpochBar:
     """One epoch's progress bar with loss, accuracy and images/s (only on a terminal)."""
 
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
+    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
         self._progress = None
         self._task = None
 
     def __enter__(self) -> "EpochBar":
-        if interactive():
+        if self.enabled and interactive():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(

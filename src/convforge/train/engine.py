@@ -22,6 +22,15 @@ from convforge.measure import count_macs, count_params
 from convforge.models import create_model
 from convforge.progress import EpochBar, echo
 from convforge.train.checkpoint import load_train_state, save_checkpoint, save_train_state
+from convforge.train.distributed import (
+    all_ranks_agree,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    convert_sync_batchnorm,
+    init_distributed,
+    shutdown_distributed,
+)
 from convforge.train.ema import ModelEma
 from convforge.train.evaluate import evaluate
 from convforge.train.optim import build_optimizer, lr_at
@@ -68,7 +77,7 @@ def config_for_resume(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
 
 
 def checkpoint_meta(cfg: TrainConfig, data: Dataset, model_args: dict, metrics: dict, epoch: int) -> dict[str, Any]:
-    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "cache_dir", "device", "threads")}
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "cache_dir", "device", "threads", "dist_timeout")}
     return {
         "model": {"name": cfg.model, "args": model_args, "num_classes": data.num_classes, "in_chans": data.channels},
         "classes": list(data.classes),
@@ -100,6 +109,8 @@ def train(
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise DiskFullError(_disk_full_message(exc, config)) from None
+    finally:
+        shutdown_distributed()
 
 
 def _disk_full_message(exc: OSError, config: TrainConfig | None) -> str:
@@ -123,23 +134,31 @@ def _train(
     if config.resume:
         config, overrides = config_for_resume(config)
     config.validate()
-    role = role or ProcessRole()
+    role = role or ProcessRole.from_env()
     say = (lambda message: None) if quiet or not role.is_main else echo
 
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    if device.type == "cuda" and role.world_size > 1:
+        device = torch.device("cuda", role.local_rank)
+        torch.cuda.set_device(device)
+    distributed = init_distributed(role, device, config.dist_timeout)
     torch.manual_seed(config.seed)
 
+    if not role.is_main:
+        barrier()  # rank 0 loads first, so that only it decodes images into the cache
     data = load(config.data, image_size=config.image_size, skip_bad_images=config.skip_bad_images,
                 cache_dir=config.cache_dir, log=say)
+    if role.is_main:
+        barrier()
     if data.train is None:
         raise DataError(f"{config.data} has no train split to train on (expected a train/ folder)")
-    cfg = config.resolved(data.channels, data.image_size, data.default_augment)
+    cfg = config.resolved(data.channels, data.image_size, data.default_augment, role.world_size)
     for note in data.notes:
         say(f"note: {note}")
 
-    run = RunDir(cfg.out or default_run_dir(cfg.model, cfg.data), role)
+    run = RunDir(broadcast_object(cfg.out or str(default_run_dir(cfg.model, cfg.data))), role)
     if not cfg.resume and run.file("resume.safetensors").exists():
         raise ConfigError(f"{run.path} already holds a run; resume it with --resume {run.path} or choose another --out")
 
@@ -147,6 +166,8 @@ def _train(
     params = count_params(model)
     macs = count_macs(model, (data.channels, *data.image_size))
     model.to(device)
+    if distributed and cfg.sync_bn:
+        model = convert_sync_batchnorm(model, device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
@@ -180,7 +201,12 @@ def _train(
     run.write_text("config.yaml", dump_yaml(cfg))
     run.log(f"start: model={cfg.model} data={cfg.data} device={device} params={params} macs={macs}")
 
-    forward = torch.compile(model) if cfg.compile else model
+    forward: nn.Module = model
+    if distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
     eval_model = ema.module if ema is not None else model
     select_on = "val" if data.val is not None else "test"
     say(
@@ -207,6 +233,7 @@ def _train(
     def save_state(next_epoch: int, next_batch: int, partial_sums: dict[str, float]) -> None:
         if role.is_main:
             extra = {"epoch": next_epoch, "batch": next_batch, "best": best, "partial": partial_sums,
+                     "world_size": role.world_size,
                      "global_step": next_epoch * steps_per_epoch + next_batch}
             save_train_state(run.file("resume.safetensors"), model, optimizer, ema, extra)
 
@@ -215,11 +242,11 @@ def _train(
             model.train()
             train_loader.set_epoch(epoch)
             sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
-            if epoch == start_epoch and start_batch:
-                sums.update(partial)
+            if epoch == start_epoch and start_batch and role.is_main:
+                sums.update(partial)  # the saved partial sums are global: restore them once
             epoch_start = time.perf_counter()
             seen_this_session = 0
-            with EpochBar(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch) as bar:
+            with EpochBar(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, enabled=role.is_main and not quiet) as bar:
                 batches = train_loader.iter_from(start_batch if epoch == start_epoch else 0)
                 batch_index = start_batch if epoch == start_epoch else 0
                 for x, y in batches:
@@ -229,11 +256,12 @@ def _train(
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         logits = forward(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    if cfg.nan_policy == "stop" and global_step % check_every == 0 and not torch.isfinite(loss):
+                    if (cfg.nan_policy == "stop" and global_step % check_every == 0
+                            and not all_ranks_agree(bool(torch.isfinite(loss)), device)):
                         raise NonFiniteLossError(_nonfinite_message(float(loss.detach()), epoch, batch_index, lr, run))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    if cfg.nan_policy == "skip-batch" and not _loss_and_grads_finite(loss, model):
+                    if cfg.nan_policy == "skip-batch" and not all_ranks_agree(_loss_and_grads_finite(loss, model), device):
                         sums["skipped"] = sums.get("skipped", 0.0) + 1
                         skipped_in_a_row += 1
                         if skipped_in_a_row > MAX_SKIPS_IN_A_ROW:
@@ -263,7 +291,8 @@ def _train(
                     bar.update(batch_index, sums["loss"] / sums["seen"], 100 * sums["correct"] / sums["seen"],
                                seen_this_session / max(elapsed, 1e-9))
                     if cfg.save_every_steps and global_step % cfg.save_every_steps == 0 and batch_index < steps_per_epoch:
-                        save_state(epoch, batch_index, {**sums, "time": sums["time"] + elapsed})
+                        save_state(epoch, batch_index, {**_global_sums(sums), "time": sums["time"] + elapsed})
+            sums = {**sums, **_global_sums(sums)}
             if not sums["seen"]:
                 raise NonFiniteLossError(_nonfinite_message(
                     math.nan, epoch, batch_index, lr, run, "every batch of the epoch had a non-finite loss or gradient"))
@@ -288,7 +317,8 @@ def _train(
                 for split_name in ("val", "test") if data.val is not None else ("test",):
                     result = evaluate(eval_model, data.split(split_name), data.mean, data.std,
                                       batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp,
-                                      channels_last=cfg.channels_last, num_classes=data.num_classes, details=False)
+                                      channels_last=cfg.channels_last, num_classes=data.num_classes, details=False,
+                                      rank=role.rank, world_size=role.world_size)
                     record.update({f"{split_name}_loss": result["loss"], f"{split_name}_top1": result["top1"],
                                    f"{split_name}_top5": result["top5"]})
                 record["eval_time_s"] = time.perf_counter() - eval_start
@@ -364,6 +394,14 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 
 MAX_SKIPS_IN_A_ROW = 20
+SUMMED_OVER_RANKS = ("loss", "correct", "seen", "skipped")
+
+
+def _global_sums(sums: dict[str, float]) -> dict[str, float]:
+    """The epoch's running sums over all processes (the same dict on one process)."""
+    values = torch.tensor([sums.get(k, 0.0) for k in SUMMED_OVER_RANKS], dtype=torch.float64)
+    all_reduce_sum(values)
+    return dict(zip(SUMMED_OVER_RANKS, values.tolist()))
 
 
 def _loss_and_grads_finite(loss: torch.Tensor, model: nn.Module) -> bool:

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convforge.data import BatchLoader, Split
+from convforge.train.distributed import all_reduce_sum
 
 
 @torch.no_grad()
@@ -36,11 +37,17 @@ def evaluate(
     channels_last: bool = False,
     num_classes: int | None = None,
     details: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``split``. ``details`` adds per-class accuracy and the confusion matrix."""
+    """Evaluate ``model`` on ``split``. ``details`` adds per-class accuracy and the confusion matrix.
+
+    With ``world_size`` > 1 each process evaluates its share of the images and the counts are summed.
+    """
     was_training = model.training
     model.eval()
-    loader = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last)
+    loader = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last,
+                         rank=rank, world_size=world_size)
     num_classes = num_classes or int(split.labels.max()) + 1
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5_hits, count = 0.0, 0, 0
@@ -53,6 +60,10 @@ def evaluate(
         confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, num_classes)
         count += y.shape[0]
     model.train(was_training)
+    if world_size > 1:
+        totals = all_reduce_sum(torch.tensor([loss_sum, top5_hits, count], dtype=torch.float64))
+        loss_sum, top5_hits, count = totals[0].item(), int(totals[1].item()), int(totals[2].item())
+        all_reduce_sum(confusion)
     correct = int(confusion.diag().sum())
     result: dict[str, Any] = {
         "top1": 100.0 * correct / max(count, 1),
