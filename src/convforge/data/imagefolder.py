@@ -207,6 +207,7 @@ def image_problem(path: str, exc: BaseException) -> str:
 
 def _decode(path: str, size: tuple[int, int] | None) -> np.ndarray:
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PIL's "Corrupt EXIF data" etc.: a file either decodes or not
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:

@@ -110,7 +110,10 @@ def read_idx(path: Path) -> np.ndarray:
             f"{shown} is {what}: its header says {dims} = {expected} bytes of data, the file has "
             f"{'more' if len(data) > expected else len(data)}. Re-download it"
         )
-    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+    try:
+        return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+    except ValueError:  # e.g. (0, 2**32-1, 2**32-1): no data, but a shape numpy cannot represent
+        raise DataError(f"{shown}: the IDX header's dimensions {dims} are not usable: re-download it") from None
 
 
 def load_mnist_idx(files: dict[tuple[str, str], Path]) -> tuple[list[str], dict[str, Split]]:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import nn
 
 from convforge.errors import CheckpointError, ConvforgeError
 from convforge.fileio import atomic_write_bytes, atomic_write_json
@@ -150,7 +150,7 @@ def validate_meta(meta: Any, source: str) -> None:
             f"and sides up to {MAX_INPUT_SIDE}, got {_short(size)}: {damaged}"
         )
     data = meta.get("data")
-    if data is not None and (not isinstance(data, dict) or not isinstance(data.get("spec", ""), str)):
+    if "data" in meta and (not isinstance(data, dict) or not isinstance(data.get("spec", ""), str)):
         raise CheckpointError(f"{source}: 'data' must be a mapping with a string 'spec', got {_short(data)}: {damaged}")
 
 
