@@ -147,9 +147,9 @@ def test_models_json(tmp_path):
 
 
 def test_models_pattern(tmp_path):
-    result = run_cli("models", "resnet5*", cwd=tmp_path)
+    result = run_cli("models", "resnet4*", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "resnet56" in result.stdout and "resnet20" not in result.stdout and "smallcnn" not in result.stdout
+    assert "resnet44" in result.stdout and "resnet20" not in result.stdout and "smallcnn" not in result.stdout
     assert "1 model(s)" in result.stdout
 
 

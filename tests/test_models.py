@@ -77,7 +77,7 @@ def test_list_models_wildcard_and_substring():
     assert {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202"} <= set(resnets)
     assert all(name.startswith("resnet") for name in resnets)
     assert "smallcnn" not in resnets
-    assert list_models("resnet5*") == ["resnet56"]
+    assert list_models("resnet5?") == ["resnet50", "resnet56"]  # the CIFAR and the ImageNet family
     assert list_models("cnn") == ["smallcnn"]  # substring
     assert set(list_models()) >= set(resnets) | {"smallcnn"}
     assert list_models("no-such-model-*") == []

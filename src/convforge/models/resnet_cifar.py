@@ -7,9 +7,10 @@ Parameter names follow the widely used reference implementation (``conv1``, ``bn
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
+from convforge.models.base import Classifier
 from convforge.models.registry import register_model
 
 PAPER = "Deep Residual Learning for Image Recognition"
@@ -49,7 +50,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Classifier):
     """ResNet-(6n+2) for 32x32 inputs: 3x3 stem, three stages of n blocks (16, 32, 64 channels)."""
 
     def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A") -> None:
@@ -71,16 +72,19 @@ class CifarResNet(nn.Module):
                 in_planes = planes
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
+        self.num_features = 64
         self.linear = nn.Linear(64, num_classes)
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.linear(x)
+        return x if pre_logits else self.linear(x)
 
 
 def _register(depth: int, published_params: float) -> None:
@@ -91,7 +95,7 @@ def _register(depth: int, published_params: float) -> None:
         year=2016,
         input_size=(3, 32, 32),
         num_classes=10,
-        published_params=int(round(published_params * 1e6)),
+        published_params=round(published_params * 1e6),
         description=f"CIFAR ResNet-{depth} (He et al. 2016, option-A shortcuts)",
     )
     def build(num_classes: int = 10, in_chans: int = 3, shortcut: str = "A") -> CifarResNet:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
-import torch.nn as nn
+from torch import nn
 
 from convforge.layers import ConvNormAct
+from convforge.models.base import Classifier
 from convforge.models.registry import register_model
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Classifier):
     """A stem conv, then stages of ``conv-BN-ReLU`` each followed by 2x2 max-pooling, global pooling, linear.
 
     ``stem_pool`` halves the resolution right after the stem, for 28x28 and larger inputs.
@@ -23,15 +26,19 @@ class SmallCNN(nn.Module):
         self.stem = ConvNormAct(in_chans, widths[0], 3)
         self.stem_pool = nn.MaxPool2d(2, ceil_mode=True) if stem_pool else nn.Identity()
         stages = []
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             stages.append(nn.Sequential(ConvNormAct(c_in, c_out, 3), nn.MaxPool2d(2, ceil_mode=True)))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = widths[-1]
         self.fc = nn.Linear(widths[-1], num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem_pool(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem_pool(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.pool(x), 1)
+        return x if pre_logits else self.fc(x)
 
 
 @register_model(
