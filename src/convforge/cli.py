@@ -275,12 +275,15 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
         from rich.table import Table
 
         table = Table(title=f"{len(rows)} model(s)" + (f" matching {args.pattern!r}" if args.pattern else ""))
-        for column in ("name", "family", "input", "params", "MACs", "published params", "paper"):
-            table.add_column(column, justify="right" if column in ("params", "MACs", "published params") else "left")
+        numeric = ("params", "MACs", "published params", "published MACs", "published top-1")
+        for column in ("name", "family", "input", *numeric, "paper"):
+            table.add_column(column, justify="right" if column in numeric else "left")
         for r in rows:
             table.add_row(r["name"], r["family"], "x".join(map(str, r["input_size"])), f"{r['params'] / 1e6:.3f} M",
                           f"{r['macs'] / 1e6:.1f} M",
-                          f"{r['published_params'] / 1e6:.2f} M" if r["published_params"] else "-",
+                          f"{r['published_params'] / 1e6:.3f} M" if r["published_params"] else "-",
+                          f"{r['published_macs'] / 1e6:.1f} M" if r["published_macs"] else "-",
+                          f"{r['published_top1']:.2f}%" if r["published_top1"] else "-",
                           f"{r['paper']} ({r['year']})" if r["paper"] else "-")
         Console(width=None if sys.stdout.isatty() else 160).print(table)
     return {"models": rows}
