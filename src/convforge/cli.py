@@ -1,4 +1,4 @@
-"""The ``convforge`` command line: train, eval, predict, models."""
+"""The ``convforge`` command line: train, eval, predict, models; bench, export, quantize, prune (deploy_cli)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="List registered models; params and MACs are measured at the default input size.")
     mo.add_argument("pattern", nargs="?", help="wildcard (resnet*) or substring filter")
     _add_json(mo)
+
+    from convforge.deploy_cli import add_parsers
+
+    add_parsers(sub, _add_json)  # bench, export, quantize, prune
     return parser
 
 
@@ -331,6 +335,15 @@ def _print_eval(result: dict[str, Any]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+
+
+def _deploy_command(args: argparse.Namespace) -> dict[str, Any]:
+    from convforge.deploy_cli import COMMANDS as deploy
+
+    return deploy[args.command](args)
+
+
+COMMANDS.update({name: _deploy_command for name in ("bench", "export", "quantize", "prune")})
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -1,5 +1,6 @@
-"""Measuring models: parameter counts and multiply-accumulates (from ``torch.utils.flop_counter``)."""
+"""Measuring models: parameter counts, multiply-accumulates (from ``torch.utils.flop_counter``), speed."""
 
+from convforge.measure.bench import BACKENDS, benchmark
 from convforge.measure.complexity import count_macs, count_params
 
-__all__ = ["count_macs", "count_params"]
+__all__ = ["BACKENDS", "benchmark", "count_macs", "count_params"]

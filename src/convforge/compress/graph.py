@@ -1,0 +1,571 @@
+"""Channel dependency graph of a model, found by tracing it with torch.fx.
+
+The idea is Torch-Pruning's DepGraph (Fang et al., "DepGraph: Towards Any Structural Pruning",
+CVPR 2023), written here from scratch at the granularity of single channels:
+
+- every channel of every intermediate tensor carries an integer *channel id*;
+- a convolution or linear layer creates fresh ids for its outputs; operations that do not mix
+  channels (BatchNorm, activations, pooling, depthwise convolutions, permutes, flatten over
+  1x1 maps) pass ids through; element-wise operations between tensors (residual additions,
+  squeeze-excite gates, layer scale) *merge* the ids of the channels they combine; concatenation
+  along channels concatenates the id lists (DenseNet);
+- ids that cannot be removed are *fixed*: the model input, the logits, channels produced by a
+  zero-pad on the channel axis (the option-A shortcuts of the CIFAR ResNets), and every channel
+  that meets an operation this module does not know (grouped convolutions, attention, custom
+  functions): unknown means "do not touch", never a wrong guess.
+
+Merged ids form coupled channels (a union-find root): removing one removes, in every layer that
+sees it, the corresponding output filter, input slice, norm entry and per-channel parameter.
+The graph records, for every parameter dimension that is indexed by channels, the id of each
+position, so that pruning is a matter of keeping the positions whose id survives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from convforge.errors import ConvforgeError
+
+
+class UnionFind:
+    """Channel ids with union-find merging and a "fixed" (not prunable) flag per root."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.fixed: list[bool] = []
+
+    def new(self, fixed: bool = False) -> int:
+        self.parent.append(len(self.parent))
+        self.fixed.append(fixed)
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+            self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
+
+    def fix(self, a: int) -> None:
+        self.fixed[self.find(a)] = True
+
+    def is_fixed(self, a: int) -> bool:
+        return self.fixed[self.find(a)]
+
+
+@dataclass
+class LayerRecord:
+    """A convolution or linear layer: its input/output channel ids and MACs per (in, out) channel pair."""
+
+    name: str
+    kind: str  # "conv", "depthwise", "linear", "fixed"
+    in_ids: list[int] | None
+    out_ids: list[int]
+    macs_per_pair: int  # conv/linear: k*k*positions; depthwise: k*k*positions per channel
+    fixed_macs: int = 0  # layers whose size pruning cannot change (grouped convolutions)
+
+
+@dataclass
+class ChannelGraph:
+    """What tracing found: channel ids of every channel-indexed parameter dimension, layers and norms."""
+
+    uf: UnionFind
+    params: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # (qualified name, dim) -> ids
+    layers: list[LayerRecord] = field(default_factory=list)
+    norms: dict[str, list[int]] = field(default_factory=dict)  # BatchNorm / LayerNorm module name -> ids
+    module_channels: dict[str, tuple[list[int] | None, list[int]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add_param(self, name: str, dim: int, ids: list[int]) -> None:
+        key = (name, dim)
+        if key in self.params:
+            old = self.params[key]
+            if len(old) != len(ids):
+                for i in old + ids:
+                    self.uf.fix(i)
+                return
+            for a, b in zip(old, ids):
+                self.uf.union(a, b)
+        else:
+            self.params[key] = list(ids)
+
+    def roots(self, ids: Iterable[int]) -> list[int]:
+        return [self.uf.find(i) for i in ids]
+
+    def prunable_roots(self) -> set[int]:
+        """Roots that appear in at least one parameter and are not fixed."""
+        found: set[int] = set()
+        for ids in self.params.values():
+            for i in ids:
+                root = self.uf.find(i)
+                if not self.uf.fixed[root]:
+                    found.add(root)
+        return found
+
+    def macs(self, keep: set[int] | None = None) -> int:
+        """MACs of the convolutions and linear layers if only the roots in ``keep`` survived (None: all)."""
+        def count(ids: list[int] | None) -> int:
+            if ids is None:
+                return 1
+            if keep is None:
+                return len(ids)
+            return sum(1 for i in ids if self.uf.fixed[r := self.uf.find(i)] or r in keep)
+
+        total = 0
+        for layer in self.layers:
+            if layer.kind == "fixed":
+                total += layer.fixed_macs
+            elif layer.kind == "depthwise":
+                total += count(layer.out_ids) * layer.macs_per_pair
+            else:
+                total += count(layer.in_ids) * count(layer.out_ids) * layer.macs_per_pair
+        return total
+
+
+# Modules and functions that neither mix channels nor change where the channel axis is.
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d, nn.Upsample, nn.Hardtanh, nn.Softplus,
+)
+_PASS_NAMES = {
+    "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "sigmoid_", "hardswish", "hardsigmoid", "tanh",
+    "leaky_relu", "elu", "mish", "softplus", "hardtanh", "dropout", "dropout2d", "avg_pool2d", "max_pool2d",
+    "adaptive_avg_pool2d", "adaptive_max_pool2d", "contiguous", "clone", "interpolate", "neg", "float",
+    "to", "detach", "abs", "exp", "clamp", "clamp_min", "clamp_max",
+}
+_ELEMENTWISE = {"add", "sub", "mul", "truediv", "div", "iadd", "isub", "imul", "itruediv", "add_", "mul_",
+                "sub_", "div_", "where"}
+
+
+def _name_of(node: torch.fx.Node) -> str:
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def _meta(node: Any) -> TensorMetadata | None:
+    if isinstance(node, torch.fx.Node):
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata):
+            return meta
+    return None
+
+
+class _Tracer(torch.fx.Tracer):
+    """Standard leaves (torch.nn modules); everything else is traced through."""
+
+
+def trace(model: nn.Module, input_size: tuple[int, ...]) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds of errors
+        raise ConvforgeError(
+            f"cannot trace {type(model).__name__} with torch.fx for structured pruning ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); use --method global-magnitude, which needs no tracing"
+        ) from None
+    gm = torch.fx.GraphModule(model, graph)
+    x = torch.zeros((2, *input_size))
+    was_training = model.training
+    gm.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(x)
+    model.train(was_training)
+    return gm, x
+
+
+def build_graph(model: nn.Module, input_size: tuple[int, ...]) -> ChannelGraph:
+    """Trace ``model`` at ``input_size`` (C, H, W) and return its channel dependency graph."""
+    gm, _ = trace(model, input_size)
+    modules = dict(model.named_modules())
+    g = ChannelGraph(UnionFind())
+    uf = g.uf
+    info: dict[torch.fx.Node, tuple[list[int] | None, int | None]] = {}
+    attrs: dict[torch.fx.Node, str] = {}
+
+    def fresh(n: int, fixed: bool = False) -> list[int]:
+        return [uf.new(fixed) for _ in range(n)]
+
+    def fix_all(ids: list[int] | None) -> None:
+        for i in ids or ():
+            uf.fix(i)
+
+    def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+        found: list[torch.fx.Node] = []
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if n in info else None)
+        return found
+
+    def unknown(node: torch.fx.Node, why: str = "") -> None:
+        for src in tensor_inputs(node):
+            fix_all(info[src][0])
+        for src in _attr_inputs(node):
+            pass  # parameters used by unknown operations are left as they are
+        info[node] = (None, None)
+
+    def _attr_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+        found: list[torch.fx.Node] = []
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if n in attrs else None)
+        return found
+
+    def passthrough(node: torch.fx.Node, src: torch.fx.Node) -> None:
+        ids, cdim = info.get(src, (None, None))
+        out = _meta(node)
+        in_meta = _meta(src)
+        if ids is None or out is None or in_meta is None:
+            info[node] = (None, None)
+            return
+        if len(out.shape) != len(in_meta.shape) or out.shape[cdim] != len(ids):
+            fix_all(ids)
+            info[node] = (None, None)
+            return
+        info[node] = (ids, cdim)
+
+    def ids_or_fixed(src: Any, size: int) -> list[int]:
+        ids, _ = info.get(src, (None, None)) if isinstance(src, torch.fx.Node) else (None, None)
+        return ids if ids is not None and len(ids) == size else fresh(size, fixed=True)
+
+    for node in gm.graph.nodes:
+        meta = _meta(node)
+        if node.op == "placeholder":
+            info[node] = (fresh(meta.shape[1], fixed=True), 1) if meta is not None and len(meta.shape) >= 2 else (None, None)
+        elif node.op == "get_attr":
+            attrs[node] = str(node.target)
+        elif node.op == "output":
+            for src in tensor_inputs(node):
+                fix_all(info[src][0])
+        elif node.op == "call_module":
+            _module_rule(g, node, modules[str(node.target)], info, fresh, fix_all, passthrough, ids_or_fixed, unknown)
+        elif node.op in ("call_function", "call_method"):
+            if meta is None:
+                # sizes, shapes and other non-tensor values: computed at run time, nothing to record
+                if not (isinstance(node.target, str) and node.target in ("size", "dim")) and \
+                        node.target is not getattr and _name_of(node) not in ("getitem", "getattr"):
+                    unknown(node)
+                else:
+                    info[node] = (None, None)
+                continue
+            _function_rule(g, node, info, attrs, fresh, fix_all, passthrough, unknown)
+    return g
+
+
+def _module_rule(g: ChannelGraph, node, module, info, fresh, fix_all, passthrough, ids_or_fixed, unknown) -> None:
+    name = str(node.target)
+    src = node.args[0] if node.args else None
+    out = _meta(node)
+    in_meta = _meta(src)
+    ids, cdim = info.get(src, (None, None)) if isinstance(src, torch.fx.Node) else (None, None)
+    if type(module) is nn.Conv2d and in_meta is not None and out is not None and len(in_meta.shape) == 4:
+        k = module.kernel_size[0] * module.kernel_size[1]
+        positions = out.shape[2] * out.shape[3]
+        in_ids = ids if ids is not None and cdim == 1 else fresh(module.in_channels, fixed=True)
+        if ids is not None and cdim != 1:
+            fix_all(ids)
+        if module.groups == 1:
+            out_ids = fresh(module.out_channels)
+            g.add_param(f"{name}.weight", 0, out_ids)
+            g.add_param(f"{name}.weight", 1, in_ids)
+            g.layers.append(LayerRecord(name, "conv", in_ids, out_ids, k * positions))
+        elif module.groups == module.in_channels == module.out_channels:
+            out_ids = in_ids
+            g.add_param(f"{name}.weight", 0, out_ids)
+            g.layers.append(LayerRecord(name, "depthwise", None, out_ids, k * positions))
+        else:
+            fix_all(in_ids)
+            out_ids = fresh(module.out_channels, fixed=True)
+            macs = module.out_channels * module.in_channels // module.groups * k * positions
+            g.layers.append(LayerRecord(name, "fixed", None, out_ids, 0, macs))
+            info[node] = (out_ids, 1)
+            return
+        if module.bias is not None:
+            g.add_param(f"{name}.bias", 0, out_ids)
+        g.module_channels[name] = (in_ids, out_ids)
+        info[node] = (out_ids, 1)
+    elif type(module) is nn.Linear and in_meta is not None and out is not None:
+        last = len(in_meta.shape) - 1
+        if ids is not None and cdim != last:
+            fix_all(ids)
+        in_ids = ids if ids is not None and cdim == last else fresh(module.in_features, fixed=True)
+        out_ids = fresh(module.out_features)
+        positions = math.prod(out.shape[1:-1]) if len(out.shape) > 2 else 1
+        g.add_param(f"{name}.weight", 0, out_ids)
+        g.add_param(f"{name}.weight", 1, in_ids)
+        if module.bias is not None:
+            g.add_param(f"{name}.bias", 0, out_ids)
+        g.layers.append(LayerRecord(name, "linear", in_ids, out_ids, positions))
+        g.module_channels[name] = (in_ids, out_ids)
+        info[node] = (out_ids, last)
+    elif type(module) in (nn.BatchNorm2d, nn.BatchNorm1d) and ids is not None and cdim == 1:
+        for pname in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(module, pname, None) is not None:
+                g.add_param(f"{name}.{pname}", 0, ids)
+        g.norms[name] = ids
+        g.module_channels[name] = (ids, ids)
+        passthrough(node, src)
+    elif (type(module) is nn.LayerNorm and ids is not None and in_meta is not None
+          and len(module.normalized_shape) == 1 and cdim == len(in_meta.shape) - 1):
+        if module.elementwise_affine:
+            g.add_param(f"{name}.weight", 0, ids)
+            if module.bias is not None:
+                g.add_param(f"{name}.bias", 0, ids)
+        g.norms[name] = ids
+        g.module_channels[name] = (ids, ids)
+        passthrough(node, src)
+    elif isinstance(module, _PASS_MODULES) and isinstance(src, torch.fx.Node) and len(node.args) == 1:
+        passthrough(node, src)
+    elif type(module) is nn.Flatten:
+        _flatten(node, src, module.start_dim, module.end_dim, info, fix_all)
+    else:
+        if type(module) in (nn.Conv2d, nn.Linear):
+            g.notes.append(f"{name}: called on an input of unexpected shape; its channels are kept")
+        unknown(node)
+
+
+def _flatten(node, src, start: int, end: int, info, fix_all) -> None:
+    ids, cdim = info.get(src, (None, None))
+    in_meta = _meta(src)
+    if ids is None or in_meta is None:
+        info[node] = (None, None)
+        return
+    nd = len(in_meta.shape)
+    start, end = start % nd, end % nd
+    if cdim < start:
+        info[node] = (ids, cdim)
+    elif cdim > end:
+        info[node] = (ids, cdim - (end - start))
+    else:
+        before = math.prod(in_meta.shape[start:cdim])
+        after = math.prod(in_meta.shape[cdim + 1:end + 1])
+        if before == 1:
+            info[node] = ([i for i in ids for _ in range(after)], start)  # channel-major: each id `after` times
+        else:
+            fix_all(ids)
+            info[node] = (None, None)
+
+
+def _function_rule(g: ChannelGraph, node, info, attrs, fresh, fix_all, passthrough, unknown) -> None:
+    uf = g.uf
+    name = _name_of(node)
+    out = _meta(node)
+    args = list(node.args)
+    first = args[0] if args else None
+    if name in _PASS_NAMES and isinstance(first, torch.fx.Node) and first in info:
+        others = [a for a in args[1:] if isinstance(a, torch.fx.Node) and (a in info or a in attrs)]
+        if not others:
+            passthrough(node, first)
+            return
+    if name in _ELEMENTWISE:
+        _elementwise(g, node, info, attrs, fix_all)
+        return
+    if name == "cat":
+        tensors = args[0] if args else node.kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) and t in info for t in tensors):
+            unknown(node)
+            return
+        parts = [info[t] for t in tensors]
+        nd = len(out.shape)
+        dim = dim % nd
+        if any(p[0] is None for p in parts) or len({p[1] for p in parts}) != 1:
+            if dim == (parts[0][1] if parts[0][1] is not None else -1):
+                unknown(node)
+                return
+            unknown(node)
+            return
+        cdim = parts[0][1]
+        if dim == cdim:
+            info[node] = ([i for p in parts for i in p[0]], cdim)
+        else:
+            for p in parts[1:]:
+                for a, b in zip(parts[0][0], p[0]):
+                    uf.union(a, b)
+            info[node] = (parts[0][0], cdim)
+        return
+    if name == "pad" and isinstance(first, torch.fx.Node) and first in info:
+        ids, cdim = info[first]
+        pad = args[1] if len(args) > 1 else node.kwargs.get("pad")
+        in_meta = _meta(first)
+        if ids is None or not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
+            unknown(node)
+            return
+        nd = len(in_meta.shape)
+        axis = nd - 1 - cdim  # pad pairs run from the last dimension backwards
+        if 2 * axis + 1 < len(pad):
+            before, after = pad[2 * axis], pad[2 * axis + 1]
+            if before < 0 or after < 0:
+                unknown(node)
+                return
+            info[node] = (fresh(before, fixed=True) + ids + fresh(after, fixed=True), cdim)
+        else:
+            info[node] = (ids, cdim)
+        return
+    if name == "getitem" and isinstance(first, torch.fx.Node) and first in info:
+        ids, cdim = info[first]
+        index = args[1]
+        if ids is None:
+            info[node] = (None, None)
+            return
+        index = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis or i is None or isinstance(i, torch.fx.Node) for i in index):
+            unknown(node)
+            return
+        if cdim < len(index):
+            item = index[cdim]
+            if not (isinstance(item, slice) and item == slice(None)):
+                unknown(node)
+                return
+        dropped = sum(1 for i in index[:cdim] if isinstance(i, int))
+        info[node] = (ids, cdim - dropped)
+        return
+    if name == "flatten" and isinstance(first, torch.fx.Node) and first in info:
+        start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+        _flatten(node, first, start, end, info, fix_all)
+        return
+    if name in ("permute", "transpose") and isinstance(first, torch.fx.Node) and first in info:
+        ids, cdim = info[first]
+        if ids is None:
+            info[node] = (None, None)
+            return
+        nd = len(out.shape)
+        if name == "permute":
+            dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
+            dims = [d % nd for d in dims]
+            info[node] = (ids, dims.index(cdim))
+        else:
+            a, b = args[1] % nd, args[2] % nd
+            info[node] = (ids, b if cdim == a else a if cdim == b else cdim)
+        return
+    if name in ("view", "reshape") and isinstance(first, torch.fx.Node) and first in info:
+        ids, cdim = info[first]
+        in_meta = _meta(first)
+        if ids is None:
+            info[node] = (None, None)
+            return
+        ishape, oshape = list(in_meta.shape), list(out.shape)
+        prefix = math.prod(ishape[:cdim])
+        rest = math.prod(ishape[cdim + 1:])
+        for j in range(len(oshape)):
+            if math.prod(oshape[:j]) == prefix:
+                if oshape[j] == len(ids) and math.prod(oshape[j + 1:]) == rest:
+                    info[node] = (ids, j)
+                    return
+                if j == len(oshape) - 1 and oshape[j] == len(ids) * rest:
+                    info[node] = ([i for i in ids for _ in range(rest)], j)
+                    return
+        unknown(node)
+        return
+    if name in ("mean", "sum", "amax", "amin") and isinstance(first, torch.fx.Node) and first in info:
+        ids, cdim = info[first]
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+        if ids is None or dims is None:
+            unknown(node)
+            return
+        nd = len(_meta(first).shape)
+        dims = [d % nd for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        if cdim in dims:
+            unknown(node)
+            return
+        info[node] = (ids, cdim if keepdim else cdim - sum(1 for d in dims if d < cdim))
+        return
+    if name == "layer_norm" and isinstance(first, torch.fx.Node) and first in info:
+        ids, cdim = info[first]
+        shape = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
+        weight = args[2] if len(args) > 2 else node.kwargs.get("weight")
+        bias = args[3] if len(args) > 3 else node.kwargs.get("bias")
+        if ids is not None and len(shape) == 1 and cdim == len(out.shape) - 1:
+            for p in (weight, bias):
+                if p is not None:
+                    if p not in attrs:
+                        unknown(node)
+                        return
+                    g.add_param(attrs[p], 0, ids)
+            owner = attrs[weight].rpartition(".")[0] if weight in attrs else None
+            if owner is not None:
+                g.norms[owner] = ids
+                g.module_channels[owner] = (ids, ids)
+            info[node] = (ids, cdim)
+            return
+    unknown(node)
+
+
+def _elementwise(g: ChannelGraph, node, info, attrs, fix_all) -> None:
+    """Broadcasting element-wise op: merge the ids of the channels it combines."""
+    uf = g.uf
+    out = _meta(node)
+    nd = len(out.shape)
+    operands = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    carriers = [a for a in operands if a in info and info[a][0] is not None]
+    if not carriers:
+        for a in operands:
+            if a in info:
+                fix_all(info[a][0])
+        info[node] = (None, None)
+        return
+    lead = carriers[0]
+    ids, cdim = info[lead]
+    out_cdim = cdim + nd - len(_meta(lead).shape)
+    if out.shape[out_cdim] != len(ids):
+        for a in carriers:
+            fix_all(info[a][0])
+        info[node] = (None, None)
+        return
+    for a in operands:
+        if a is lead:
+            continue
+        if a in attrs:
+            shape = _attr_shape(g, node, a)
+            if shape is None:
+                fix_all(ids)
+                continue
+            dim = out_cdim - (nd - len(shape))
+            if 0 <= dim < len(shape) and shape[dim] == len(ids) and len(ids) > 1:
+                g.add_param(attrs[a], dim, ids)
+            continue
+        a_meta = _meta(a)
+        if a_meta is None:
+            continue
+        dim = out_cdim - (nd - len(a_meta.shape))
+        size = a_meta.shape[dim] if 0 <= dim < len(a_meta.shape) else 1
+        a_ids, a_cdim = info.get(a, (None, None))
+        if size == 1 and (a_ids is None or a_cdim != dim):
+            if a_ids is not None:
+                fix_all(a_ids)  # its channels broadcast over ours: keep them
+            continue
+        if a_ids is not None and a_cdim == dim and len(a_ids) == len(ids):
+            for x, y in zip(ids, a_ids):
+                uf.union(x, y)
+        else:
+            fix_all(ids)
+            fix_all(a_ids)
+    info[node] = (ids, out_cdim)
+
+
+def _attr_shape(g: ChannelGraph, node, attr_node) -> tuple[int, ...] | None:
+    meta = _meta(attr_node)
+    if meta is not None:
+        return tuple(meta.shape)
+    root = attr_node.graph.owning_module
+    try:
+        value = root.get_parameter(str(attr_node.target))
+    except AttributeError:
+        try:
+            value = root.get_buffer(str(attr_node.target))
+        except AttributeError:
+            return None
+    return tuple(value.shape)

@@ -1,0 +1,230 @@
+"""ONNX export with a parity check against PyTorch, and static int8 quantization with ONNX Runtime."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import tempfile
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from convforge.errors import ConfigError, ConvforgeError
+from convforge.fileio import atomic_write, atomic_write_json
+
+DEFAULT_OPSET = 17
+PARITY_ATOL = 1e-4
+
+
+class ParityError(ConvforgeError):
+    """ONNX Runtime's output differs from PyTorch's by more than the tolerance."""
+
+    exit_code = 5
+
+
+def _export_to(model: nn.Module, tmp: str, example: torch.Tensor, opset: int, dynamic_batch: bool) -> None:
+    kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+    if dynamic_batch:
+        kwargs["dynamic_axes"] = {"input": {0: "batch"}, "logits": {0: "batch"}}
+    sink = io.StringIO()
+    with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        try:  # the TorchScript-based exporter: fast, and dynamic axes by name
+            torch.onnx.export(model, (example,), tmp, dynamo=False, **kwargs)
+        except Exception as first:  # noqa: BLE001 - fall back to the torch.export-based exporter
+            dyn = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},)} if dynamic_batch else {}
+            kwargs.pop("dynamic_axes", None)
+            try:
+                torch.onnx.export(model, (example,), tmp, dynamo=True, external_data=False, **kwargs, **dyn)
+            except Exception as second:  # noqa: BLE001
+                raise ConvforgeError(
+                    f"ONNX export of {type(model).__name__} failed (TorchScript exporter: {type(first).__name__}: "
+                    f"{str(first)[:200]}; dynamo exporter: {type(second).__name__}: {str(second)[:200]})"
+                ) from None
+
+
+def session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU inference session with all graph optimisations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, x: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+    return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(array, dtype=np.float32)})[0]
+
+
+def to_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_size: Sequence[int],
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+    batch_size: int = 1,
+    meta: dict[str, Any] | None = None,
+    check: bool = True,
+    atol: float = PARITY_ATOL,
+) -> dict[str, Any]:
+    """Export ``model`` (eval mode) to ``path`` and write ``path.json``; check ONNX Runtime against PyTorch.
+
+    Returns a report with ``max_abs_diff``. Raises :class:`ParityError` (exit code 5) when the largest
+    absolute logit difference on random inputs exceeds ``atol``; the file is kept for inspection.
+    """
+    if not 7 <= opset <= 23:
+        raise ConfigError(f"--opset must be between 7 and 23, got {opset}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        path = path.with_suffix(".onnx")
+    model = copy.deepcopy(model).eval().float()
+    example = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
+    atomic_write(path, lambda tmp: _export_to(model, tmp, example, opset, dynamic_batch))
+    report: dict[str, Any] = {"onnx": str(path), "opset": opset, "dynamic_batch": dynamic_batch,
+                              "input_name": "input", "output_name": "logits",
+                              "input_shape": ["batch" if dynamic_batch else batch_size, *input_size],
+                              "bytes": path.stat().st_size}
+    if check:
+        report.update(parity(model, path, input_size, batch_size=2 if dynamic_batch else batch_size))
+    sidecar = {**(meta or {}), "onnx": report}
+    atomic_write_json(path.with_suffix(".json"), sidecar)
+    if check and report["max_abs_diff"] > atol:
+        raise ParityError(
+            f"ONNX Runtime differs from PyTorch on {path}: max absolute logit difference "
+            f"{report['max_abs_diff']:.3g} > {atol:g} (file kept for inspection; try another --opset)"
+        )
+    return report
+
+
+@torch.no_grad()
+def parity(model: nn.Module, path: str | Path, input_size: Sequence[int], batch_size: int = 2,
+           trials: int = 3) -> dict[str, Any]:
+    """Largest absolute logit difference between PyTorch and ONNX Runtime on random normal inputs."""
+    sess = session(path)
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for _ in range(trials):
+        x = torch.randn((batch_size, *input_size), generator=gen)
+        expected = model(x).float().numpy()
+        got = run_session(sess, x)
+        if got.shape != expected.shape:
+            raise ParityError(f"ONNX Runtime output shape {got.shape} differs from PyTorch's {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return {"max_abs_diff": worst, "parity_inputs": f"{trials} x random normal batch of {batch_size}"}
+
+
+# ---------------------------------------------------------------- int8
+
+
+def fold_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with BatchNorm folded into the preceding convolutions."""
+    from convforge.layers.fuse import fold_batchnorm
+
+    folded = copy.deepcopy(model).eval()
+    if hasattr(folded, "fuse"):
+        folded.fuse()
+    else:
+        fold_batchnorm(folded)
+    return folded
+
+
+class _Reader:
+    """ONNX Runtime calibration reader over batches of normalised images."""
+
+    def __init__(self, batches: Iterable[np.ndarray], name: str) -> None:
+        self.batches = iter(batches)
+        self.name = name
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.name: batch}
+
+    def rewind(self) -> None:  # pragma: no cover - only some calibrators call it
+        pass
+
+
+def quantize_int8(
+    model: nn.Module,
+    path: str | Path,
+    input_size: Sequence[int],
+    calibration: torch.Tensor,
+    *,
+    opset: int = DEFAULT_OPSET,
+    per_channel: bool = True,
+    calib_batch: int = 64,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Static int8 (QDQ, per-channel int8 weights, uint8 activations) of ``model`` after BatchNorm folding,
+    with activation ranges calibrated on ``calibration`` (normalised images, N x C x H x W).
+
+    Writes ``path`` (int8 .onnx) and ``path.json``; returns a report (the fp32 export is kept next to
+    it as ``*-fp32.onnx`` for comparison)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if calibration is None or len(calibration) == 0:
+        raise ConfigError("int8 quantization needs calibration images: pass --calib-data SPEC (real images of the "
+                          "kind the model will see; their activation ranges set the int8 scales)")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        path = path.with_suffix(".onnx")
+    folded = fold_for_inference(model)
+    fp32_path = path.with_name(path.stem + "-fp32.onnx")
+    fp32 = to_onnx(folded, fp32_path, input_size, opset=opset, dynamic_batch=True)
+    data = calibration.float().numpy()
+    batches = [data[i:i + calib_batch] for i in range(0, len(data), calib_batch)]
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
+        # ONNX Runtime's shape inference before quantization (recommended by its docs); optional.
+        source = fp32_path
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = os.path.join(tmpdir, "pre.onnx")
+            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                quant_pre_process(str(fp32_path), pre, skip_symbolic_shape=True)
+            source = Path(pre)
+        except Exception:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
+            pass
+
+        def write(tmp: str) -> None:
+            with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                quantize_static(str(source), tmp, _Reader(batches, "input"), quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                                extra_options={"CalibTensorRangeSymmetric": False})
+
+        atomic_write(path, write)
+    report = {"onnx": str(path), "fp32_onnx": str(fp32_path), "format": "QDQ", "weights": "int8 per-channel"
+              if per_channel else "int8 per-tensor", "activations": "uint8 per-tensor (MinMax calibration)",
+              "batchnorm_folded": True, "calibration_images": int(len(data)), "fp32_parity": fp32["max_abs_diff"],
+              "bytes": path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size}
+    atomic_write_json(path.with_suffix(".json"), {**(meta or {}), "onnx": report})
+    return report
+
+
+def onnx_top1(path: str | Path, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+              threads: int | None = None) -> float:
+    """Top-1 (percent) of an ONNX model on normalised ``images``."""
+    sess = session(path, threads)
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        logits = run_session(sess, images[i:i + batch_size])
+        correct += int((torch.from_numpy(logits).argmax(1) == labels[i:i + batch_size]).sum())
+    return 100.0 * correct / max(len(images), 1)
+
+
+def sidecar_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).with_suffix(".json").read_text())
