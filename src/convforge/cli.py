@@ -266,8 +266,11 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
     from convforge.measure import count_macs, count_params
     from convforge.models import create_model, list_models, model_info
 
+    from convforge.progress import progress_iter
+
     rows = []
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    for name in progress_iter(names, len(names), "measuring params and MACs"):
         info = model_info(name)
         with torch.device("meta"):
             model = create_model(name)
