@@ -75,7 +75,8 @@ def _check_class_entry(entry: os.DirEntry, kind: str, split_dir: Path) -> bool:
     where = printable(entry.path)
     if kind in ("broken", "loop", "error"):
         what = {"broken": "a broken symbolic link", "loop": "a symbolic link loop"}.get(kind, "unreadable")
-        raise DataError(f"class folder {where} is {what} (-> {_link_target(entry.path)}): fix or remove it")
+        link = f" (-> {_link_target(entry.path)})" if entry.is_symlink() else ""
+        raise DataError(f"class folder {where} is {what}{link}: fix or remove it")
     if kind != "dir":
         return False
     if entry.is_symlink():
