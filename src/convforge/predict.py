@@ -69,10 +69,7 @@ def load_images(paths: Sequence[str | Path], size: tuple[int, int], channels: in
     for path in paths:
         if not Path(path).is_file():
             raise DataError(f"image not found: {path}")
-        try:
-            array = decode_image(str(path), size)
-        except Exception as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from None
+        array = decode_image(str(path), size)  # raises DataError naming the file
         tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
         arrays.append(convert_channels(tensor, channels))
     return torch.cat(arrays)
