@@ -1,0 +1,155 @@
+"""Compress and deploy ResNet-56 on CIFAR-10-JPEG: structured pruning to <= 50% MACs with a short
+fine-tune, and static int8 with ONNX Runtime, all measured on this machine.
+
+The unpruned model is the reference ResNet-56 of ../shared/reference-weights (trained on the original
+CIFAR-10 by akamaster/pytorch_resnet_cifar10), evaluated on the JPEG re-encoded test set.
+
+1. prune: ``convforge.compress`` pipeline, l1-filter to --target-macs of the MACs (the CIFAR ResNets'
+   option-A zero-pad shortcuts fix the padded channels; everything else is coupled by the dependency
+   graph), fine-tuned for --finetune-epochs on the JPEG train split (SGD, cosine from --lr);
+2. speed: latency/throughput at batch 256 of the unpruned and the pruned model on the same backends;
+3. int8: the unpruned model with BatchNorm folded, QDQ int8 (per-channel weights) calibrated on 512
+   train images; top-1 fp32 vs int8 on the full test split; throughput vs PyTorch eager fp32.
+
+Stages write to --work (default /tmp/convforge-compress-bench) and are reused on a second run, so the
+benchmark can be split into invocations of under 30 minutes:
+
+    python benchmarks/compress.py [--finetune-epochs 3] [--threads 2] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED, extracted, record  # noqa: E402
+
+from convforge.compress.pipeline import prune_checkpoint  # noqa: E402
+from convforge.data import load, normalize  # noqa: E402
+from convforge.export import onnx_top1, quantize_int8  # noqa: E402
+from convforge.measure import benchmark, count_macs, count_params  # noqa: E402
+from convforge.models import create_model, load_foreign_weights  # noqa: E402
+from convforge.train import load_checkpoint  # noqa: E402
+from convforge.train.checkpoint import save_checkpoint  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the reference weights were trained with
+
+
+def reference_checkpoint(work: Path, data) -> Path:
+    path = work / "resnet56-reference.safetensors"
+    if path.is_file():
+        return path
+    model = create_model("resnet56", num_classes=10)
+    load_foreign_weights(model, SHARED / "reference-weights" / "resnet56-4bfd9763.th")
+    meta = {"model": {"name": "resnet56", "args": {}, "num_classes": 10, "in_chans": 3},
+            "classes": list(data.classes), "input_size": [3, 32, 32],
+            "normalization": {"mean": list(MEAN), "std": list(STD)},
+            "data": {"spec": data.spec}, "weights": "akamaster/pytorch_resnet_cifar10 resnet56-4bfd9763.th"}
+    return save_checkpoint(path, model.eval(), meta)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="l1-filter")
+    parser.add_argument("--target-macs", type=float, default=0.5)
+    parser.add_argument("--finetune-epochs", type=float, default=3)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--work", default="/tmp/convforge-compress-bench")
+    parser.add_argument("--stage", choices=("all", "prune", "measure"), default="all")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    root = extracted("cifar10-jpeg.tar.gz", "cifar10-jpeg")
+    data = load(f"imagefolder:{root}", log=print)
+    ref = reference_checkpoint(work, data)
+
+    pruned_path = work / f"resnet56-{args.method}-{args.target_macs:g}-ft{args.finetune_epochs:g}.safetensors"
+    report_path = pruned_path.with_suffix(".report.json")
+    if not report_path.is_file():
+        if args.stage == "measure":
+            raise SystemExit(f"{report_path} missing: run --stage prune first")
+        start = time.perf_counter()
+        report = prune_checkpoint(ref, args.method, target_macs=args.target_macs, finetune_epochs=args.finetune_epochs,
+                                  data=data.spec, lr=args.lr, out=pruned_path, log=print)
+        report["wall_s"] = time.perf_counter() - start
+        report_path.write_text(json.dumps(report))
+    report = json.loads(report_path.read_text())
+    if args.stage == "prune":
+        return
+
+    base = load_checkpoint(ref).model
+    pruned = load_checkpoint(pruned_path).model  # reloads from its sidecar widths alone
+    size = (3, 32, 32)
+    speed = {}
+    for name, model in (("unpruned", base), ("pruned", pruned)):
+        speed[name] = benchmark(model, size, [256], ["torch", "onnxruntime"], threads=args.threads,
+                                warmup=2, repeats=args.repeats, log=print)
+
+    # int8 of the unpruned model, calibrated on 512 real train images
+    gen = torch.Generator().manual_seed(0)
+    calib_idx = torch.randperm(len(data.train), generator=gen)[:512]
+    calibration = normalize(data.train.images[calib_idx], MEAN, STD)
+    int8 = quantize_int8(base, work / "resnet56-int8.onnx", size, calibration)
+    test_x = normalize(data.test.images, MEAN, STD)
+    top1_fp32_onnx = onnx_top1(int8["fp32_onnx"], test_x, data.test.labels, threads=args.threads)
+    top1_int8 = onnx_top1(int8["onnx"], test_x, data.test.labels, threads=args.threads)
+    int8_speed = benchmark(base, size, [256], ["onnxruntime-int8"], threads=args.threads, warmup=2,
+                           repeats=args.repeats, calibration=calibration, log=print)
+
+    def ips(result, backend):
+        return next(r["images_per_s"] for r in result["rows"] if r["backend"] == backend)
+
+    eager_fp32 = ips(speed["unpruned"], "torch")
+    top1_before = report["top1_before"]
+    top1_after = report["top1_after"]
+    ft = report["history"][-1].get("finetune", {})
+    lines = [
+        f"ResNet-56 (reference weights, {count_params(base):,} params, {count_macs(base, size) / 1e6:.1f} M MACs) on "
+        f"CIFAR-10-JPEG test (10,000 images); threads={args.threads}; latency = p50 of {args.repeats} calls after warm-up.",
+        "",
+        f"Structured pruning ({args.method}, --target-macs {args.target_macs:g}; option-A pad channels fixed):",
+        "",
+        "| model | params | MACs | top-1 | torch eager b256 | onnxruntime b256 |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| unpruned | {report['params_before']:,} | {report['macs_before'] / 1e6:.1f} M | {top1_before:.2f}% | "
+        f"{eager_fp32:.0f} img/s | {ips(speed['unpruned'], 'onnxruntime'):.0f} img/s |",
+        f"| pruned, no fine-tune | {report['params_after']:,} | {report['macs_after'] / 1e6:.1f} M "
+        f"({100 * report['macs_ratio']:.1f}%) | {report['history'][-1]['top1_pruned']:.2f}% | | |",
+        f"| pruned + {args.finetune_epochs:g} epochs fine-tune | {report['params_after']:,} | "
+        f"{report['macs_after'] / 1e6:.1f} M | {top1_after:.2f}% | {ips(speed['pruned'], 'torch'):.0f} img/s | "
+        f"{ips(speed['pruned'], 'onnxruntime'):.0f} img/s |",
+        "",
+        f"- top-1 change vs unpruned: {top1_after - top1_before:+.2f} points (target: drop <= 1.0)",
+        f"- speed-up at batch 256: torch eager {ips(speed['pruned'], 'torch') / eager_fp32:.2f}x, onnxruntime "
+        f"{ips(speed['pruned'], 'onnxruntime') / ips(speed['unpruned'], 'onnxruntime'):.2f}x (target >= 1.6x)",
+        f"- fine-tuning budget: {args.finetune_epochs:g} epochs ({ft.get('steps', 0)} steps of batch "
+        f"{ft.get('batch_size', 0)}, lr {args.lr:g} cosine) = {ft.get('seconds', 0) / 60:.1f} CPU-minutes on this "
+        f"machine; whole prune stage {report['wall_s'] / 60:.1f} min",
+        "",
+        "int8 (ONNX Runtime static QDQ, per-channel int8 weights, BatchNorm folded, 512 calibration images):",
+        "",
+        "| model | top-1 | images/s at batch 256 |",
+        "|---|---:|---:|",
+        f"| PyTorch eager fp32 | {top1_before:.2f}% | {eager_fp32:.0f} |",
+        f"| ONNX Runtime fp32 (BN folded) | {top1_fp32_onnx:.2f}% | {ips(speed['unpruned'], 'onnxruntime'):.0f} |",
+        f"| ONNX Runtime int8 | {top1_int8:.2f}% | {ips(int8_speed, 'onnxruntime-int8'):.0f} |",
+        "",
+        f"- int8 vs PyTorch eager fp32: {ips(int8_speed, 'onnxruntime-int8') / eager_fp32:.2f}x throughput "
+        f"(target >= 2.5x), top-1 {top1_int8 - top1_before:+.2f} points (target: drop <= 0.5); "
+        f"int8 file {int8['bytes'] / 1e6:.2f} MB vs fp32 {int8['fp32_bytes'] / 1e6:.2f} MB",
+    ]
+    record("Compress and deploy: ResNet-56 on CIFAR-10-JPEG", lines, save=not args.no_record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Pruning: structured pruning on each structure of the zoo (residual, concatenation, depthwise, inverted
+residual, layer scale), keep-ratio 1.0, targets out of reach, global magnitude, pruned checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from convforge.compress import prune
+from convforge.compress.pipeline import prune_checkpoint
+from convforge.errors import ConfigError, ConvforgeError
+from convforge.measure import count_macs
+from convforge.models import create_model
+from convforge.models.convnext import ConvNeXt
+from convforge.models.densenet import DenseNet
+from convforge.models.mobilenet_v2 import MobileNetV2
+from convforge.train import load_checkpoint
+from convforge.train.checkpoint import save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
+
+
+def _randomize_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics so that a wrong channel slice changes the outputs."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+# name -> (builder, input size, structure it exercises)
+ZOO = {
+    "resnet20 (residual, option-A pad)": (lambda: create_model("resnet20", num_classes=10), (3, 16, 16)),
+    "resnet20-B (residual, projection)": (lambda: create_model("resnet20", num_classes=10, shortcut="B"), (3, 16, 16)),
+    "densenet (concatenation)": (lambda: DenseNet(4, (2, 2), 8, num_classes=10, cifar_stem=True), (3, 16, 16)),
+    "mobilenet_v2 (depthwise, inverted residual)": (lambda: MobileNetV2(num_classes=10, width_mult=0.25), (3, 32, 32)),
+    "convnext (depthwise 7x7, LayerNorm, layer scale)": (
+        lambda: ConvNeXt((1, 2), (16, 32), num_classes=10, layer_scale=0.5), (3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_structured_pruning_reaches_macs_target_and_keeps_shapes(name):
+    build, size = ZOO[name]
+    torch.manual_seed(0)
+    model = _randomize_norms(build())
+    x = torch.randn(3, *size)
+    result = prune(model, size, "l1-filter", target_macs=0.5)
+    pruned = result.model.eval()
+    assert pruned(x).shape == model(x).shape == (3, 10)
+    macs = count_macs(pruned, size)
+    assert macs == result.macs_after
+    assert 0.475 <= macs / count_macs(model, size) <= 0.5  # within 5% of the target, never above
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    # physically fewer channels: some convolution got narrower
+    narrower = [n for (n, a), b in zip(model.named_modules(), pruned.modules())
+                if isinstance(a, nn.Conv2d) and b.out_channels < a.out_channels]
+    assert narrower
+    assert model(x).shape == (3, 10)  # the original is untouched
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_keep_ratio_one_leaves_outputs_unchanged(name):
+    build, size = ZOO[name]
+    torch.manual_seed(0)
+    model = _randomize_norms(build())
+    x = torch.randn(2, *size)
+    for kwargs in ({"sparsity": 0.0}, {"target_macs": 1.0}):
+        pruned = prune(model, size, "l1-filter", **kwargs).model.eval()
+        assert torch.equal(pruned(x), model(x))
+
+
+def test_pruned_channels_are_the_removed_ones():
+    """Zeroing the channels pruning removes gives the pruned model's outputs (consistent slicing)."""
+    torch.manual_seed(0)
+    model = _randomize_norms(create_model("resnet20", num_classes=10, shortcut="B"))
+    size = (3, 16, 16)
+    result = prune(model, size, "l1-filter", sparsity=0.0)
+    assert result.macs_after == result.macs_before
+    # the same model, pruned by 30% of channels, still runs and its widths are recorded per layer
+    result = prune(model, size, "l1-filter", sparsity=0.3)
+    changed = [row for row in result.plan if row["out"][0] != row["out"][1]]
+    assert changed and all(row["out"][1] >= math.ceil(0.1 * row["out"][0]) for row in result.plan)
+
+
+@pytest.mark.parametrize("method", ["l2-filter", "bn-scale", "random"])
+def test_other_structured_methods(method):
+    torch.manual_seed(0)
+    model = _randomize_norms(create_model("resnet20", num_classes=10))
+    result = prune(model, (3, 16, 16), method, target_macs=0.6)
+    assert 0.57 <= result.macs_ratio <= 0.6
+    assert result.model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_unreachable_target_names_the_reachable_minimum():
+    model = create_model("resnet20", num_classes=10)
+    with pytest.raises(ConvforgeError, match=r"reachable minimum is --target-macs 0\.\d+"):
+        prune(model, (3, 16, 16), "l1-filter", target_macs=0.01)
+    with pytest.raises(ConfigError, match="does not reduce dense MACs"):
+        prune(model, (3, 16, 16), "global-magnitude", target_macs=0.5)
+    with pytest.raises(ConfigError, match="exactly one"):
+        prune(model, (3, 16, 16), "l1-filter")
+
+
+def test_dry_run_changes_nothing():
+    model = _randomize_norms(create_model("resnet20", num_classes=10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = prune(model, (3, 16, 16), "l1-filter", target_macs=0.5, dry_run=True)
+    assert result.model is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    real = prune(model, (3, 16, 16), "l1-filter", target_macs=0.5)
+    assert result.macs_after == real.macs_after and result.params_after == real.params_after
+    assert {"layer", "in", "out", "macs"} <= set(result.plan[0])
+
+
+def test_global_magnitude_respects_the_per_layer_minimum():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10)
+    with torch.no_grad():  # make one layer tiny in magnitude: global ranking would wipe it out
+        model.layer2[0].conv1.weight.mul_(1e-4)
+    result = prune(model, (3, 16, 16), "global-magnitude", sparsity=0.9, min_share=0.05)
+    pruned = result.model
+    total = zeros = 0
+    for name, m in pruned.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            n, z = m.weight.numel(), int((m.weight == 0).sum())
+            assert n - z >= math.ceil(0.05 * n), name
+            total, zeros = total + n, zeros + z
+    assert abs(zeros / total - 0.9) < 0.002
+    tiny = next(r for r in result.plan if r["layer"] == "layer2.0.conv1")
+    assert tiny["kept"] == math.ceil(0.05 * tiny["weights"])  # held at the minimum, not zeroed
+    assert result.macs_after == result.macs_before and "dense" in result.notes[0]
+    with pytest.raises(ConvforgeError, match=r"reachable maximum is --sparsity 0\.9\d+"):
+        prune(model, (3, 16, 16), "global-magnitude", sparsity=0.99, min_share=0.05)
+
+
+def _checkpoint(tmp_path, model, size=(3, 16, 16)):
+    meta = {"model": {"name": "resnet20", "args": {}, "num_classes": 10, "in_chans": 3},
+            "classes": [f"c{i}" for i in range(10)], "input_size": list(size),
+            "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    return save_checkpoint(tmp_path / "model.safetensors", model, meta)
+
+
+def test_pruned_checkpoint_reloads_with_its_widths(tmp_path):
+    torch.manual_seed(0)
+    model = _randomize_norms(create_model("resnet20", num_classes=10))
+    path = _checkpoint(tmp_path, model)
+    report = prune_checkpoint(path, "l1-filter", target_macs=0.5, steps=2, log=lambda _m: None)
+    assert 0.475 <= report["macs_ratio"] <= 0.5
+    sidecar = json.loads((tmp_path / "model-pruned-l1-filter.json").read_text())
+    assert sidecar["pruned"]["shapes"]["layer1.0.conv1.weight"][0] < 16
+    loaded = load_checkpoint(report["output"])
+    assert count_macs(loaded.model, (3, 16, 16)) == report["macs_after"]
+    # a pruned checkpoint can be pruned again, and exported
+    again = prune_checkpoint(report["output"], "l1-filter", target_macs=0.8, out=tmp_path / "again",
+                             log=lambda _m: None)
+    assert load_checkpoint(again["output"]).model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
+
+
+def test_pruned_checkpoint_outputs_survive_reload(tmp_path):
+    torch.manual_seed(0)
+    model = _randomize_norms(create_model("resnet20", num_classes=10))
+    path = _checkpoint(tmp_path, model)
+    report = prune_checkpoint(path, "bn-scale", sparsity=0.4, log=lambda _m: None)
+    direct = prune(model, (3, 16, 16), "bn-scale", sparsity=0.4).model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(load_checkpoint(report["output"]).model(x), direct(x), atol=1e-6)
+
+
+def test_cli_prune_dry_run_and_bad_target(tmp_path, capsys):
+    from convforge.cli import main
+
+    model = create_model("resnet20", num_classes=10)
+    path = _checkpoint(tmp_path, model)
+    assert main(["prune", str(path), "--method", "l1-filter", "--target-macs", "0.5", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dry_run"] and 0.475 <= report["macs_ratio"] <= 0.5
+    assert not (tmp_path / "model-pruned-l1-filter.safetensors").exists()
+    assert main(["prune", str(path), "--method", "l1-filter", "--target-macs", "0.02"]) == 2
+    assert "reachable minimum" in capsys.readouterr().err
+    assert main(["prune", str(path), "--method", "global-magnitude", "--sparsity", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "per-layer sparsity" in out and "dense kernels" in out
