@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import run_cli
 
 from convforge.compress import prune
 from convforge.data import load, normalize
@@ -17,8 +18,6 @@ from convforge.models import create_model
 from convforge.models.convnext import ConvNeXt
 from convforge.train import load_checkpoint
 from convforge.train.checkpoint import save_checkpoint
-
-from helpers import run_cli
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -182,11 +181,11 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from convforge.export import onnx_top1, quantize_int8
-    from convforge.export.onnx import session, run_session
-    from convforge.measure.bench import time_fn
     from convforge.compress.pipeline import aligned_split
     from convforge.data import normalize
+    from convforge.export import onnx_top1, quantize_int8
+    from convforge.export.onnx import run_session, session
+    from convforge.measure.bench import time_fn
     from convforge.train import load_checkpoint
 
     if not args.calib_data:

@@ -10,7 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convforge.compress.prune import PruneResult, apply_masks, magnitude_masks, prune, sparsity_report
+from convforge.compress.prune import (
+    PruneResult,
+    apply_masks,
+    magnitude_masks,
+    prune,
+    sparsity_report,
+)
 from convforge.compress.widths import changed_shapes
 from convforge.errors import ConfigError
 from convforge.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

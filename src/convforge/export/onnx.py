@@ -172,7 +172,12 @@ def quantize_int8(
 
     Writes ``path`` (int8 .onnx) and ``path.json``; returns a report (the fp32 export is kept next to
     it as ``*-fp32.onnx`` for comparison)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if calibration is None or len(calibration) == 0:
         raise ConfigError("int8 quantization needs calibration images: pass --calib-data SPEC (real images of the "
@@ -209,7 +214,7 @@ def quantize_int8(
         atomic_write(path, write)
     report = {"onnx": str(path), "fp32_onnx": str(fp32_path), "format": "QDQ", "weights": "int8 per-channel"
               if per_channel else "int8 per-tensor", "activations": "uint8 per-tensor (MinMax calibration)",
-              "batchnorm_folded": True, "calibration_images": int(len(data)), "fp32_parity": fp32["max_abs_diff"],
+              "batchnorm_folded": True, "calibration_images": len(data), "fp32_parity": fp32["max_abs_diff"],
               "bytes": path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size}
     atomic_write_json(path.with_suffix(".json"), {**(meta or {}), "onnx": report})
     return report

@@ -105,7 +105,8 @@ def benchmark(
         for backend in backends:
             runner = _runner(backend, model, input_size, max(batch_sizes), threads, calibration, Path(tmp), result)
             for b in batch_sizes:
-                times = time_fn(lambda: runner(inputs[b]), warmup=warmup, repeats=repeats, min_seconds=min_seconds)
+                times = time_fn(lambda run=runner, x=inputs[b]: run(x), warmup=warmup, repeats=repeats,
+                                min_seconds=min_seconds)
                 row = _row(backend, b, times)
                 say(f"{backend:>17} batch {b:>4}: p50 {row['p50_ms']:.2f} ms  p90 {row['p90_ms']:.2f} ms  "
                     f"{row['images_per_s']:.0f} img/s")
