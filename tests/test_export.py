@@ -85,3 +85,17 @@ def test_quantize_needs_calibration_data(digits_run, tmp_path):
         quantize_int8(nn.Conv2d(1, 1, 1), tmp_path / "x.onnx", (1, 8, 8), torch.zeros(0, 1, 8, 8))
     done = run_cli("quantize", digits_run["run_dir"], cwd=tmp_path)
     assert done.returncode == 2 and "--calib-data" in done.stderr
+
+
+def test_cli_quantize_reports_fp32_and_int8(digits_run, tmp_path, capsys):
+    from convforge.cli import main
+
+    out = tmp_path / "digits-int8.onnx"
+    code = main(["quantize", str(digits_run["run_dir"]), "--calib-data", "digits", "--calib-samples", "128",
+                 "--threads", "1", "--out", str(out), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert report["calibration_images"] == 128 and report["eval"]["images"] == 360
+    assert abs(report["top1_int8"] - report["top1_fp32"]) <= 1.0
+    assert set(report["images_per_s_batch256"]) == {"torch eager fp32", "onnxruntime fp32", "onnxruntime int8"}
