@@ -200,7 +200,7 @@ def test_resolved_defaults():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("epochs", 0, "epochs must be >= 1"),
+    ("epochs", 0, "epochs must be in 1.."),
     ("batch_size", 0, "batch_size"),
     ("optimizer", "rmsprop", "optimizer must be one of sgd, adamw"),
     ("schedule", "step", "schedule must be one of"),
