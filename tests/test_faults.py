@@ -235,7 +235,7 @@ def test_disk_full_on_a_real_small_tmpfs(small_tmpfs):
 
 
 class _NanOnCalls:
-    """Stands in for torch.nn.functional inside the engine: cross_entropy returns NaN on chosen calls."""
+    """Stands in for torch.nn.functional in the training loss: cross_entropy returns NaN on chosen calls."""
 
     def __init__(self, nan_calls: set[int]) -> None:
         self.nan_calls = nan_calls
@@ -248,7 +248,7 @@ class _NanOnCalls:
 
 
 def test_nan_policy_skip_batch_skips_and_counts(tmp_path, monkeypatch):
-    engine = importlib.import_module("convforge.train.engine")
+    engine = importlib.import_module("convforge.train.mixing")
 
     monkeypatch.setattr(engine, "F", _NanOnCalls({3, 4, 11}))
     config = TrainConfig(data=TINY_SYNTH, epochs=2, batch_size=8, threads=1, out=str(tmp_path / "run"),
@@ -262,7 +262,7 @@ def test_nan_policy_skip_batch_skips_and_counts(tmp_path, monkeypatch):
 
 
 def test_nan_policy_skip_batch_gives_up_after_many_in_a_row(tmp_path, monkeypatch):
-    engine = importlib.import_module("convforge.train.engine")
+    engine = importlib.import_module("convforge.train.mixing")
 
     monkeypatch.setattr(engine, "F", _NanOnCalls(set(range(40, 200))))
     config = TrainConfig(data="synthetic:classes=3,size=8,train=256,test=32", epochs=2, batch_size=8, threads=1,

@@ -20,12 +20,26 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--lr", "lr", float, "peak learning rate (default: 0.1*batch/128 for sgd, 2e-3*batch/128 for adamw)"),
     ("--optimizer", "optimizer", str, "sgd (Nesterov momentum) or adamw (default: sgd)"),
     ("--momentum", "momentum", float, "SGD momentum (default: 0.9)"),
-    ("--schedule", "schedule", str, "onecycle, cosine or constant (default: onecycle)"),
+    ("--schedule", "schedule", str, "onecycle, cosine, constant or step (/10 at 50%% and 75%%) (default: onecycle)"),
     ("--warmup-epochs", "warmup_epochs", float, "linear warm-up length (default: 15%% of epochs, at most 2)"),
     ("--label-smoothing", "label_smoothing", float, "label smoothing (default: 0)"),
     ("--weight-decay", "weight_decay", float, "weight decay, not applied to norm and bias parameters (default: 5e-4 sgd, 0.05 adamw)"),
     ("--grad-clip", "grad_clip", float, "clip the gradient norm to this value (default: off)"),
     ("--nan-policy", "nan_policy", str, "on a NaN/inf loss or gradient: stop (default) or skip-batch"),
+    ("--mixup", "mixup_alpha", float, "mixup with Beta(a, a) mixing weights (default: 0, off)"),
+    ("--cutmix", "cutmix_alpha", float, "CutMix with Beta(a, a) box areas (default: 0, off; with --mixup: one of the two per batch)"),
+    ("--random-erasing", "random_erasing", float, "probability of erasing a random rectangle per image (default: 0)"),
+    ("--drop-path", "drop_path", float, "stochastic depth rate of the last block, linear in depth (models with drop_path_rate)"),
+    ("--teacher", "teachers", "append", "distil from this convforge checkpoint (repeatable: soft targets averaged)"),
+    ("--teacher-model", "teacher_model", str, "distil from a foreign weight file: the teacher's model name"),
+    ("--teacher-weights", "teacher_weights", str, "distil from a foreign weight file: the file (.pth/.th, weights_only)"),
+    ("--teacher-mean", "teacher_mean", "floats", "normalisation mean of the foreign teacher (default: the data's)"),
+    ("--teacher-std", "teacher_std", "floats", "normalisation std of the foreign teacher (default: the data's)"),
+    ("--kd-alpha", "kd_alpha", float, "weight of the distillation loss (default: 0.5)"),
+    ("--kd-temperature", "kd_temperature", float, "distillation temperature (default: 4)"),
+    ("--kd-consistent", "kd_consistent", "flag", "teacher sees the student's augmented view (default: the clean image)"),
+    ("--eval-tta", "eval_tta", "flag", "evaluate with flip test-time augmentation"),
+    ("--recipe", "recipe", str, "start from a named recipe (`convforge recipes`); other options override it"),
     ("--ema", "ema", "flag", "evaluate and save an exponential moving average of the weights"),
     ("--ema-decay", "ema_decay", float, "EMA decay (default: 0.999)"),
     ("--augment", "augment", str, "none, flip, crop or crop-flip (default: per dataset, printed at start)"),
@@ -67,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     for option, field, kind, help_text in TRAIN_OPTIONS:
         if kind == "flag":
             train.add_argument(option, dest=field, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif kind == "append":
+            train.add_argument(option, dest=field, action="append", default=argparse.SUPPRESS, help=help_text)
+        elif kind == "floats":
+            train.add_argument(option, dest=field, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
             train.add_argument(option, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
     train.add_argument("--nproc-per-node", type=int, metavar="N",
@@ -108,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("pattern", nargs="?", help="wildcard (resnet*) or substring filter")
     _add_json(mo)
 
+    re_ = sub.add_parser("recipes", help="list the named training recipes (--recipe NAME) with their sources",
+                         description="List the training recipes shipped with convforge; `convforge recipes NAME` "
+                                     "shows one recipe's options.")
+    re_.add_argument("name", nargs="?", help="show this recipe's options")
+    _add_json(re_)
+
     from convforge.deploy_cli import add_parsers
 
     add_parsers(sub, _add_json)  # bench, export, quantize, prune
@@ -125,7 +149,9 @@ def _train_config(args: argparse.Namespace):
     if hasattr(args, "model_args"):
         explicit["model_args"] = {**values.get("model_args", {}), **_parse_model_args(args.model_args)}
     values.update(coerce_fields(explicit, "command line"))
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    config.explicit_fields = set(values)  # type: ignore[attr-defined]  (a recipe fills only the others)
+    return config
 
 
 def _parse_model_args(items: Sequence[str]) -> dict[str, Any]:
@@ -337,7 +363,27 @@ def _print_eval(result: dict[str, Any]) -> None:
         console.print(matrix)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+def cmd_recipes(args: argparse.Namespace) -> dict[str, Any]:
+    from convforge.recipes import list_recipes, recipe
+
+    chosen = [recipe(args.name)] if args.name else list_recipes()
+    if not args.json:
+        from rich.console import Console
+
+        console = Console(soft_wrap=True)
+        for item in chosen:
+            console.print(f"[bold]{item['name']}[/bold]: {item['description']}", highlight=False)
+            console.print(f"  source: {item['source']}", highlight=False, markup=False)
+            if item["notes"]:
+                console.print(f"  notes: {item['notes']}", highlight=False, markup=False)
+            if args.name:
+                for key, value in item["options"].items():
+                    console.print(f"  {key}: {value}", highlight=False, markup=False)
+    return {"recipes": chosen}
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+            "recipes": cmd_recipes}
 
 
 def _deploy_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -347,6 +393,7 @@ def _deploy_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS.update({name: _deploy_command for name in ("bench", "export", "quantize", "prune")})
+
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

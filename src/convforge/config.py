@@ -14,7 +14,7 @@ import yaml
 from convforge.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "cosine", "constant", "step")
 NAN_POLICIES = ("stop", "skip-batch")
 
 
@@ -35,6 +35,20 @@ class TrainConfig:
     schedule: str = "onecycle"
     warmup_epochs: float | None = None
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    random_erasing: float = 0.0
+    drop_path: float | None = None
+    teachers: list[str] = field(default_factory=list)
+    teacher_model: str | None = None
+    teacher_weights: str | None = None
+    teacher_mean: list[float] | None = None
+    teacher_std: list[float] | None = None
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    kd_consistent: bool = False
+    eval_tta: bool = False
+    recipe: str | None = None
     grad_clip: float | None = None
     nan_policy: str = "stop"
     ema: bool = False
@@ -100,6 +114,16 @@ class TrainConfig:
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (self.mixup_alpha >= 0, f"mixup_alpha must be >= 0 (0: off), got {self.mixup_alpha}"),
+            (self.cutmix_alpha >= 0, f"cutmix_alpha must be >= 0 (0: off), got {self.cutmix_alpha}"),
+            (0 <= self.random_erasing <= 1, f"random_erasing must be a probability in [0, 1], got {self.random_erasing}"),
+            (self.drop_path is None or 0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}"),
+            (0 <= self.kd_alpha <= 1, f"kd_alpha must be in [0, 1], got {self.kd_alpha}"),
+            (self.kd_temperature > 0, f"kd_temperature must be > 0, got {self.kd_temperature}"),
+            ((self.teacher_model is None) == (self.teacher_weights is None),
+             "give --teacher-model and --teacher-weights together (a foreign teacher needs both)"),
+            ((self.teacher_mean is None) == (self.teacher_std is None),
+             "give --teacher-mean and --teacher-std together"),
         ]
         for ok, message in checks:
             if not ok:
@@ -203,6 +227,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if "None" in text:
             return None
         raise ConfigError(f"{where} may not be empty")
+    if "list[" in text:
+        item_hint = "float" if "list[float]" in text else "str"
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or len(value) > 64:
+            raise ConfigError(f"{where} must be a list (at most 64 items), got {_short(value)}")
+        return [_coerce(item, item_hint, f"{where} item {i + 1}") for i, item in enumerate(value)]
     if "dict" in text:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {_short(value)}")

@@ -95,6 +95,7 @@ class BatchLoader:
         self.drop_last, self.seed, self.channels_last = drop_last, seed, channels_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.last_indices = torch.empty(0, dtype=torch.long)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -110,8 +111,15 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iter_from(0)
 
+    def clean_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """The un-augmented, normalised images at ``indices`` (e.g. a teacher's view)."""
+        x = normalize(self.images[indices.to(self.images.device)], self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from ``start_batch`` on (earlier ones are skipped, not computed)."""
+        """The epoch's batches from ``start_batch`` on (earlier ones are skipped, not computed).
+
+        ``last_indices`` holds the sample indices of the batch last yielded."""
         n = self.images.shape[0]
         h, w = self.images.shape[2:]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_777_777)
@@ -119,6 +127,7 @@ class BatchLoader:
         offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen)
         flips = torch.rand(n, generator=gen) < 0.5
         for idx in self._batches()[start_batch:]:
+            self.last_indices = idx
             x = self.images[idx.to(self.images.device)] if self.device.type != "cpu" else self.images[idx]
             y = self.labels[idx.to(self.labels.device)]
             if self.augment in ("crop", "crop-flip") and self.crop_padding > 0 and min(h, w) > 1:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convforge.layers.drop_path import DropPath, linear_drop_path_rates
 from convforge.models.base import Classifier
 from convforge.models.registry import register_model
 
@@ -29,8 +30,9 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str, drop_path_rate: float = 0.0) -> None:
         super().__init__()
+        self.drop_path = DropPath(drop_path_rate)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
@@ -47,19 +49,21 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.drop_path(out) + self.shortcut(x))
 
 
 class CifarResNet(Classifier):
     """ResNet-(6n+2) for 32x32 inputs: 3x3 stem, three stages of n blocks (16, 32, 64 channels)."""
 
-    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A") -> None:
+    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A",
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' (zero-padding) or 'B' (projection), got {shortcut!r}")
         blocks = (depth - 2) // 6
+        rates = iter(linear_drop_path_rates(drop_path_rate, 3 * blocks))
         self.depth = depth
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -68,7 +72,7 @@ class CifarResNet(Classifier):
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             layers = []
             for i in range(blocks):
-                layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut))
+                layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut, next(rates)))
                 in_planes = planes
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
@@ -98,8 +102,9 @@ def _register(depth: int, published_params: float) -> None:
         published_params=round(published_params * 1e6),
         description=f"CIFAR ResNet-{depth} (He et al. 2016, option-A shortcuts)",
     )
-    def build(num_classes: int = 10, in_chans: int = 3, shortcut: str = "A") -> CifarResNet:
-        return CifarResNet(depth, num_classes=num_classes, in_chans=in_chans, shortcut=shortcut)
+    def build(num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", drop_path_rate: float = 0.0) -> CifarResNet:
+        return CifarResNet(depth, num_classes=num_classes, in_chans=in_chans, shortcut=shortcut,
+                           drop_path_rate=drop_path_rate)
 
 
 # Table 6 of the paper: parameter counts of the CIFAR-10 ResNets.

@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from convforge.config import TrainConfig, dump_yaml, load_yaml
 from convforge.data import BatchLoader, Dataset, load
@@ -21,7 +20,9 @@ from convforge.faults import fault_point
 from convforge.measure import count_macs, count_params
 from convforge.models import create_model
 from convforge.progress import EpochBar, echo
+from convforge.recipes import apply_recipe
 from convforge.train.checkpoint import load_train_state, save_checkpoint, save_train_state
+from convforge.train.distill import distillation_loss, load_teachers
 from convforge.train.distributed import (
     all_ranks_agree,
     all_reduce_sum,
@@ -33,6 +34,7 @@ from convforge.train.distributed import (
 )
 from convforge.train.ema import ModelEma
 from convforge.train.evaluate import evaluate
+from convforge.train.mixing import MixedTargets, batch_rng, mix_batch, random_erase
 from convforge.train.optim import build_optimizer, lr_at
 from convforge.train.rundir import ProcessRole, RunDir, default_run_dir
 
@@ -73,6 +75,7 @@ def config_for_resume(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
             setattr(saved, f.name, value)
             overrides.append(f"{f.name}={value}")
     saved.resume, saved.out = str(run_dir), str(run_dir)
+    saved.explicit_fields = {f.name for f in dataclasses.fields(TrainConfig)}  # type: ignore[attr-defined]
     return saved, overrides
 
 
@@ -133,6 +136,7 @@ def _train(
     overrides: list[str] = []
     if config.resume:
         config, overrides = config_for_resume(config)
+    config = apply_recipe(config)
     config.validate()
     role = role or ProcessRole.from_env()
     say = (lambda message: None) if quiet or not role.is_main else echo
@@ -162,7 +166,20 @@ def _train(
     if not cfg.resume and run.file("resume.safetensors").exists():
         raise ConfigError(f"{run.path} already holds a run; resume it with --resume {run.path} or choose another --out")
 
-    model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **cfg.model_args)
+    model_args = dict(cfg.model_args)
+    if cfg.drop_path is not None:
+        model_args["drop_path_rate"] = cfg.drop_path
+    try:
+        model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **model_args)
+    except ConfigError as exc:
+        if cfg.drop_path is not None and "drop_path_rate" in str(exc):
+            raise ConfigError(f"--drop-path: model {cfg.model!r} has no stochastic depth (no drop_path_rate "
+                              "argument); leave --drop-path out") from None
+        raise
+    teachers = load_teachers(cfg, data.num_classes, data.channels, data.mean, data.std, device)
+    student_mean = torch.tensor(list(data.mean), device=device).view(1, -1, 1, 1)
+    student_std = torch.tensor(list(data.std), device=device).view(1, -1, 1, 1)
+    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.random_erasing > 0
     params = count_params(model)
     macs = count_macs(model, (data.channels, *data.image_size))
     model.to(device)
@@ -253,9 +270,22 @@ def _train(
                     lr = lr_at(global_step, total_steps, warmup_steps, cfg.lr, cfg.schedule)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
+                    clean = x
+                    targets = MixedTargets(y, y, 1.0)
+                    if mixing:
+                        rng = batch_rng(cfg.seed, epoch, batch_index, role.rank)
+                        x, targets = mix_batch(x, y, cfg.mixup_alpha, cfg.cutmix_alpha, rng)
+                        x = random_erase(x, cfg.random_erasing, rng)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         logits = forward(x)
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                        loss = targets.loss(logits.float(), cfg.label_smoothing)
+                        if teachers:
+                            view = x if cfg.kd_consistent else (
+                                train_loader.clean_batch(train_loader.last_indices) if cfg.augment != "none" else clean)
+                            soft = sum(t.probabilities(view, student_mean, student_std, cfg.kd_temperature)
+                                       for t in teachers) / len(teachers)
+                            loss = ((1 - cfg.kd_alpha) * loss
+                                    + cfg.kd_alpha * distillation_loss(logits, soft, cfg.kd_temperature))
                     if (cfg.nan_policy == "stop" and global_step % check_every == 0
                             and not all_ranks_agree(bool(torch.isfinite(loss)), device)):
                         raise NonFiniteLossError(_nonfinite_message(float(loss.detach()), epoch, batch_index, lr, run))
@@ -317,6 +347,7 @@ def _train(
                 for split_name in ("val", "test") if data.val is not None else ("test",):
                     result = evaluate(eval_model, data.split(split_name), data.mean, data.std,
                                       batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp,
+                                      tta=cfg.eval_tta,
                                       channels_last=cfg.channels_last, num_classes=data.num_classes, details=False,
                                       rank=role.rank, world_size=role.world_size)
                     record.update({f"{split_name}_loss": result["loss"], f"{split_name}_top1": result["top1"],
@@ -325,7 +356,7 @@ def _train(
             record["elapsed_s"] = time.perf_counter() - started
             run.append_record(record)
             metrics = {k: v for k, v in record.items() if k.endswith(("top1", "top5", "loss"))}
-            meta = checkpoint_meta(cfg, data, cfg.model_args, metrics, epoch + 1)
+            meta = checkpoint_meta(cfg, data, model_args, metrics, epoch + 1)
             if role.is_main:
                 save_checkpoint(run.file("last.safetensors"), eval_model, meta)
                 if f"{select_on}_top1" in record and record[f"{select_on}_top1"] > best["top1"]:

@@ -31,7 +31,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
 
     - ``onecycle``: linear warm-up from peak/25 to peak, then cosine annealing to peak/1e4;
     - ``cosine``: linear warm-up from 0 to peak, then cosine annealing to 0;
-    - ``constant``: linear warm-up, then ``peak``.
+    - ``constant``: linear warm-up, then ``peak``;
+    - ``step``: linear warm-up, then ``peak`` divided by 10 at 50% and again at 75% of the steps
+      (He et al. 2016's CIFAR schedule: 32k and 48k of 64k iterations).
     """
     total_steps = max(total_steps, 1)
     if schedule == "onecycle":
@@ -42,5 +44,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
         return start + (peak - start) * (step + 1) / warmup_steps
     if schedule == "constant":
         return peak
+    if schedule == "step":
+        return peak * (0.1 ** sum(step >= fraction * total_steps for fraction in (0.5, 0.75)))
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
