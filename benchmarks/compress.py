@@ -14,7 +14,7 @@ CIFAR-10 by akamaster/pytorch_resnet_cifar10), evaluated on the JPEG re-encoded 
 Stages write to --work (default /tmp/convforge-compress-bench) and are reused on a second run, so the
 benchmark can be split into invocations of under 30 minutes:
 
-    python benchmarks/compress.py [--finetune-epochs 3] [--threads 2] [--no-record]
+    python benchmarks/compress.py [--finetune-epochs 2] [--threads 2] [--no-record]
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="l1-filter")
     parser.add_argument("--target-macs", type=float, default=0.5)
-    parser.add_argument("--finetune-epochs", type=float, default=3)
+    parser.add_argument("--finetune-epochs", type=float, default=2)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--fp32-finetune", action="store_true", help="fine-tune in fp32 (default: bf16 autocast)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--work", default="/tmp/convforge-compress-bench")
@@ -80,7 +81,8 @@ def main() -> None:
             raise SystemExit(f"{report_path} missing: run --stage prune first")
         start = time.perf_counter()
         report = prune_checkpoint(ref, args.method, target_macs=args.target_macs, finetune_epochs=args.finetune_epochs,
-                                  data=data.spec, lr=args.lr, out=pruned_path, log=print)
+                                  data=data.spec, lr=args.lr, out=pruned_path, amp=not args.fp32_finetune,
+                                  channels_last=True, log=lambda m: print(m, flush=True))
         report["wall_s"] = time.perf_counter() - start
         report_path.write_text(json.dumps(report))
     report = json.loads(report_path.read_text())
@@ -133,7 +135,8 @@ def main() -> None:
         f"- speed-up at batch 256: torch eager {ips(speed['pruned'], 'torch') / eager_fp32:.2f}x, onnxruntime "
         f"{ips(speed['pruned'], 'onnxruntime') / ips(speed['unpruned'], 'onnxruntime'):.2f}x (target >= 1.6x)",
         f"- fine-tuning budget: {args.finetune_epochs:g} epochs ({ft.get('steps', 0)} steps of batch "
-        f"{ft.get('batch_size', 0)}, lr {args.lr:g} cosine) = {ft.get('seconds', 0) / 60:.1f} CPU-minutes on this "
+        f"{ft.get('batch_size', 0)}, lr {args.lr:g} cosine, {'bf16 autocast' if ft.get('amp') else 'fp32'}, "
+        f"channels_last) = {ft.get('seconds', 0) / 60:.1f} minutes wall time on this "
         f"machine; whole prune stage {report['wall_s'] / 60:.1f} min",
         "",
         "int8 (ONNX Runtime static QDQ, per-channel int8 weights, BatchNorm folded, 512 calibration images):",

@@ -69,6 +69,8 @@ def add_parsers(sub: Any, add_json) -> None:
     pr.add_argument("--steps", type=int, default=1, help="prune then fine-tune in K steps (default: 1)")
     pr.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate, cosine schedule (default: 0.01)")
     pr.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default: 128)")
+    pr.add_argument("--amp", action="store_true", help="fine-tune with bfloat16 autocast")
+    pr.add_argument("--channels-last", action="store_true", help="fine-tune in channels_last memory format")
     pr.add_argument("--out", help="output checkpoint (default: CKPT-pruned-METHOD.safetensors next to CKPT)")
     pr.add_argument("--dry-run", action="store_true", help="print the per-layer plan (old/new widths, MACs); change nothing")
     pr.add_argument("--seed", type=int, default=0, help="seed (random method, fine-tuning order)")
@@ -244,7 +246,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     report = prune_checkpoint(
         args.checkpoint, args.method, target_macs=args.target_macs, sparsity=args.sparsity, min_share=args.min_share,
         finetune_epochs=args.finetune_epochs, data=args.data, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        out=args.out, dry_run=args.dry_run, seed=args.seed)
+        out=args.out, dry_run=args.dry_run, seed=args.seed, amp=args.amp, channels_last=args.channels_last)
     if not args.json:
         _print_prune(report)
     return report
