@@ -1,4 +1,4 @@
-"""The ``convforge`` command line: train, eval, predict, models; bench, export, quantize, prune (deploy_cli)."""
+"""The ``convforge`` command line: train, eval, predict, models; bench, export, quantize, prune (deploy_cli); filters (inspect)."""
 
 from __future__ import annotations
 
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     from convforge.deploy_cli import add_parsers
 
     add_parsers(sub, _add_json)  # bench, export, quantize, prune
+
+    from convforge.inspect.command import add_parser as add_filters_parser
+
+    add_filters_parser(sub, _add_json)  # filters
     return parser
 
 
@@ -394,6 +398,14 @@ def _deploy_command(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS.update({name: _deploy_command for name in ("bench", "export", "quantize", "prune")})
 
+
+def cmd_filters(args: argparse.Namespace) -> dict[str, Any]:
+    from convforge.inspect.command import run
+
+    return run(args)
+
+
+COMMANDS["filters"] = cmd_filters
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
