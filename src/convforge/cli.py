@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub, _add_json)  # bench, export, quantize, prune
 
+    from convforge.report.command import add_parser as add_report_parser
+
+    add_report_parser(sub, _add_json)  # report
+
     from convforge.inspect.command import add_parser as add_filters_parser
 
     add_filters_parser(sub, _add_json)  # filters
@@ -397,6 +401,15 @@ def _deploy_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS.update({name: _deploy_command for name in ("bench", "export", "quantize", "prune")})
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from convforge.report.command import run
+
+    return run(args)
+
+
+COMMANDS["report"] = cmd_report
 
 
 def cmd_filters(args: argparse.Namespace) -> dict[str, Any]:

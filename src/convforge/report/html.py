@@ -1,0 +1,457 @@
+"""The report page: one self-contained HTML file (inline CSS, images as data: URIs, no script, no network)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from convforge.report import plots
+from convforge.report.collect import RunData
+
+CSS = """
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1d2330;background:#f5f6f8}
+main{max-width:1120px;margin:0 auto;padding:16px 20px 48px}
+header{border-bottom:1px solid #d8dbe2;margin-bottom:8px}
+h1{font-size:1.55em;margin:.4em 0 .2em}
+h2{font-size:1.25em;margin:1.6em 0 .5em;padding-top:.4em;border-top:1px solid #d8dbe2}
+h3{font-size:1.05em;margin:1.2em 0 .4em}
+.sub{color:#5a6272;font-size:.92em;margin:.2em 0 .8em}
+section.run>h2{border-top:3px solid #3b6fd4}
+nav{font-size:.92em;margin:.6em 0}
+nav a{margin-right:.9em;white-space:nowrap}
+a{color:#2b5cc0}
+.card{background:#fff;border:1px solid #e1e4ea;border-radius:6px;padding:12px 14px;margin:10px 0}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px}
+.facts{display:grid;grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:8px}
+.fact{background:#fff;border:1px solid #e1e4ea;border-radius:6px;padding:8px 10px}
+.fact b{display:block;font-size:1.2em}
+.fact span{color:#5a6272;font-size:.85em}
+img{max-width:100%;height:auto;display:block}
+figure{margin:8px 0}
+figcaption{color:#5a6272;font-size:.88em;margin-top:4px}
+.table-wrap{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;font-size:.9em;margin:6px 0;background:#fff}
+th,td{border:1px solid #e1e4ea;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:break-word}
+th{background:#eef1f6;font-weight:600}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.best td{background:#fdf1f1;font-weight:600}
+.bar{display:inline-block;height:.7em;background:#3b6fd4;border-radius:2px;vertical-align:middle;margin-right:6px}
+.wrong{display:grid;grid-template-columns:repeat(auto-fill,minmax(112px,1fr));gap:10px}
+.wrong figure{margin:0;background:#fff;border:1px solid #e1e4ea;border-radius:6px;padding:6px}
+.wrong img{image-rendering:pixelated;width:96px;max-width:100%;margin:0 auto}
+.wrong figcaption{font-size:.8em;line-height:1.3;overflow-wrap:anywhere}
+.bad{color:#c0392b;font-weight:600}
+.ok{color:#1e7d3a}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:6px 0;font-size:.9em;overflow-wrap:anywhere}
+pre{background:#fff;border:1px solid #e1e4ea;padding:8px 10px;white-space:pre-wrap;overflow-wrap:anywhere;font-size:.85em}
+details>summary{cursor:pointer;color:#2b5cc0;margin:6px 0}
+.pics{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px;align-items:start}
+.pics figure{margin:0;background:#fff;border:1px solid #e1e4ea;border-radius:6px;padding:6px}
+.pics figure.wide{grid-column:1/-1}
+.pics img{max-height:560px;width:auto;max-width:100%;margin:0 auto}
+footer{color:#5a6272;font-size:.85em;margin-top:2.5em;border-top:1px solid #d8dbe2;padding-top:.6em}
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def img(data: bytes | None, alt: str, caption: str | None = None) -> str:
+    if not data:
+        return ""
+    tag = f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{esc(alt)}">'
+    if caption:
+        return f"<figure>{tag}<figcaption>{esc(caption)}</figcaption></figure>"
+    return f"<figure>{tag}</figure>"
+
+
+def fmt(value: Any, kind: str = "") -> str:
+    """Numbers for people: ``pct`` (88.25%), ``count`` (1,234), ``mega`` (1.23 M), ``ms``, ``bytes``."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if kind == "pct":
+        return f"{value:.2f}%"
+    if kind == "count":
+        return f"{int(value):,}"
+    if kind == "mega":
+        return f"{value / 1e6:.3g} M" if abs(value) < 1e9 else f"{value / 1e9:.3g} G"
+    if kind == "ms":
+        return f"{value:.3g} ms"
+    if kind == "bytes":
+        for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if abs(value) >= size:
+                return f"{value / size:.2f} {unit}"
+        return f"{int(value)} B"
+    if kind == "speed":
+        return f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10000 else str(value)
+    return f"{value:.4g}"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = (),
+          row_classes: Sequence[str] | None = None) -> str:
+    """An HTML table; cells are escaped unless given as ``("html", markup)``."""
+    numeric = set(numeric)
+    head = "".join(f'<th class="num">{esc(h)}</th>' if i in numeric else f"<th>{esc(h)}</th>"
+                   for i, h in enumerate(headers))
+    thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""
+    body = []
+    for r, row in enumerate(rows):
+        cells = []
+        for i, cell in enumerate(row):
+            text = cell[1] if isinstance(cell, tuple) and len(cell) == 2 and cell[0] == "html" else breakable(cell)
+            cells.append(f'<td class="num">{text}</td>' if i in numeric else f"<td>{text}</td>")
+        cls = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
+        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    return f'<div class="table-wrap"><table>{thead}<tbody>{"".join(body)}</tbody></table></div>'
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk ((0, 0) if it is not one)."""
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return 0, 0
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def breakable(value: Any) -> str:
+    """Escaped text with line-break opportunities after , / : = (long data specs and paths wrap)."""
+    text = esc(value)
+    for char in (",", "/", ":", "="):
+        text = text.replace(char, char + "<wbr>")
+    return text
+
+
+def notes(items: Iterable[str]) -> str:
+    return "".join(f'<div class="note">{esc(n)}</div>' for n in items)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower() or "run"
+
+
+# ---------------------------------------------------------------- sections of one run
+
+
+def facts(run: RunData) -> str:
+    items = [
+        (fmt(run.value("test_top1"), "pct"), "test top-1"),
+        (fmt(run.value("test_top5"), "pct"), "test top-5"),
+        (f"{fmt(run.summary.get('best_top1'), 'pct')} (epoch {run.summary.get('best_epoch', '-')})"
+         if run.summary.get("best_top1") is not None else "-", f"best ({run.summary.get('best_selected_on', 'test')})"),
+        (fmt(run.value("params"), "mega"), "parameters"),
+        (fmt(run.value("macs"), "mega"), "MACs per image"),
+        (f"{fmt(run.value('images_per_s'), 'speed')} img/s" if run.value("images_per_s") else "-", "training speed"),
+        (f"{run.summary['wall_time_s']:.1f} s" if isinstance(run.summary.get("wall_time_s"), (int, float)) else "-",
+         "wall time"),
+        (esc(run.summary.get("status", "unfinished")), "status"),
+    ]
+    return '<div class="facts">' + "".join(f'<div class="fact"><b>{esc(v)}</b><span>{esc(k)}</span></div>'
+                                          for v, k in items) + "</div>"
+
+
+def environment(run: RunData) -> str:
+    meta = run.meta or {}
+    rows = [("model", run.model_name), ("model arguments", (meta.get("model") or {}).get("args") or
+                                         (run.config or {}).get("model_args")),
+            ("data", run.data_spec),
+            ("images", ", ".join(f"{k} {v}" for k, v in (meta.get("data") or {}).items() if k != "spec") or None),
+            ("input", "x".join(map(str, meta["input_size"])) if isinstance(meta.get("input_size"), list) else None),
+            ("classes", len(meta["classes"]) if isinstance(meta.get("classes"), list) else None),
+            ("device", run.summary.get("device") or (run.config or {}).get("device")),
+            ("threads", run.summary.get("threads")), ("torch", run.summary.get("torch")),
+            ("python", run.summary.get("python")), ("convforge", meta.get("convforge_version")),
+            ("checkpoint", f"{run.checkpoint.name} (epoch {meta.get('epoch', '?')}, {meta.get('weights', 'trained')} "
+                           f"weights, saved {meta.get('created', '?')})" if run.checkpoint else None),
+            ("run directory", str(run.path))]
+    env = table(("", ""), [(k, "-" if v in (None, "", {}) else v) for k, v in rows])
+    config = ""
+    if run.config:
+        config = ("<details><summary>training configuration (config.yaml)</summary>"
+                  + table(("option", "value"), [(k, "-" if v is None else v) for k, v in run.config.items()])
+                  + "</details>")
+    return f'<div class="grid"><div>{env}</div></div>{config}'
+
+
+def curves_section(run: RunData) -> str:
+    picture = plots.learning_curves([(run.label, run.records)])
+    if picture is None:
+        return ""
+    rows = [(r.get("epoch"), fmt(r.get("train_loss")), fmt(r.get("train_top1"), "pct"),
+             fmt(r.get("val_top1"), "pct") if "val_top1" in r else "-", fmt(r.get("test_loss")),
+             fmt(r.get("test_top1"), "pct"), fmt(r.get("lr")), fmt(r.get("images_per_s"), "speed"))
+            for r in run.records]
+    epochs = ("<details><summary>per-epoch metrics (metrics.jsonl)</summary>"
+              + table(("epoch", "train loss", "train top-1", "val top-1", "test loss", "test top-1", "lr", "img/s"),
+                      rows, numeric=range(8)) + "</details>")
+    return "<h3>Learning curves</h3>" + img(picture, f"learning curves of {run.label}") + epochs
+
+
+def evaluation_section(run: RunData) -> str:
+    ev = run.evaluation
+    if not ev:
+        return ""
+    classes = ev["classes"]
+    out = [f"<h3>Test set: confusion matrix and per-class accuracy</h3>"
+           f'<p class="sub">{esc(run.checkpoint.name if run.checkpoint else "")} evaluated on the {esc(ev["split"])} '
+           f'split of {esc(ev["data"])}: {ev["images"]:,} images, top-1 {ev["top1"]:.2f}%.</p>', notes(ev["notes"])]
+    confusion = ev["confusion"]
+    per_class_rows = []
+    for i, name in enumerate(classes):
+        acc = ev["per_class"][i]
+        row = confusion[i]
+        off = [(count, j) for j, count in enumerate(row) if j != i and count]
+        confused = f"{classes[max(off)[1]]} ({max(off)[0]})" if off else "-"
+        bar = ("html", f'<span class="bar" style="width:{0 if acc is None else acc * 0.6:.1f}px"></span>'
+                       f"{'-' if acc is None else f'{acc:.1f}%'}")
+        per_class_rows.append((name, bar, f"{sum(row):,}", confused))
+    per_class = table(("class", "accuracy", "images", "most often taken for"), per_class_rows, numeric=(2,))
+    if len(classes) > 30:
+        per_class = f"<details><summary>per-class accuracy ({len(classes)} classes)</summary>{per_class}</details>"
+    out.append(f'<div class="grid"><div>{img(plots.confusion_matrix(confusion, classes), "confusion matrix")}'
+               f"</div><div>{per_class}</div></div>")
+    if ev["wrong"]:
+        out.append(f"<h3>Most confidently wrong test images</h3>"
+                   f'<p class="sub">The {len(ev["wrong"])} mistakes (of {ev["wrong_total"]:,}) with the highest '
+                   f"predicted probability: predicted class and its probability, then the true class and the "
+                   f"probability the model gave it.</p>")
+        cards = []
+        for item in ev["wrong"]:
+            caption = (f'<b class="bad">{esc(item["pred"])}</b> {100 * item["confidence"]:.1f}%<br>'
+                       f'true: <span class="ok">{esc(item["true"])}</span> {100 * item["true_prob"]:.1f}%<br>'
+                       f'<span class="sub">#{item["index"]}</span>')
+            alt = f"test image {item['index']}: true {item['true']}, predicted {item['pred']}"
+            tag = img(item["png"], alt)[len("<figure>"):-len("</figure>")]
+            cards.append(f"<figure>{tag}<figcaption>{caption}</figcaption></figure>")
+        out.append(f'<div class="wrong">{"".join(cards)}</div>')
+    elif ev["images"]:
+        out.append('<p class="sub">The model classified every test image correctly.</p>')
+    return "".join(out)
+
+
+def model_section(run: RunData) -> str:
+    if not run.stages:
+        return ""
+    rows, classes = [], []
+    for r in run.stages:
+        rows.append((r["name"], r["type"], fmt(r["params"], "count"), f"{100 * r['params_share']:.1f}%",
+                     fmt(r["macs"], "count"), f"{100 * r['macs_share']:.1f}%"))
+        classes.append("best" if r["name"] == "total" else "")
+    return ("<h3>Model summary</h3><p class=\"sub\">Parameters and multiply-accumulates per image by top-level "
+            "module (stage containers split into their stages); MACs counted by torch.utils.flop_counter at the "
+            "checkpoint's input size.</p>"
+            + table(("module", "type", "params", "share", "MACs", "share"), rows, numeric=(2, 3, 4, 5),
+                    row_classes=classes))
+
+
+def bench_section(run: RunData) -> str:
+    if not run.bench:
+        return ""
+    out = ["<h3>Benchmarks (convforge bench)</h3>"]
+    for name, bench in run.bench:
+        size = bench.get("input_size")
+        out.append(f'<p class="sub">{esc(name)}: {esc(bench.get("target", ""))} '
+                   f"{fmt(bench.get('params'), 'mega')} params, {fmt(bench.get('macs'), 'mega')} MACs, input "
+                   f"{esc('x'.join(map(str, size)) if isinstance(size, list) else '-')}, "
+                   f"{esc(bench.get('threads', '-'))} threads, torch {esc(bench.get('torch', '-'))}</p>")
+        rows = [(r.get("backend"), r.get("batch"), fmt(r.get("p50_ms"), "ms"), fmt(r.get("p90_ms"), "ms"),
+                 fmt(r.get("images_per_s"), "speed")) for r in bench.get("rows", [])]
+        out.append(table(("backend", "batch", "latency p50", "latency p90", "images/s"), rows, numeric=(1, 2, 3, 4)))
+        out.append(notes(n for n in bench.get("notes", []) if isinstance(n, str)))
+    return "".join(out)
+
+
+def _checkpoint_name(target: Any) -> str:
+    """The checkpoint file a bench/prune target names: a run directory means its best.safetensors."""
+    path = Path(str(target))
+    if path.is_dir() or not path.suffix:
+        return "best.safetensors"
+    return path.with_suffix(".safetensors").name if path.suffix == ".json" else path.name
+
+
+def _bench_latency(run: RunData, target: str | None) -> str:
+    """Smallest-batch torch p50 of a bench file whose target is the checkpoint ``target``."""
+    if not target:
+        return "-"
+    for _, bench in run.bench:
+        if bench.get("target") and _checkpoint_name(bench["target"]) == _checkpoint_name(target) and bench.get("rows"):
+            rows = [r for r in bench["rows"] if r.get("backend") == "torch"] or bench["rows"]
+            row = min(rows, key=lambda r: r.get("batch", 1 << 30))
+            per_image = row["p50_ms"] / row["batch"] if _num(row.get("p50_ms")) and _num(row.get("batch")) else None
+            return f"{fmt(per_image, 'ms')} per image (batch {row.get('batch')})"
+    return "-"
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _file_size(run: RunData, path: Any) -> Any:
+    if not path:
+        return None
+    for candidate in (Path(str(path)), run.path / Path(str(path)).name):
+        if candidate.is_file():
+            return candidate.stat().st_size
+    return None
+
+
+def compression_section(run: RunData) -> str:
+    rows: list[tuple[Any, ...]] = []
+    seen_outputs = set()
+    for name, rep in run.prune:
+        source, output = rep.get("checkpoint"), rep.get("output")
+        seen_outputs.add(Path(str(output)).name if output else None)
+        what = f"{rep.get('method')} " + (f"target MACs {rep['target_macs']}" if rep.get("target_macs") is not None
+                                           else f"sparsity {rep.get('sparsity_target')}")
+        rows.append((f"unpruned ({name})", fmt(rep.get("top1_before"), "pct"), fmt(rep.get("params_before"), "count"),
+                     fmt(rep.get("macs_before"), "mega"), fmt(_file_size(run, source), "bytes"),
+                     _bench_latency(run, source)))
+        rows.append((f"pruned: {what}", fmt(rep.get("top1_after"), "pct"), fmt(rep.get("params_after"), "count"),
+                     fmt(rep.get("macs_after"), "mega"), fmt(_file_size(run, output), "bytes"),
+                     _bench_latency(run, output)))
+    for name, meta in run.pruned_checkpoints:
+        if name in seen_outputs:
+            continue
+        comp = meta.get("compress") or {}
+        metrics = meta.get("metrics") or {}
+        top1 = next((v for k, v in metrics.items() if k.endswith("top1")), None)
+        rows.append((f"pruned checkpoint {name} ({comp.get('method', (meta.get('sparsity') or {}).get('method', ''))})",
+                     fmt(top1, "pct"), fmt(comp.get("params_after"), "count"), fmt(comp.get("macs_after"), "mega"),
+                     fmt(_file_size(run, name), "bytes"), _bench_latency(run, name)))
+    for name, rep in run.quantize:
+        speed = rep.get("images_per_s_batch256") or {}
+        for label, top1, size, key in (("PyTorch fp32", rep.get("top1_torch"), None, "torch eager fp32"),
+                                       ("ONNX Runtime fp32", rep.get("top1_fp32"), rep.get("fp32_bytes"), "onnxruntime fp32"),
+                                       ("ONNX Runtime int8", rep.get("top1_int8"), rep.get("bytes"), "onnxruntime int8")):
+            if top1 is None and size is None and key not in speed:
+                continue
+            per_image = 1000.0 / speed[key] if isinstance(speed.get(key), (int, float)) and speed[key] > 0 else None
+            rows.append((f"{label} ({name})", fmt(top1, "pct"), "-", "-", fmt(size, "bytes"),
+                         f"{fmt(per_image, 'ms')} per image (batch 256)" if per_image else "-"))
+    for name, rep in run.export:
+        rows.append((f"ONNX export ({name}), max |diff| {fmt(rep.get('max_abs_diff'))}", "-", "-", "-",
+                     fmt(rep.get("bytes"), "bytes"), "-"))
+    if not rows:
+        return ""
+    return ("<h3>Compression</h3><p class=\"sub\">From the JSON of convforge prune, quantize and export in the run "
+            "directory, and pruned checkpoints found there; latency from a bench file of the same checkpoint "
+            "where there is one.</p>"
+            + table(("variant", "top-1", "params", "MACs", "size", "latency"), rows, numeric=(1, 2, 3, 4)))
+
+
+DEPTH_KEYS = ("normalized_depth", "normalised_depth", "depth_norm", "norm_depth", "relative_depth", "depth")
+
+
+def filters_section(run: RunData) -> str:
+    if not run.filter_pictures and not run.filter_tables:
+        return ""
+    out = ["<h3>Filters</h3>"]
+    if run.filter_pictures:
+        figures = []
+        for name, data in run.filter_pictures:
+            wide = png_size(data)[0] > 700
+            figures.append(img(data, name, name).replace("<figure>", '<figure class="wide">' if wide else "<figure>", 1))
+        out.append(f'<div class="pics">{"".join(figures)}</div>')
+    for name, rows in run.filter_tables:
+        columns: list[str] = []
+        for r in rows[:50]:
+            columns += [k for k in r if k not in columns]
+        columns = columns[:12]
+        depth = next((k for k in DEPTH_KEYS if k in columns), None)
+        if depth and not any("depth" in picture for picture, _ in run.filter_pictures):
+            metrics = [c for c in columns if c != depth and any(
+                isinstance(r.get(c), float) and not isinstance(r.get(c), bool) for r in rows)]
+            out.append(img(plots.depth_curves(rows, depth, metrics, name), f"{name}: metrics against depth"))
+        numeric = [i for i, c in enumerate(columns) if all(isinstance(r.get(c), (int, float, type(None))) for r in rows)]
+        body = table(columns, [[fmt(r.get(c)) for c in columns] for r in rows[:300]], numeric=numeric)
+        more = f" (first 300 of {len(rows)})" if len(rows) > 300 else ""
+        out.append(f"<details><summary>{esc(name)}: {len(rows)} rows{more}</summary>{body}</details>")
+    return "".join(out)
+
+
+def run_sections(run: RunData, heading: bool) -> str:
+    parts = [notes(run.notes), facts(run), curves_section(run), evaluation_section(run), model_section(run),
+             bench_section(run), compression_section(run), filters_section(run),
+             "<h3>Configuration and environment</h3>" + environment(run)]
+    body = "".join(p for p in parts if p)
+    if heading:
+        return f'<section class="run" id="run-{slug(run.label)}"><h2>{esc(run.label)}</h2>{body}</section>'
+    return f"<section>{body}</section>"
+
+
+# ---------------------------------------------------------------- comparison of several runs
+
+
+def latency_points(runs: list[RunData]) -> tuple[list[float | None], str]:
+    """Per run ms per image, and the axis label saying where it comes from: bench files when every
+    run has one, else the training throughput of summary.json for every run (so that all compare alike)."""
+    bench = [run.latency() for run in runs]
+    if all(b is not None for b in bench):
+        return [b[0] for b in bench], "inference latency, ms per image (convforge bench: torch, smallest batch, p50)"
+    return [run.training_latency() for run in runs], \
+        "training time, ms per image (1000 / images_per_s of summary.json; forward + backward, no bench file)"
+
+
+def comparison_section(runs: list[RunData]) -> str:
+    latencies, source = latency_points(runs)
+    rows = []
+    for run, latency in zip(runs, latencies):
+        rows.append((("html", f'<a href="#run-{slug(run.label)}">{esc(run.label)}</a>'), run.model_name or "-",
+                     run.data_spec or "-", run.value("epochs") or (run.records[-1]["epoch"] if run.records else "-"),
+                     fmt(run.value("params"), "mega"), fmt(run.value("macs"), "mega"),
+                     fmt(run.value("test_top1"), "pct"), fmt(run.summary.get("best_top1"), "pct"),
+                     fmt(run.value("images_per_s"), "speed"), fmt(latency, "ms")))
+    accuracies = [run.value("test_top1") for run in runs]
+    out = ["<h2 id=\"comparison\">Comparison</h2>",
+           table(("run", "model", "data", "epochs", "params", "MACs", "test top-1", "best top-1", "train img/s",
+                  "latency / image"), rows, numeric=range(3, 10)),
+           f'<p class="sub">Latency: {esc(source)}.</p>']
+    curves = plots.learning_curves([(run.label, run.records) for run in runs])
+    if curves:
+        out.append("<h3>Learning curves, overlaid</h3>" + img(curves, "learning curves of all runs",
+                                                             "colour per run; train solid, val dotted, test dashed"))
+    keep = [i for i, (a, t) in enumerate(zip(accuracies, latencies))
+            if isinstance(a, (int, float)) and isinstance(t, (int, float)) and math.isfinite(a) and math.isfinite(t)]
+    if keep:
+        front = [keep[i] for i in plots.pareto_front([(latencies[i], accuracies[i]) for i in keep])]
+        picture = plots.accuracy_latency([runs[i].label for i in keep], [latencies[i] for i in keep],
+                                         [accuracies[i] for i in keep], source.split(" (")[0])
+        out.append("<h3>Accuracy against latency</h3>" + img(
+            picture, "accuracy against latency with the Pareto front",
+            "Pareto front (red): runs that no other run beats on both accuracy and latency: "
+            + ", ".join(runs[i].label for i in front)))
+    return "".join(out)
+
+
+def render(runs: list[RunData]) -> str:
+    from convforge import __version__
+
+    several = len(runs) > 1
+    title = "convforge report: " + (runs[0].label if not several else f"{len(runs)} runs")
+    nav = ""
+    if several:
+        nav = "<nav>" + '<a href="#comparison">comparison</a>' + "".join(
+            f'<a href="#run-{slug(r.label)}">{esc(r.label)}</a>' for r in runs) + "</nav>"
+    subtitle = (f"{esc(runs[0].model_name or '?')} on {esc(runs[0].data_spec or '?')}" if not several
+                else ", ".join(esc(r.label) for r in runs))
+    body = (comparison_section(runs) if several else "") + "".join(run_sections(r, several) for r in runs)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        "<link rel=\"icon\" href=\"data:,\">"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
+        f"<header><h1>{esc(title)}</h1><p class=\"sub\">{subtitle}</p>{nav}</header>{body}"
+        f"<footer>Written by convforge {esc(__version__)} on {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}. "
+        "Self-contained: pictures are embedded, the page loads nothing from the network.</footer>"
+        "</main></body></html>\n"
+    )
