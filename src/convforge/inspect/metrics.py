@@ -47,7 +47,7 @@ METRIC_KEYS = ("sparsity", "variance_entropy", "variance_entropy_norm", "varianc
 # MIN_FILTERS_FOR_ENTROPY non-sparse filters to be meaningful.
 THRESHOLDS = {
     "sparse": 0.5,           # sparsity >= 0.5: at least half of the filters are (near) zero
-    "near_random": 0.95,     # variance_entropy_clean_norm >= 0.95: as spread as random filters
+    "near_random": 0.98,     # variance_entropy_clean_norm >= 0.98: as spread as random (untrained) filters
     "collapsed": 0.1,        # variance_entropy_clean_norm <= 0.1: nearly all filters on one direction
 }
 MIN_FILTERS_FOR_ENTROPY = 16
