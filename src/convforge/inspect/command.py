@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = db.append(filters, meta["id"], source=meta["source"],
                             dataset=args.dataset if args.dataset is not None else meta["dataset"],
                             task=args.task if args.task is not None else meta["task"],
-                            architecture=meta["architecture"])
+                            architecture=meta["architecture"], metrics=rows)
         result["db"] = {"path": str(args.db), "appended": row}
         if not args.json:
             echo(f"appended {row['n_filters']:,} filters of {row['n_layers']} layers as {meta['id']!r} "

@@ -186,8 +186,11 @@ class FilterDB:
     # ------------------------------------------------------------ writing
 
     def append(self, filters: Filters, model_id: str, *, source: str = "", dataset: str = "", task: str = "",
-               architecture: str = "") -> dict[str, Any]:
-        """Append one model's filters (from ``extract_filters``) with its metadata; returns its model row."""
+               architecture: str = "", metrics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Append one model's filters (from ``extract_filters``) with its metadata; returns its model row.
+
+        ``metrics``: the model's ``layer_metrics`` rows if already computed (else computed here).
+        """
         if self.mode != "a":
             raise ConvforgeError(f"{self.path} was opened read-only")
         if not model_id:
@@ -212,13 +215,18 @@ class FilterDB:
         start = n0
         import torch
 
+        if metrics is not None and [r["name"] for r in metrics] != [info.name for info in filters.layers]:
+            raise ValueError("metrics rows do not match the layers of filters")
         for index, info in enumerate(filters.layers):
             count = info.n_filters
-            block = filters.filters[start - n0:start - n0 + count]
-            weight = torch.from_numpy(block).reshape(info.out_channels, info.in_channels // info.groups,
-                                                     filters.kernel, filters.kernel)
-            metrics = weight_metrics(weight)
-            row = {**info.as_dict(), **metrics, "model": m0, "start": start, "count": count}
+            if metrics is not None:
+                layer = metrics[index]
+            else:
+                block = filters.filters[start - n0:start - n0 + count]
+                layer = weight_metrics(torch.from_numpy(block).reshape(
+                    info.out_channels, info.in_channels // info.groups, filters.kernel, filters.kernel))
+            row = {**info.as_dict(), **{k: layer[k] for k in (*METRIC_KEYS, "max_abs")},
+                   "model": m0, "start": start, "count": count}
             for name in LAYER_FIELDS:
                 rows[name].append(row[name])
             start += count
