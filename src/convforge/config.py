@@ -48,6 +48,9 @@ class TrainConfig:
     kd_temperature: float = 4.0
     kd_consistent: bool = False
     eval_tta: bool = False
+    filter_health: bool = False
+    report: bool = False
+    tensorboard: bool = False
     recipe: str | None = None
     grad_clip: float | None = None
     nan_policy: str = "stop"

@@ -246,6 +246,12 @@ def _train(
     epoch_start = time.perf_counter()
 
     skipped_in_a_row = 0
+    health: dict[str, Any] | None = None
+    tensorboard = None
+    if cfg.tensorboard and role.is_main:
+        from convforge.report.tensorboard import TensorboardLogger
+
+        tensorboard = TensorboardLogger(run.path)
 
     def save_state(next_epoch: int, next_batch: int, partial_sums: dict[str, float]) -> None:
         if role.is_main:
@@ -353,8 +359,18 @@ def _train(
                     record.update({f"{split_name}_loss": result["loss"], f"{split_name}_top1": result["top1"],
                                    f"{split_name}_top5": result["top5"]})
                 record["eval_time_s"] = time.perf_counter() - eval_start
+            if cfg.filter_health and role.is_main:
+                from convforge.inspect import filter_health
+
+                health = filter_health(model, previous=health)
+                record["filter_health"] = {"summary": health["summary"], "layers": health["layers"]}
+                for warning in health["warnings"]:
+                    run.log(f"filter health: {warning}")
+                    say(f"warning: filter health: {warning}")
             record["elapsed_s"] = time.perf_counter() - started
             run.append_record(record)
+            if tensorboard is not None:
+                tensorboard.log_epoch(epoch + 1, record)
             metrics = {k: v for k, v in record.items() if k.endswith(("top1", "top5", "loss"))}
             meta = checkpoint_meta(cfg, data, model_args, metrics, epoch + 1)
             if role.is_main:
@@ -383,6 +399,10 @@ def _train(
         run.write_json("summary.json", {"status": "diverged", "error": str(exc), "run_dir": str(run.path)})
         raise
 
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+
     final = run.records[-1]
     summary = {
         "status": "completed",
@@ -409,6 +429,12 @@ def _train(
         "checkpoints": {"best": str(run.file("best.safetensors")), "last": str(run.file("last.safetensors"))},
     }
     run.write_json("summary.json", summary)
+    if cfg.report and role.is_main:
+        from convforge.report import write_report
+
+        report_path = write_report([run.path], run.file("report.html"))
+        summary["report"] = str(report_path)
+        say(f"report: {report_path}")
     run.log(f"done: test top-1 {summary['test_top1']:.2f}% in {summary['wall_time_s']:.1f} s")
     return summary
 
