@@ -221,10 +221,12 @@ def evaluation_section(run: RunData) -> str:
     out.append(f'<div class="grid"><div>{img(plots.confusion_matrix(confusion, classes), "confusion matrix")}'
                f"</div><div>{per_class}</div></div>")
     if ev["wrong"]:
+        shown, total = len(ev["wrong"]), ev["wrong_total"]
+        which = (f"All {total} mistake{'s' if total > 1 else ''}" if shown == total
+                 else f"The {shown} most confident of the {total:,} mistakes")
         out.append(f"<h3>Most confidently wrong test images</h3>"
-                   f'<p class="sub">The {len(ev["wrong"])} mistakes (of {ev["wrong_total"]:,}) with the highest '
-                   f"predicted probability: predicted class and its probability, then the true class and the "
-                   f"probability the model gave it.</p>")
+                   f'<p class="sub">{which}, most confident first: the predicted class and its probability, then the '
+                   f"true class and the probability the model gave it.</p>")
         cards = []
         for item in ev["wrong"]:
             caption = (f'<b class="bad">{esc(item["pred"])}</b> {100 * item["confidence"]:.1f}%<br>'
