@@ -432,9 +432,13 @@ def _train(
     if cfg.report and role.is_main:
         from convforge.report import write_report
 
-        report_path = write_report([run.path], run.file("report.html"))
-        summary["report"] = str(report_path)
-        say(f"report: {report_path}")
+        try:
+            report_path = write_report([run.path], run.file("report.html"))
+            summary["report"] = str(report_path)
+            say(f"report: {report_path}")
+        except Exception as exc:  # noqa: BLE001 - the run itself succeeded; the report can be redone
+            say(f"warning: the report could not be written ({type(exc).__name__}: {exc}); "
+                f"retry with: convforge report {run.path}")
     run.log(f"done: test top-1 {summary['test_top1']:.2f}% in {summary['wall_time_s']:.1f} s")
     return summary
 
