@@ -13,7 +13,8 @@ The root attributes ``kernel``, ``n_filters``, ``n_layers`` and ``n_models`` are
 sizes: an append writes the rows first and updates these last, so that a reader never sees a
 half-appended model, and a file whose append was interrupted is trimmed back to its last
 committed state the next time it is opened for appending. Readers go through ``iter_chunks`` or
-row ranges, never the whole ``/filters`` array at once unless asked to.
+row ranges, never the whole ``/filters`` array at once unless asked to (``read``, ``select``,
+``groups`` return what they select).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from convforge.inspect.metrics import METRIC_KEYS, weight_metrics
 FORMAT = "convforge-filterdb"
 VERSION = 1
 CHUNK_ROWS = 1 << 16
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 18
 
 _STR = "str"
 LAYER_FIELDS: dict[str, Any] = {
@@ -337,8 +338,9 @@ class FilterDB:
         return {k: np.concatenate(v) for k, v in sorted(grouped.items())}
 
     def summary(self, chunk: int = READ_CHUNK) -> dict[str, Any]:
-        """Counts per model and per depth decile, sparse share and the PCA of the normalised filters,
-        computed chunk by chunk (memory bounded by ``chunk`` rows)."""
+        """Counts per model and per depth decile, sparse share, per-tap mean and std and the PCA of the
+        normalised filters, computed chunk by chunk (memory bounded by ``chunk`` rows: about
+        ``chunk`` x k^2 x 24 bytes of temporaries)."""
         import torch
 
         from convforge.inspect.shift import normalise, pca_from_moments
@@ -361,13 +363,14 @@ class FilterDB:
         deciles = np.zeros(10, np.int64)
         for _, block, owner in self.iter_chunks(chunk):
             t = torch.from_numpy(block)
-            sparse += int((t.abs().amax(dim=1).numpy() < threshold[owner]).sum())
-            b64 = block.astype(np.float64)
-            raw_sum += b64.sum(axis=0)
-            raw_sq += (b64 * b64).sum(axis=0)
+            low, high = torch.aminmax(t, dim=1)
+            sparse += int((torch.maximum(high, low.neg_()).numpy() < threshold[owner]).sum())
+            raw_sum += t.sum(dim=0, dtype=torch.float64).numpy()
+            raw_sq += (t * t).sum(dim=0, dtype=torch.float64).numpy()
             x = normalise(t).to(torch.float64)
             total += x.sum(dim=0)
             scatter += x.T @ x
+            del t, x
             deciles += np.bincount(np.minimum((table["depth"][owner] * 10).astype(np.int64), 9), minlength=10)
         n = self.n_filters
         pca = pca_from_moments(n, total, scatter)
