@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,8 +33,10 @@ from common import SHARED, extracted, record  # noqa: E402
 
 from convforge.compress.pipeline import prune_checkpoint  # noqa: E402
 from convforge.data import load, normalize  # noqa: E402
-from convforge.export import onnx_top1, quantize_int8  # noqa: E402
-from convforge.measure import benchmark, count_macs, count_params  # noqa: E402
+from convforge.export import onnx_top1, quantize_int8, session, to_onnx  # noqa: E402
+from convforge.export.onnx import run_session  # noqa: E402
+from convforge.measure import count_macs, count_params  # noqa: E402
+from convforge.measure.bench import time_fn  # noqa: E402
 from convforge.models import create_model, load_foreign_weights  # noqa: E402
 from convforge.train import load_checkpoint  # noqa: E402
 from convforge.train.checkpoint import save_checkpoint  # noqa: E402
@@ -62,9 +65,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--fp32-finetune", action="store_true", help="fine-tune in fp32 (default: bf16 autocast)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--work", default="/tmp/convforge-compress-bench")
-    parser.add_argument("--stage", choices=("all", "prune", "measure"), default="all")
+    parser.add_argument("--stage", choices=("all", "prune", "control", "measure"), default="all",
+                        help="control: fine-tune the unpruned model with the same recipe (the like-for-like baseline)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,15 +92,18 @@ def main() -> None:
     report = json.loads(report_path.read_text())
     if args.stage == "prune":
         return
+    control_path = work / f"resnet56-unpruned-ft{args.finetune_epochs:g}.report.json"
+    if args.stage == "control":
+        control = prune_checkpoint(ref, args.method, sparsity=0.0, finetune_epochs=args.finetune_epochs,
+                                   data=data.spec, lr=args.lr, out=control_path.with_suffix("").with_suffix(".safetensors"),
+                                   amp=not args.fp32_finetune, channels_last=True, log=lambda m: print(m, flush=True))
+        control_path.write_text(json.dumps(control))
+        return
+    control = json.loads(control_path.read_text()) if control_path.is_file() else None
 
     base = load_checkpoint(ref).model
     pruned = load_checkpoint(pruned_path).model  # reloads from its sidecar widths alone
     size = (3, 32, 32)
-    speed = {}
-    for name, model in (("unpruned", base), ("pruned", pruned)):
-        speed[name] = benchmark(model, size, [256], ["torch", "onnxruntime"], threads=args.threads,
-                                warmup=2, repeats=args.repeats, log=print)
-
     # int8 of the unpruned model, calibrated on 512 real train images
     gen = torch.Generator().manual_seed(0)
     calib_idx = torch.randperm(len(data.train), generator=gen)[:512]
@@ -105,8 +112,41 @@ def main() -> None:
     test_x = normalize(data.test.images, MEAN, STD)
     top1_fp32_onnx = onnx_top1(int8["fp32_onnx"], test_x, data.test.labels, threads=args.threads)
     top1_int8 = onnx_top1(int8["onnx"], test_x, data.test.labels, threads=args.threads)
-    int8_speed = benchmark(base, size, [256], ["onnxruntime-int8"], threads=args.threads, warmup=2,
-                           repeats=args.repeats, calibration=calibration, log=print)
+
+    # Speed: every runner is timed in interleaved rounds (A, B, C, ..., A, B, C, ...), so that load from
+    # other processes on this shared machine hits all of them alike; p50 over the rounds.
+    x = torch.randn((256, *size), generator=torch.Generator().manual_seed(3))
+    sessions = {}
+    for name, model in (("unpruned", base), ("pruned", pruned)):
+        path = work / f"speed-{name}.onnx"
+        to_onnx(model, path, size, dynamic_batch=True)
+        sessions[name] = session(path, args.threads)
+    sessions["int8"] = session(int8["onnx"], args.threads)
+
+    def eager(model):
+        def run():
+            with torch.inference_mode():
+                model(x)
+        return run
+
+    runners = {("torch", "unpruned"): eager(base), ("torch", "pruned"): eager(pruned),
+               ("onnxruntime", "unpruned"): lambda: run_session(sessions["unpruned"], x),
+               ("onnxruntime", "pruned"): lambda: run_session(sessions["pruned"], x),
+               ("onnxruntime-int8", "unpruned"): lambda: run_session(sessions["int8"], x)}
+    times: dict = {key: [] for key in runners}
+    for fn in runners.values():
+        time_fn(fn, warmup=2, repeats=1)
+    for _ in range(args.repeats):
+        for key, fn in runners.items():
+            times[key] += time_fn(fn, warmup=0, repeats=1)
+    rows = {key: {"p50_ms": 1000 * float(np.percentile(t, 50)), "p90_ms": 1000 * float(np.percentile(t, 90)),
+                  "images_per_s": 256 / float(np.percentile(t, 50))} for key, t in times.items()}
+    for key, row in rows.items():
+        print(f"{key[0]:>17} {key[1]:>8} batch 256: p50 {row['p50_ms']:.1f} ms  p90 {row['p90_ms']:.1f} ms  "
+              f"{row['images_per_s']:.0f} img/s")
+    speed = {name: {"rows": [{"backend": b, **row} for (b, n), row in rows.items() if n == name]}
+             for name in ("unpruned", "pruned")}
+    int8_speed = {"rows": [{"backend": "onnxruntime-int8", **rows[("onnxruntime-int8", "unpruned")]}]}
 
     def ips(result, backend):
         return next(r["images_per_s"] for r in result["rows"] if r["backend"] == backend)
@@ -117,7 +157,7 @@ def main() -> None:
     ft = report["history"][-1].get("finetune", {})
     lines = [
         f"ResNet-56 (reference weights, {count_params(base):,} params, {count_macs(base, size) / 1e6:.1f} M MACs) on "
-        f"CIFAR-10-JPEG test (10,000 images); threads={args.threads}; latency = p50 of {args.repeats} calls after warm-up.",
+        f"CIFAR-10-JPEG test (10,000 images); threads={args.threads}; latency = p50 of {args.repeats} interleaved rounds after warm-up.",
         "",
         f"Structured pruning ({args.method}, --target-macs {args.target_macs:g}; option-A pad channels fixed):",
         "",
@@ -130,8 +170,12 @@ def main() -> None:
         f"| pruned + {args.finetune_epochs:g} epochs fine-tune | {report['params_after']:,} | "
         f"{report['macs_after'] / 1e6:.1f} M | {top1_after:.2f}% | {ips(speed['pruned'], 'torch'):.0f} img/s | "
         f"{ips(speed['pruned'], 'onnxruntime'):.0f} img/s |",
+        *([f"| unpruned + the same {args.finetune_epochs:g} epochs fine-tune (control) | {control['params_after']:,} | "
+           f"{control['macs_after'] / 1e6:.1f} M | {control['top1_after']:.2f}% | | |"] if control else []),
         "",
-        f"- top-1 change vs unpruned: {top1_after - top1_before:+.2f} points (target: drop <= 1.0)",
+        f"- top-1 change vs unpruned: {top1_after - top1_before:+.2f} points (target: drop <= 1.0)"
+        + (f"; vs the unpruned model fine-tuned with the same recipe: {top1_after - control['top1_after']:+.2f} points"
+           if control else ""),
         f"- speed-up at batch 256: torch eager {ips(speed['pruned'], 'torch') / eager_fp32:.2f}x, onnxruntime "
         f"{ips(speed['pruned'], 'onnxruntime') / ips(speed['unpruned'], 'onnxruntime'):.2f}x (target >= 1.6x)",
         f"- fine-tuning budget: {args.finetune_epochs:g} epochs ({ft.get('steps', 0)} steps of batch "
@@ -144,12 +188,21 @@ def main() -> None:
         "| model | top-1 | images/s at batch 256 |",
         "|---|---:|---:|",
         f"| PyTorch eager fp32 | {top1_before:.2f}% | {eager_fp32:.0f} |",
-        f"| ONNX Runtime fp32 (BN folded) | {top1_fp32_onnx:.2f}% | {ips(speed['unpruned'], 'onnxruntime'):.0f} |",
+        f"| ONNX Runtime fp32 (top-1: BN-folded export) | {top1_fp32_onnx:.2f}% | {ips(speed['unpruned'], 'onnxruntime'):.0f} |",
         f"| ONNX Runtime int8 | {top1_int8:.2f}% | {ips(int8_speed, 'onnxruntime-int8'):.0f} |",
         "",
         f"- int8 vs PyTorch eager fp32: {ips(int8_speed, 'onnxruntime-int8') / eager_fp32:.2f}x throughput "
         f"(target >= 2.5x), top-1 {top1_int8 - top1_before:+.2f} points (target: drop <= 0.5); "
         f"int8 file {int8['bytes'] / 1e6:.2f} MB vs fp32 {int8['fp32_bytes'] / 1e6:.2f} MB",
+        "",
+        "Against Torch-Pruning's published ResNet-56/CIFAR-10 results (VainF/Torch-Pruning, benchmarks/readme.md: "
+        "2.12x MAC reduction, i.e. 47% of the MACs, base 93.53% on the original CIFAR-10, 100 epochs of GPU "
+        "fine-tuning at lr 0.01): L1 92.93% (-0.60), BN 93.29% (-0.24), Group 93.91% (+0.38). Here: "
+        f"{100 * report['macs_ratio']:.1f}% of the MACs with {args.finetune_epochs:g} epochs of CPU fine-tuning, "
+        f"{top1_after - top1_before:+.2f} points on CIFAR-10-JPEG from a base of {top1_before:.2f}%. The bases differ "
+        "(JPEG artefacts cost the reference weights ~10 points), and fine-tuning on the JPEG train split also adapts "
+        "the pruned model to JPEG, which the unpruned reference never saw: the delta is not a like-for-like "
+        "comparison with their -0.60.",
     ]
     record("Compress and deploy: ResNet-56 on CIFAR-10-JPEG", lines, save=not args.no_record)
 
