@@ -14,8 +14,16 @@ from torch import nn
 
 from convforge.cli import main
 from convforge.errors import ConvforgeError
-from convforge.inspect import (THRESHOLDS, FilterDB, distribution_shift, extract_filters, filter_health,
-                               layer_metrics, shift_matrix, weight_metrics)
+from convforge.inspect import (
+    THRESHOLDS,
+    FilterDB,
+    distribution_shift,
+    extract_filters,
+    filter_health,
+    layer_metrics,
+    shift_matrix,
+    weight_metrics,
+)
 from convforge.inspect.metrics import entropy_curve
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

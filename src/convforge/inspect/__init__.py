@@ -9,8 +9,15 @@ The command line: ``convforge filters``.
 
 from convforge.inspect.db import FilterDB
 from convforge.inspect.filters import ConvLayer, Filters, conv_layers, extract_filters
-from convforge.inspect.metrics import (METRIC_KEYS, THRESHOLDS, filter_health, flags, layer_metrics, summarize,
-                                       weight_metrics)
+from convforge.inspect.metrics import (
+                                       METRIC_KEYS,
+                                       THRESHOLDS,
+                                       filter_health,
+                                       flags,
+                                       layer_metrics,
+                                       summarize,
+                                       weight_metrics,
+)
 from convforge.inspect.shift import distribution_shift, shift_details, shift_matrix
 
 __all__ = ["METRIC_KEYS", "THRESHOLDS", "ConvLayer", "FilterDB", "Filters", "conv_layers", "distribution_shift",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from convforge.errors import ConvforgeError
 
@@ -110,7 +111,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConvforgeError(f"--weights goes with a model name, not with the checkpoint {args.source}")
 
     from convforge.inspect.filters import extract_filters
-    from convforge.inspect.metrics import THRESHOLDS, flag_message, layer_metrics, summarize
+    from convforge.inspect.metrics import (
+        THRESHOLDS,
+        flag_message,
+        layer_metrics,
+        summarize,
+    )
 
     model, meta = load_source(args.source, args.weights, args.num_classes, args.seed)
     if args.model_id:

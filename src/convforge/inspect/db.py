@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -154,10 +155,10 @@ class FilterDB:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "FilterDB":
+    def __enter__(self) -> FilterDB:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------ sizes

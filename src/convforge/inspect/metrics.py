@@ -27,7 +27,8 @@ Where the reference definitions give NaN this module returns defined values:
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch

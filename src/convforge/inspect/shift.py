@@ -13,8 +13,9 @@ Identical sets give exactly 0. A component with zero variance in the union contr
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
