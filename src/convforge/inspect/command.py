@@ -79,8 +79,9 @@ def load_source(spec: str, weights: str | None = None, num_classes: int | None =
                              f"{exc}") from None
     if weights and not Path(weights).is_file():
         raise ConvforgeError(f"weight file {weights} does not exist")
-    torch.manual_seed(seed)
-    model = create_model(spec, num_classes=num_classes or info.num_classes)
+    with torch.random.fork_rng(devices=[]):  # a seeded init without touching the caller's random state
+        torch.manual_seed(seed)
+        model = create_model(spec, num_classes=num_classes or info.num_classes)
     if weights:
         load_foreign_weights(model, weights)
         return model.eval(), {"id": f"{spec}:{Path(weights).stem}", "source": str(weights), "dataset": "",
