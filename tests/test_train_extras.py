@@ -16,9 +16,9 @@ def test_filter_health_report_and_tensorboard_from_train(tmp_path):
         assert health["summary"]["layers"] == len(health["layers"]) > 0
         for layer in health["layers"].values():
             assert 0.0 <= layer["sparsity"] <= 1.0 and isinstance(layer["flags"], list)
-    # freshly initialised 3x3 filters are near-random: the warning is logged once, when first seen
-    log = (run / "train.log").read_text()
-    assert "filter health: layer" in log and "near-random" in log
+    # freshly initialised 3x3 filters are near-random already: that is the baseline, not a warning
+    assert any("near_random" in layer["flags"] for layer in records[0]["filter_health"]["layers"].values())
+    assert "near-random" not in (run / "train.log").read_text()
     report = run / "report.html"
     assert summary["report"] == str(report) and report.stat().st_size > 10_000
     assert "<img" in report.read_text()

@@ -247,6 +247,10 @@ def _train(
 
     skipped_in_a_row = 0
     health: dict[str, Any] | None = None
+    if cfg.filter_health and role.is_main:
+        from convforge.inspect import filter_health
+
+        health = filter_health(model)  # the baseline: only flags that appear later are warned about
     tensorboard = None
     if cfg.tensorboard and role.is_main:
         from convforge.report.tensorboard import TensorboardLogger
@@ -360,8 +364,6 @@ def _train(
                                    f"{split_name}_top5": result["top5"]})
                 record["eval_time_s"] = time.perf_counter() - eval_start
             if cfg.filter_health and role.is_main:
-                from convforge.inspect import filter_health
-
                 health = filter_health(model, previous=health)
                 record["filter_health"] = {"summary": health["summary"], "layers": health["layers"]}
                 for warning in health["warnings"]:
