@@ -203,7 +203,7 @@ def test_resolved_defaults():
     ("epochs", 0, "epochs must be in 1.."),
     ("batch_size", 0, "batch_size"),
     ("optimizer", "rmsprop", "optimizer must be one of sgd, adamw"),
-    ("schedule", "step", "schedule must be one of"),
+    ("schedule", "staircase", "schedule must be one of"),
     ("lr", -1.0, "lr must be > 0"),
     ("label_smoothing", 1.0, "label_smoothing"),
     ("ema_decay", 1.0, "ema_decay"),
