@@ -191,3 +191,11 @@ def test_cli_prune_dry_run_and_bad_target(tmp_path, capsys):
     assert main(["prune", str(path), "--method", "global-magnitude", "--sparsity", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "per-layer sparsity" in out and "dense kernels" in out
+
+
+def test_round_to_keeps_multiples_of_eight():
+    model = create_model("resnet20", num_classes=10)
+    result = prune(model, (3, 16, 16), "l1-filter", target_macs=0.5, round_to=8)
+    assert result.macs_ratio <= 0.5
+    widths = [m.out_channels for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths) and min(widths) < 16

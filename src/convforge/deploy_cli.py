@@ -64,6 +64,8 @@ def add_parsers(sub: Any, add_json) -> None:
                         help="share removed: of the channels of every group (structured) or of all weights (global-magnitude)")
     pr.add_argument("--min-share", type=float,
                     help="least share kept of every channel group / layer (default: 0.1 structured, 0.02 global-magnitude)")
+    pr.add_argument("--round-to", type=int, default=1,
+                    help="keep a multiple of N channels per group (8 suits vectorised CPU kernels; default: 1)")
     pr.add_argument("--finetune-epochs", type=float, default=0, help="fine-tuning epochs after pruning (default: 0)")
     pr.add_argument("--data", help="data spec for fine-tuning and evaluation (default: the checkpoint's own data)")
     pr.add_argument("--steps", type=int, default=1, help="prune then fine-tune in K steps (default: 1)")
@@ -245,6 +247,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
     report = prune_checkpoint(
         args.checkpoint, args.method, target_macs=args.target_macs, sparsity=args.sparsity, min_share=args.min_share,
+        round_to=args.round_to,
         finetune_epochs=args.finetune_epochs, data=args.data, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         out=args.out, dry_run=args.dry_run, seed=args.seed, amp=args.amp, channels_last=args.channels_last)
     if not args.json:

@@ -120,6 +120,7 @@ def prune_checkpoint(
     target_macs: float | None = None,
     sparsity: float | None = None,
     min_share: float | None = None,
+    round_to: int = 1,
     finetune_epochs: float = 0,
     data: str | None = None,
     steps: int = 1,
@@ -145,11 +146,11 @@ def prune_checkpoint(
         raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     if dry_run:
         result = prune(ckpt.model, input_size, method, target_macs=target_macs, sparsity=sparsity,
-                       min_share=min_share, dry_run=True, seed=seed)
+                       min_share=min_share, round_to=round_to, dry_run=True, seed=seed)
         return {"checkpoint": str(ckpt.path), "dry_run": True, **result.as_dict()}
     # Validate the whole target (reachable?) before any data loading or fine-tuning.
     prune(ckpt.model, input_size, method, target_macs=target_macs, sparsity=sparsity, min_share=min_share,
-          dry_run=True, seed=seed)
+          round_to=round_to, dry_run=True, seed=seed)
     spec = data or ckpt.meta.get("data", {}).get("spec")
     dataset = None
     if finetune_epochs > 0 or data:
@@ -176,7 +177,7 @@ def prune_checkpoint(
             kwargs["sparsity"] = sparsity * frac
         else:  # the share of channels removed per step so that K steps remove `sparsity` in all
             kwargs["sparsity"] = 1 - (1 - sparsity) ** (1 / steps)
-        result = prune(model, input_size, method, min_share=min_share, seed=seed + step, **kwargs)
+        result = prune(model, input_size, method, min_share=min_share, round_to=round_to, seed=seed + step, **kwargs)
         model = result.model
         entry: dict[str, Any] = {"step": step, "macs": result.macs_after, "params": result.params_after}
         if method == "global-magnitude":
