@@ -213,8 +213,7 @@ def build_graph(model: nn.Module, input_size: tuple[int, ...]) -> ChannelGraph:
     def unknown(node: torch.fx.Node, why: str = "") -> None:
         for src in tensor_inputs(node):
             fix_all(info[src][0])
-        for src in _attr_inputs(node):
-            pass  # parameters used by unknown operations are left as they are
+        # parameters used by unknown operations are left as they are (their channels are fixed above)
         info[node] = (None, None)
 
     def _attr_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
