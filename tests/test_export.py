@@ -31,7 +31,7 @@ def test_export_parity_and_sidecar(tmp_path):
     pruned = prune(model, (3, 16, 16), "l1-filter", target_macs=0.5).model.eval()
     report = to_onnx(pruned, tmp_path / "m.onnx", (3, 16, 16), dynamic_batch=True, meta={"note": "kept"})
     assert report["max_abs_diff"] <= 1e-4
-    sidecar = json.loads((tmp_path / "m.json").read_text())
+    sidecar = json.loads((tmp_path / "m.onnx.json").read_text())
     assert sidecar["note"] == "kept" and sidecar["onnx"]["opset"] == 17
     x = torch.randn(5, 3, 16, 16)  # dynamic batch: another batch size than the example
     assert np.abs(run_session(session(tmp_path / "m.onnx"), x) - pruned(x).detach().numpy()).max() <= 1e-4
@@ -95,7 +95,8 @@ def test_cli_quantize_reports_fp32_and_int8(digits_run, tmp_path, capsys):
                  "--threads", "1", "--out", str(out), "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert out.is_file() and out.with_name(out.name + ".json").is_file()
+    assert not out.with_suffix(".json").exists()  # a checkpoint sidecar beside it is never overwritten
     assert report["calibration_images"] == 128 and report["eval"]["images"] == 360
     assert abs(report["top1_int8"] - report["top1_fp32"]) <= 1.0
     assert set(report["images_per_s_batch256"]) == {"torch eager fp32", "onnxruntime fp32", "onnxruntime int8"}

@@ -100,7 +100,7 @@ def to_onnx(
     if check:
         report.update(parity(model, path, input_size, batch_size=2 if dynamic_batch else batch_size))
     sidecar = {**(meta or {}), "onnx": report}
-    atomic_write_json(path.with_suffix(".json"), sidecar)
+    atomic_write_json(sidecar_path(path), sidecar)
     if check and report["max_abs_diff"] > atol:
         raise ParityError(
             f"ONNX Runtime differs from PyTorch on {path}: max absolute logit difference "
@@ -216,7 +216,7 @@ def quantize_int8(
               if per_channel else "int8 per-tensor", "activations": "uint8 per-tensor (MinMax calibration)",
               "batchnorm_folded": True, "calibration_images": len(data), "fp32_parity": fp32["max_abs_diff"],
               "bytes": path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size}
-    atomic_write_json(path.with_suffix(".json"), {**(meta or {}), "onnx": report})
+    atomic_write_json(sidecar_path(path), {**(meta or {}), "onnx": report})
     return report
 
 
@@ -231,5 +231,11 @@ def onnx_top1(path: str | Path, images: torch.Tensor, labels: torch.Tensor, batc
     return 100.0 * correct / max(len(images), 1)
 
 
+def sidecar_path(path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.onnx.json`` (never ``model.json``: that is a checkpoint's sidecar)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
 def sidecar_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).with_suffix(".json").read_text())
+    return json.loads(sidecar_path(path).read_text())
