@@ -30,3 +30,19 @@ class Classifier(nn.Module):
         """Fold BatchNorm into the preceding convolutions (eval mode, in place); returns ``self``."""
         fold_batchnorm(self)
         return self
+
+
+def init_conv_bn_linear(model: nn.Module, linear_std: float = 0.01) -> None:
+    """torchvision's initialisation for VGG and MobileNets: He-normal (fan-out) convolutions,
+    BatchNorm scale 1 and shift 0, classifier weights from N(0, ``linear_std``), zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)

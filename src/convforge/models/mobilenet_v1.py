@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from convforge.layers import ConvNormAct, make_divisible
-from convforge.models.base import Classifier
+from convforge.models.base import Classifier, init_conv_bn_linear
 from convforge.models.registry import register_model
 
 PAPER = "MobileNets: Efficient Convolutional Neural Networks for Mobile Vision Applications"
@@ -45,15 +45,7 @@ class MobileNetV1(Classifier):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_linear(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

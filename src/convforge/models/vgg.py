@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convforge.models.base import Classifier
+from convforge.models.base import Classifier, init_conv_bn_linear
 from convforge.models.registry import register_model
 
 PAPER = "Very Deep Convolutional Networks for Large-Scale Image Recognition"
@@ -65,16 +65,7 @@ class VGG(Classifier):
             nn.Dropout(p=drop_rate),
             nn.Linear(4096, num_classes),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_linear(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
