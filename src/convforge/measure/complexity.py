@@ -21,6 +21,14 @@ def count_macs(model: nn.Module, input_size: Sequence[int], batch_size: int = 1)
     reports 2 FLOPs per MAC; element-wise operations (BatchNorm, activations) are not counted,
     as in the papers' MAC figures.
     """
+    return macs_by_module(model, input_size, batch_size).get("Global", 0)
+
+
+def macs_by_module(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) -> dict[str, int]:
+    """MACs per image of every module that does any, from one counted forward pass (as ``count_macs``).
+
+    Keys are flop_counter's module names (``ClassName.child.grandchild``); ``"Global"`` is the total.
+    """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -32,4 +40,4 @@ def count_macs(model: nn.Module, input_size: Sequence[int], batch_size: int = 1)
             model(x)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // (2 * batch_size)
+    return {name: sum(counts.values()) // (2 * batch_size) for name, counts in counter.get_flop_counts().items()}

@@ -303,20 +303,9 @@ def _evaluate(run: RunData, wrong: int) -> None:
 def stage_summary(model: Any, input_size: tuple[int, ...]) -> list[dict[str, Any]]:
     """Params and MACs per top-level child module, a ``stages``/``features``/``blocks`` container split
     into its children; MACs from one pass of ``torch.utils.flop_counter``."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from convforge.measure.complexity import macs_by_module
 
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = torch.zeros((1, *input_size), dtype=dtype, device=param.device if param is not None else "cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    flops = {name: sum(values.values()) for name, values in counter.get_flop_counts().items()}
+    macs = macs_by_module(model, input_size)
     root = type(model).__name__
     rows = []
     for name, child in model.named_children():
@@ -326,9 +315,9 @@ def stage_summary(model: Any, input_size: tuple[int, ...]) -> list[dict[str, Any
         for part_name, module in parts:
             rows.append({"name": part_name, "type": type(module).__name__,
                          "params": sum(p.numel() for p in module.parameters()),
-                         "macs": flops.get(f"{root}.{part_name}", 0) // 2})
+                         "macs": macs.get(f"{root}.{part_name}", 0)})
     total_params = sum(p.numel() for p in model.parameters())
-    total_macs = flops.get("Global", 0) // 2
+    total_macs = macs.get("Global", 0)
     for row in rows:
         row["params_share"] = row["params"] / total_params if total_params else 0.0
         row["macs_share"] = row["macs"] / total_macs if total_macs else 0.0
