@@ -19,6 +19,7 @@ Res2Net implementation's for its block (``convs.{i}``, ``bns.{i}``), so state di
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,8 +32,9 @@ from convforge.models.registry import register_model
 RESNET_PAPER = "Deep Residual Learning for Image Recognition"
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups, bias=False)
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, groups=groups, bias=False,
+                     dilation=dilation)
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -58,14 +60,15 @@ class BasicBlock(nn.Module):
         base_width: int = 64,
         drop_path_rate: float = 0.0,
         use_se: bool = False,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and base_width=64")
-        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation=dilation)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation)
         self.bn2 = nn.BatchNorm2d(planes)
         self.se = SqueezeExcite(planes, planes // 16) if use_se else None
         self.downsample = downsample
@@ -95,13 +98,14 @@ class Bottleneck(nn.Module):
         base_width: int = 64,
         drop_path_rate: float = 0.0,
         use_se: bool = False,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         outplanes = planes * self.expansion
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, outplanes)
         self.bn3 = nn.BatchNorm2d(outplanes)
@@ -141,6 +145,7 @@ class Bottle2neck(nn.Module):
         base_width: int = 26,
         drop_path_rate: float = 0.0,
         scale: int = 4,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         if groups != 1:
@@ -154,7 +159,7 @@ class Bottle2neck(nn.Module):
         self.is_first = downsample is not None
         self.conv1 = conv1x1(inplanes, width * scale)
         self.bn1 = nn.BatchNorm2d(width * scale)
-        self.convs = nn.ModuleList(conv3x3(width, width, stride) for _ in range(scale - 1))
+        self.convs = nn.ModuleList(conv3x3(width, width, stride, dilation=dilation) for _ in range(scale - 1))
         self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale - 1))
         self.pool = nn.AvgPool2d(3, stride=stride, padding=1) if self.is_first else None
         self.conv3 = conv1x1(width * scale, outplanes)
@@ -185,6 +190,11 @@ class ResNet(Classifier):
     ``groups``/``width_per_group`` give ResNeXt and Wide ResNet; ``deep_stem``/``avg_down`` give
     ResNet-D; ``block_args`` are passed to every block (``use_se`` for SE-ResNet, ``scale`` for
     Res2Net); ``drop_path_rate`` is the stochastic-depth rate of the last block (linear in depth).
+
+    ``replace_stride_with_dilation`` (three flags, for ``layer2``..``layer4``, as torchvision) makes a
+    stage keep its input resolution and dilate its 3x3 convolutions instead (the first block of the
+    stage keeps the previous dilation): ``(False, False, True)`` gives output stride 16,
+    ``(False, True, True)`` output stride 8, for dense prediction. Parameters are unchanged.
     """
 
     def __init__(
@@ -199,8 +209,13 @@ class ResNet(Classifier):
         avg_down: bool = False,
         drop_path_rate: float = 0.0,
         block_args: dict[str, Any] | None = None,
+        replace_stride_with_dilation: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
+        dilate = tuple(bool(flag) for flag in (replace_stride_with_dilation or (False, False, False)))
+        if len(dilate) != 3:
+            raise ValueError(f"replace_stride_with_dilation needs 3 flags (layer2..layer4), got {len(dilate)}")
+        self.dilation = 1
         self.groups = groups
         self.base_width = width_per_group
         self.avg_down = avg_down
@@ -224,9 +239,9 @@ class ResNet(Classifier):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         rates = iter(linear_drop_path_rates(drop_path_rate, sum(layers)))
         self.layer1 = self._make_layer(block, 64, layers[0], 1, rates)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, rates)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, rates)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2, rates)
+        self.layer2 = self._make_layer(block, 128, layers[1], 2, rates, dilate[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], 2, rates, dilate[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], 2, rates, dilate[2])
         self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(self.num_features, num_classes)
@@ -238,8 +253,14 @@ class ResNet(Classifier):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int, rates) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[nn.Module], planes: int, blocks: int, stride: int, rates, dilate: bool = False
+    ) -> nn.Sequential:
         outplanes = planes * block.expansion  # type: ignore[attr-defined]
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
         downsample = None
         if stride != 1 or self.inplanes != outplanes:
             if self.avg_down:
@@ -260,6 +281,7 @@ class ResNet(Classifier):
                     groups=self.groups,
                     base_width=self.base_width,
                     drop_path_rate=next(rates),
+                    dilation=previous_dilation if i == 0 else self.dilation,
                     **self.block_args,
                 )
             )
