@@ -10,7 +10,8 @@ import torch
 
 @dataclass
 class Split:
-    """One split: ``images`` is uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+    """One split: ``images`` is uint8 (N, C, H, W); ``labels`` is int64 (N,) class labels, or, for
+    segmentation, integer (uint8 or int64) masks (N, H, W) of class indices matching the images."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -18,8 +19,19 @@ class Split:
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+        n, _, h, w = self.images.shape
+        if self.labels.ndim == 3:
+            if self.labels.dtype not in (torch.uint8, torch.int64):
+                raise ValueError(f"masks must be uint8 or int64 (N, H, W), got {self.labels.dtype}")
+            if tuple(self.labels.shape) != (n, h, w):
+                raise ValueError(f"{n} images of {h}x{w} but masks of shape {tuple(self.labels.shape)}")
+        elif self.labels.shape != (n,):
+            raise ValueError(f"{n} images but labels of shape {tuple(self.labels.shape)}")
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether ``labels`` are per-pixel masks (segmentation) rather than one class per image."""
+        return self.labels.ndim == 3
 
     def __len__(self) -> int:
         return self.images.shape[0]

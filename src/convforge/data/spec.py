@@ -1,4 +1,5 @@
-"""``--data`` specs: ``digits``, ``synthetic[:k=v,...]``, ``mnist:DIR``, ``cifar10:DIR``, ``imagefolder:DIR``."""
+"""``--data`` specs: ``digits``, ``synthetic[:k=v,...]``, ``mnist:DIR``, ``cifar10:DIR``, ``imagefolder:DIR``,
+``segfolder:DIR`` (segmentation: images with class-index masks, see ``convforge.data.segfolder``)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from convforge.data import sources
 from convforge.data.dataset import Dataset
 from convforge.data.imagefolder import load_image_folder
 from convforge.data.paths import printable
+from convforge.data.segfolder import load_segfolder
 from convforge.errors import DataError
 
-KINDS = ("digits", "synthetic", "mnist", "cifar10", "imagefolder")
+KINDS = ("digits", "synthetic", "mnist", "cifar10", "imagefolder", "segfolder")
 SYNTHETIC_OPTIONS = {"classes": int, "size": int, "channels": int, "train": int, "test": int, "seed": int}
 # Smallest and largest value of each synthetic option, and the most pixel values it may generate
 # (as float32 before quantisation, so about 1 GiB at the limit).
@@ -27,9 +29,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
     if kind not in KINDS:
-        hint = f" For a folder of images use imagefolder:{printable(spec)}." if _exists(spec) else ""
-        raise DataError(f"unknown data spec {spec!r}: use one of digits, synthetic, mnist:DIR, cifar10:DIR, imagefolder:DIR.{hint}")
-    if kind in ("mnist", "cifar10", "imagefolder") and not arg:
+        hint = ""
+        if _exists(spec):
+            seg = _exists(str(Path(spec) / "classes.txt"))
+            hint = f" For a folder of {'images with masks' if seg else 'images'} use {'segfolder' if seg else 'imagefolder'}:{printable(spec)}."
+        raise DataError(f"unknown data spec {spec!r}: use one of digits, synthetic, mnist:DIR, cifar10:DIR, imagefolder:DIR, segfolder:DIR.{hint}")
+    if kind in ("mnist", "cifar10", "imagefolder", "segfolder") and not arg:
         raise DataError(f"data spec {spec!r} needs a directory: {kind}:DIR")
     return kind, arg
 
@@ -46,6 +51,7 @@ def load(
 
     Image folders are decoded once into a memory-mapped uint8 cache (``$CONVFORGE_CACHE``, by
     default ``~/.cache/convforge``) keyed by the file list, sizes and modification times.
+    ``segfolder:DIR`` returns a :class:`~convforge.data.segfolder.SegDataset` (masks as labels).
     """
     if not isinstance(spec, str):
         raise DataError(f"a data spec must be a string such as 'digits' or 'imagefolder:DIR', got {spec!r}")
@@ -59,6 +65,10 @@ def load(
     elif kind == "synthetic":
         classes, splits = sources.load_synthetic(**_synthetic_options(arg))
         augment = "none"
+    elif kind == "segfolder":
+        if skip_bad_images:
+            raise DataError("--skip-bad-images is not supported for segfolder data: fix or remove the bad files")
+        return load_segfolder(_existing_dir(arg), image_size=size, cache_dir=_path(cache_dir), log=log, spec=spec)
     elif kind == "cifar10":
         classes, splits = sources.load_cifar10_batches(_existing_dir(arg))
     else:
