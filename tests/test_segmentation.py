@@ -137,6 +137,32 @@ def test_dilated_resnet_output_stride_and_unchanged_default():
         create_model("deeplabv3_resnet18", output_stride=4)
 
 
+@pytest.mark.parametrize("name,kwargs", [("linknet_resnet18", {}), ("deeplabv3_resnet18", {}), ("unet", {"base_width": 8})])
+def test_fuse_keeps_the_output(name, kwargs):
+    model = create_model(name, num_classes=3, **kwargs).eval()
+    gen = torch.Generator().manual_seed(0)
+    for module in model.modules():  # non-trivial statistics, so that folding has something to do
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5, generator=gen)
+            module.running_var.uniform_(0.5, 2.0, generator=gen)
+    x = torch.randn(1, 3, 45, 61, generator=gen)
+    with torch.no_grad():
+        before = model(x)
+        after = model.fuse()(x)
+    assert torch.allclose(before, after, atol=1e-4 * float(before.abs().max()))
+    # only BatchNorms after transposed convolutions (LinkNet's decoder) may remain
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert left == (5 if name == "linknet_resnet18" else 0)
+
+
+def test_onnx_export_parity(tmp_path):
+    from convforge.export.onnx import to_onnx
+
+    model = create_model("unet", num_classes=3, base_width=8)
+    report = to_onnx(model, tmp_path / "unet.onnx", (3, 37, 50), dynamic_batch=True)
+    assert report["max_abs_diff"] < 1e-4
+
+
 # --- metrics --------------------------------------------------------------------------------------------
 
 IGNORE = 255

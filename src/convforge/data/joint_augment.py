@@ -90,15 +90,18 @@ def apply_joint(
     inside = inside_y[:, :, None] & inside_x[:, None, :]  # (N, ch, cw)
     # Images: bilinear, clamped at the border (so the half pixel at the edge repeats the edge pixel,
     # as the nearest-neighbour mask does), then 0 outside the image.
-    grid = torch.stack(torch.broadcast_tensors(((2 * xs + 1) / w - 1)[:, None, :], ((2 * ys + 1) / h - 1)[:, :, None]), -1)
+    grid = torch.empty(n, ch, cw, 2, device=device)
+    grid[..., 0] = ((2 * xs + 1) / w - 1)[:, None, :]
+    grid[..., 1] = ((2 * ys + 1) / h - 1)[:, :, None]
     out_images = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out_images = out_images * inside[:, None].to(out_images.dtype)
+    outside = ~inside
+    out_images.masked_fill_(outside[:, None], 0.0)
     # Masks: nearest source pixel, by index arithmetic (exact, no floating-point interpolation of labels).
     iy = torch.floor(ys + 0.5).long().clamp_(0, h - 1)
     ix = torch.floor(xs + 0.5).long().clamp_(0, w - 1)
     flat = (iy[:, :, None] * w + ix[:, None, :]).view(n, -1)
-    out_masks = masks.reshape(n, h * w).long().gather(1, flat).view(n, ch, cw)
-    out_masks = torch.where(inside, out_masks, torch.full_like(out_masks, ignore_index))
+    out_masks = masks.reshape(n, h * w).gather(1, flat).view(n, ch, cw).long()
+    out_masks.masked_fill_(outside, ignore_index)
     return out_images, out_masks
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convforge.layers.fuse import fold_batchnorm
-from convforge.models.resnet import _DEPTHS, ResNet
+from convforge.layers.fuse import fold_batchnorm, fold_conv_bn
+from convforge.models.resnet import _DEPTHS, BasicBlock, Bottle2neck, Bottleneck, ResNet
 from convforge.models.vgg import CONFIGS, VGG
 
 
@@ -22,7 +22,18 @@ class SegmentationModel(nn.Module):
     num_classes: int
 
     def fuse(self) -> SegmentationModel:
-        """Fold BatchNorm into the preceding convolutions (eval mode, in place); returns ``self``."""
+        """Fold BatchNorm into the preceding convolutions (eval mode, in place); returns ``self``.
+
+        The whole model cannot be traced (its sizes depend on the input), so the ResNet blocks are
+        folded one by one (each traces), then the stem, then the ``nn.Sequential`` conv-BN pairs."""
+        self.eval()
+        for module in list(self.modules()):
+            if isinstance(module, (BasicBlock, Bottleneck, Bottle2neck)):
+                fold_batchnorm(module)
+        backbone = getattr(self, "backbone", None)
+        if isinstance(backbone, ResNet) and isinstance(backbone.conv1, nn.Conv2d) and isinstance(backbone.bn1, nn.BatchNorm2d):
+            fold_conv_bn(backbone.conv1, backbone.bn1)
+            backbone.bn1 = nn.Identity()
         fold_batchnorm(self)
         return self
 
