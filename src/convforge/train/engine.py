@@ -14,11 +14,10 @@ import torch
 import torch.nn as nn
 
 from convforge.config import TrainConfig, dump_yaml, load_yaml
-from convforge.data import BatchLoader, Dataset, load
+from convforge.data import Dataset
 from convforge.errors import CheckpointError, ConfigError, DataError, DiskFullError, NonFiniteLossError
 from convforge.faults import fault_point
 from convforge.measure import count_macs, count_params
-from convforge.models import create_model
 from convforge.progress import EpochBar, echo
 from convforge.recipes import apply_recipe
 from convforge.train.checkpoint import load_train_state, save_checkpoint, save_train_state
@@ -33,10 +32,10 @@ from convforge.train.distributed import (
     shutdown_distributed,
 )
 from convforge.train.ema import ModelEma
-from convforge.train.evaluate import evaluate
 from convforge.train.mixing import MixedTargets, batch_rng, mix_batch, random_erase
 from convforge.train.optim import build_optimizer, lr_at
 from convforge.train.rundir import ProcessRole, RunDir, default_run_dir
+from convforge.train.tasks import Task, get_task
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -79,14 +78,19 @@ def config_for_resume(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
     return saved, overrides
 
 
-def checkpoint_meta(cfg: TrainConfig, data: Dataset, model_args: dict, metrics: dict, epoch: int) -> dict[str, Any]:
+def checkpoint_meta(cfg: TrainConfig, data: Dataset, model_args: dict, metrics: dict, epoch: int,
+                    task: Task | None = None, input_size: tuple[int, ...] | None = None) -> dict[str, Any]:
     recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "cache_dir", "device", "threads", "dist_timeout")}
+    task = task or get_task("classify")
     return {
+        "task": task.name,
+        **task.meta(data),
         "model": {"name": cfg.model, "args": model_args, "num_classes": data.num_classes, "in_chans": data.channels},
-        "classes": list(data.classes),
-        "input_size": [data.channels, *data.image_size],
+        "classes": list(getattr(data, "classes", [])),
+        "input_size": list(input_size or (data.channels, *data.image_size)),
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
-        "data": {"spec": data.spec, "train": len(data.train), "test": len(data.test)},
+        "data": {"spec": data.spec, "train": len(data.train),
+                 "test": len(data.test) if getattr(data, "test", None) is not None else 0},
         "weights": "ema" if cfg.ema else "trained",
         "epoch": epoch,
         "metrics": metrics,
@@ -138,6 +142,7 @@ def _train(
         config, overrides = config_for_resume(config)
     config = apply_recipe(config)
     config.validate()
+    task = get_task(config.task)
     role = role or ProcessRole.from_env()
     say = (lambda message: None) if quiet or not role.is_main else echo
 
@@ -152,13 +157,13 @@ def _train(
 
     if not role.is_main:
         barrier()  # rank 0 loads first, so that only it decodes images into the cache
-    data = load(config.data, image_size=config.image_size, skip_bad_images=config.skip_bad_images,
-                cache_dir=config.cache_dir, log=say)
+    data = task.load_data(config, say)
     if role.is_main:
         barrier()
     if data.train is None:
         raise DataError(f"{config.data} has no train split to train on (expected a train/ folder)")
     cfg = config.resolved(data.channels, data.image_size, data.default_augment, role.world_size)
+    classify = task.name == "classify"
     for note in data.notes:
         say(f"note: {note}")
 
@@ -166,22 +171,23 @@ def _train(
     if not cfg.resume and run.file("resume.safetensors").exists():
         raise ConfigError(f"{run.path} already holds a run; resume it with --resume {run.path} or choose another --out")
 
-    model_args = dict(cfg.model_args)
-    if cfg.drop_path is not None:
-        model_args["drop_path_rate"] = cfg.drop_path
+    model_args = task.model_args(cfg, data)
     try:
-        model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **model_args)
+        model = task.build_model(cfg, data, model_args)
     except ConfigError as exc:
         if cfg.drop_path is not None and "drop_path_rate" in str(exc):
             raise ConfigError(f"--drop-path: model {cfg.model!r} has no stochastic depth (no drop_path_rate "
                               "argument); leave --drop-path out") from None
         raise
+    if classify and hasattr(model, "init_from_data"):
+        _init_from_data(model, data, cfg.seed)
     teachers = load_teachers(cfg, data.num_classes, data.channels, data.mean, data.std, device)
     student_mean = torch.tensor(list(data.mean), device=device).view(1, -1, 1, 1)
     student_std = torch.tensor(list(data.std), device=device).view(1, -1, 1, 1)
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.random_erasing > 0
     params = count_params(model)
-    macs = count_macs(model, (data.channels, *data.image_size))
+    input_size = task.input_size(data, model)
+    macs = count_macs(model, input_size)
     model.to(device)
     if distributed and cfg.sync_bn:
         model = convert_sync_batchnorm(model, device)
@@ -190,11 +196,7 @@ def _train(
     optimizer = build_optimizer(model, cfg)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
 
-    train_loader = BatchLoader(
-        data.train, cfg.batch_size, data.mean, data.std, shuffle=True, augment=cfg.augment,
-        crop_padding=cfg.crop_padding, drop_last=True, seed=cfg.seed, device=device,
-        channels_last=cfg.channels_last, rank=role.rank, world_size=role.world_size,
-    )
+    train_loader = task.train_loader(data, cfg, model, device, role.rank, role.world_size)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -204,7 +206,7 @@ def _train(
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 
-    start_epoch, start_batch, best = 0, 0, {"top1": -1.0, "epoch": 0}
+    start_epoch, start_batch, best = 0, 0, {"score": -math.inf, "epoch": 0}
     partial: dict[str, float] = {}
     if cfg.resume and not run.file("resume.safetensors").exists():
         say(f"note: {run.path} has no saved state yet (the run stopped before its first save); "
@@ -212,6 +214,8 @@ def _train(
     elif cfg.resume:
         extra = load_train_state(run.file("resume.safetensors"), model, optimizer, ema)
         start_epoch, start_batch, best, partial = extra["epoch"], extra["batch"], extra["best"], extra["partial"]
+        if "score" not in best:  # a run saved before tasks existed
+            best = {"score": best.get("top1", -math.inf), "epoch": best.get("epoch", 0)}
         run.load_records(start_epoch)
         say(f"resuming {run.path} at epoch {start_epoch + 1}, batch {start_batch}"
             + (f" (overrides: {', '.join(overrides)})" if overrides else ""))
@@ -225,10 +229,12 @@ def _train(
     if cfg.compile:
         forward = torch.compile(forward)
     eval_model = ema.module if ema is not None else model
-    select_on = "val" if data.val is not None else "test"
+    eval_splits = task.eval_splits(data)
+    select_on = eval_splits[0]
+    select_key = f"{select_on}_{task.primary}"
     say(
-        f"convforge train: {cfg.model} ({params:,} params, {macs / 1e6:.2f} M MACs) on {cfg.data} "
-        f"[{len(data.train)} train / {len(data.test)} test, {data.channels}x{data.image_size[0]}x{data.image_size[1]}] "
+        f"convforge train ({task.name}): {cfg.model} ({params:,} params, {macs / 1e6:.2f} M MACs) on {cfg.data} "
+        f"[{len(data.train)} train, {'x'.join(map(str, input_size))} inputs] "
         f"device={device} threads={torch.get_num_threads()}\n"
         f"  epochs={cfg.epochs} batch={cfg.batch_size} {cfg.optimizer} lr={cfg.lr:g} wd={cfg.weight_decay:g} "
         f"{cfg.schedule} warmup={cfg.warmup_epochs:g} augment={cfg.augment} label_smoothing={cfg.label_smoothing:g}"
@@ -282,13 +288,16 @@ def _train(
                         group["lr"] = lr
                     clean = x
                     targets = MixedTargets(y, y, 1.0)
-                    if mixing:
+                    if mixing and classify:
                         rng = batch_rng(cfg.seed, epoch, batch_index, role.rank)
                         x, targets = mix_batch(x, y, cfg.mixup_alpha, cfg.cutmix_alpha, rng)
                         x = random_erase(x, cfg.random_erasing, rng)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         logits = forward(x)
-                        loss = targets.loss(logits.float(), cfg.label_smoothing)
+                        if classify:
+                            loss = targets.loss(logits.float(), cfg.label_smoothing)
+                        else:
+                            loss = task.loss(logits.float(), y, cfg, data)
                         if teachers:
                             view = x if cfg.kd_consistent else (
                                 train_loader.clean_batch(train_loader.last_indices) if cfg.augment != "none" else clean)
@@ -325,7 +334,8 @@ def _train(
                     fault_point("step")
                     seen_this_session += y.shape[0]
                     sums["loss"] += float(loss.detach()) * y.shape[0]
-                    sums["correct"] += float((logits.detach().argmax(1) == y).sum())
+                    if classify:
+                        sums["correct"] += float((logits.detach().argmax(1) == y).sum())
                     sums["seen"] += y.shape[0]
                     elapsed = time.perf_counter() - epoch_start
                     bar.update(batch_index, sums["loss"] / sums["seen"], 100 * sums["correct"] / sums["seen"],
@@ -343,7 +353,7 @@ def _train(
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "train_loss": sums["loss"] / sums["seen"],
-                "train_top1": 100 * sums["correct"] / sums["seen"],
+                **({"train_top1": 100 * sums["correct"] / sums["seen"]} if classify else {}),
                 "lr": lr,
                 "images_per_s": seen_this_session / max(time.perf_counter() - epoch_start, 1e-9),
                 "train_time_s": epoch_time,
@@ -354,14 +364,9 @@ def _train(
             if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
                 fault_point("eval")
                 eval_start = time.perf_counter()
-                for split_name in ("val", "test") if data.val is not None else ("test",):
-                    result = evaluate(eval_model, data.split(split_name), data.mean, data.std,
-                                      batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp,
-                                      tta=cfg.eval_tta,
-                                      channels_last=cfg.channels_last, num_classes=data.num_classes, details=False,
-                                      rank=role.rank, world_size=role.world_size)
-                    record.update({f"{split_name}_loss": result["loss"], f"{split_name}_top1": result["top1"],
-                                   f"{split_name}_top5": result["top5"]})
+                for split_name in eval_splits:
+                    result = task.evaluate(eval_model, data, split_name, cfg, device, role.rank, role.world_size)
+                    record.update({f"{split_name}_{key}": value for key, value in result.items()})
                 record["eval_time_s"] = time.perf_counter() - eval_start
             if cfg.filter_health and role.is_main:
                 health = filter_health(model, previous=health)
@@ -373,15 +378,16 @@ def _train(
             run.append_record(record)
             if tensorboard is not None:
                 tensorboard.log_epoch(epoch + 1, record)
-            metrics = {k: v for k, v in record.items() if k.endswith(("top1", "top5", "loss"))}
-            meta = checkpoint_meta(cfg, data, model_args, metrics, epoch + 1)
+            metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k.startswith(
+                ("train_", *(f"{name}_" for name in eval_splits)))}
+            meta = checkpoint_meta(cfg, data, model_args, metrics, epoch + 1, task, input_size)
             if role.is_main:
                 save_checkpoint(run.file("last.safetensors"), eval_model, meta)
-                if f"{select_on}_top1" in record and record[f"{select_on}_top1"] > best["top1"]:
-                    best = {"top1": record[f"{select_on}_top1"], "epoch": epoch + 1}
+                if select_key in record and record[select_key] > best["score"]:
+                    best = {"score": record[select_key], "epoch": epoch + 1}
                     save_checkpoint(run.file("best.safetensors"), eval_model, meta)
             save_state(epoch + 1, 0, {})
-            line = _epoch_line(record, cfg.epochs)
+            line = _epoch_line(record, cfg.epochs, eval_splits, task.primary)
             run.log(line)
             say(line)
             if on_epoch_end is not None:
@@ -412,13 +418,18 @@ def _train(
         "model": cfg.model,
         "data": cfg.data,
         "epochs": cfg.epochs,
+        "task": task.name,
         "test_top1": final.get("test_top1"),
         "test_top5": final.get("test_top5"),
         "test_loss": final.get("test_loss"),
         "val_top1": final.get("val_top1"),
+        "metrics": {k: v for k, v in final.items() if k.startswith(tuple(f"{name}_" for name in eval_splits))
+                    and isinstance(v, (int, float))},
         "best_epoch": best["epoch"],
-        "best_top1": best["top1"],
+        "best_top1": best["score"] if classify else None,
+        "best_score": best["score"],
         "best_selected_on": select_on,
+        "best_metric": select_key,
         "params": params,
         "macs": macs,
         "train_time_s": train_seconds,
@@ -441,17 +452,38 @@ def _train(
         except Exception as exc:  # noqa: BLE001 - the run itself succeeded; the report can be redone
             say(f"warning: the report could not be written ({type(exc).__name__}: {exc}); "
                 f"retry with: convforge report {run.path}")
-    run.log(f"done: test top-1 {summary['test_top1']:.2f}% in {summary['wall_time_s']:.1f} s")
+    if classify:
+        run.log(f"done: test top-1 {summary['test_top1']:.2f}% in {summary['wall_time_s']:.1f} s")
+    else:
+        run.log(f"done: {select_key} {final.get(select_key, math.nan):.4g} in {summary['wall_time_s']:.1f} s")
     return summary
 
 
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.4f}",
-             f"train {record['train_top1']:.2f}%"]
-    if "val_top1" in record:
-        parts.append(f"val {record['val_top1']:.2f}%")
-    if "test_top1" in record:
-        parts.append(f"test {record['test_top1']:.2f}%")
+DATA_INIT_IMAGES = 5000
+
+
+def _init_from_data(model: nn.Module, data: Dataset, seed: int) -> None:
+    """Data-dependent initialisation (e.g. SpeedNet's whitening stem) from a seeded sample of train images.
+
+    Every rank draws the same sample, so all processes start from the same weights; a resumed run
+    overwrites them with the saved ones.
+    """
+    from convforge.data import normalize
+    from convforge.data.loader import epoch_permutation
+
+    indices = epoch_permutation(len(data.train), seed, -1)[:DATA_INIT_IMAGES]
+    model.init_from_data(normalize(data.train.images[indices], data.mean, data.std))
+
+
+def _epoch_line(record: dict[str, Any], epochs: int, eval_splits: list[str] | None = None,
+                primary: str = "top1") -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.4f}"]
+    if "train_top1" in record:
+        parts.append(f"train {record['train_top1']:.2f}%")
+    unit = {"top1": "%", "miou": "% mIoU", "psnr": " dB"}.get(primary, "")
+    for name in eval_splits or ("val", "test"):
+        if f"{name}_{primary}" in record:
+            parts.append(f"{name} {record[f'{name}_{primary}']:.2f}{unit}")
     parts += [f"lr {record['lr']:.3g}", f"{record['images_per_s']:.0f} img/s", f"{record['elapsed_s']:.1f} s"]
     return "  ".join(parts)
 
