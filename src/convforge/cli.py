@@ -1,4 +1,5 @@
-"""The ``convforge`` command line: train, eval, predict, models; bench, export, quantize, prune (deploy_cli); filters (inspect)."""
+"""The ``convforge`` command line: train, eval, predict, models; bench, export, quantize, prune (deploy_cli);
+segment, upscale (dense_cli); filters (inspect); report."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from convforge.errors import ConvforgeError
 # (option, config field, type or "flag", help). Every option is also a key of the YAML config.
 TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "model name from `convforge models` (default: smallcnn)"),
-    ("--data", "data", str, "data spec: digits, synthetic[:k=v,...], mnist:DIR, cifar10:DIR, imagefolder:DIR (default: digits)"),
+    ("--data", "data", str, "data spec: digits, synthetic[:k=v,...], mnist:DIR, cifar10:DIR, imagefolder:DIR; "
+                            "segfolder:DIR (--task segment); superres:DIR (--task super-resolve) (default: digits)"),
+    ("--task", "task", str, "classify (default), segment or super-resolve"),
+    ("--scale", "scale", int, "super-resolve: upscaling factor 2, 3 or 4 (default: 3)"),
+    ("--dice-weight", "dice_weight", float, "segment: weight of the soft Dice loss added to cross-entropy (default: 0)"),
+    ("--seg-crop", "seg_crop", "floats", "segment: training crop HEIGHT WIDTH (default: the image size)"),
+    ("--seg-scales", "seg_scales", "floats", "segment: random scale range LOW HIGH of scale-crop-flip (default: 0.5 2.0)"),
     ("--epochs", "epochs", int, "number of epochs (default: 15)"),
     ("--batch-size", "batch_size", int, "batch size per process (default: 64)"),
     ("--lr", "lr", float, "peak learning rate (default: 0.1*batch/128 for sgd, 2e-3*batch/128 for adamw)"),
@@ -45,7 +52,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--recipe", "recipe", str, "start from a named recipe (`convforge recipes`); other options override it"),
     ("--ema", "ema", "flag", "evaluate and save an exponential moving average of the weights"),
     ("--ema-decay", "ema_decay", float, "EMA decay (default: 0.999)"),
-    ("--augment", "augment", str, "none, flip, crop or crop-flip (default: per dataset, printed at start)"),
+    ("--augment", "augment", str, "none, flip, crop or crop-flip; segment: also scale-crop-flip (default: per dataset)"),
     ("--crop-padding", "crop_padding", int, "padding of the random crop (default: image size / 8)"),
     ("--image-size", "image_size", int, "resize image folders to this size (default: their own size)"),
     ("--skip-bad-images", "skip_bad_images", "flag", "skip undecodable images with a warning instead of stopping"),
@@ -138,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     from convforge.deploy_cli import add_parsers
 
     add_parsers(sub, _add_json)  # bench, export, quantize, prune
+
+    from convforge.dense_cli import add_parsers as add_dense_parsers
+
+    add_dense_parsers(sub, _add_json)  # segment, upscale
 
     from convforge.report.command import add_parser as add_report_parser
 
@@ -240,6 +251,13 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise ConvforgeError("give either CKPT or --model NAME --weights FILE, not both")
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint)
+        if ckpt.meta.get("task", "classify") != "classify":
+            from convforge.dense_cli import evaluate_dense, print_dense
+
+            result = evaluate_dense(ckpt, args.data, args.split, args.batch_size)
+            if not args.json:
+                print_dense(result)
+            return result
         spec = args.data or ckpt.meta.get("data", {}).get("spec")
         if not spec:
             raise ConvforgeError("the checkpoint names no data; pass --data SPEC")
@@ -413,6 +431,15 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS["report"] = cmd_report
+
+
+def _dense_command(args: argparse.Namespace) -> dict[str, Any]:
+    from convforge.dense_cli import COMMANDS as dense
+
+    return dense[args.command](args)
+
+
+COMMANDS.update({name: _dense_command for name in ("segment", "upscale")})
 
 
 def cmd_filters(args: argparse.Namespace) -> dict[str, Any]:

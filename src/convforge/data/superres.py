@@ -80,9 +80,18 @@ class SuperResData:
     std: tuple[float, ...] = (1.0,)
     notes: list[str] = field(default_factory=list)
 
+    default_augment: str = "flip"  # random flips and 90-degree rotations of the patches; "none" turns them off
+    val: None = None
+    classes: tuple[str, ...] = ()
+
     @property
     def patch_size(self) -> int:
         return int(self.train.images.shape[-1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The size of the HR training patches."""
+        return (self.patch_size, self.patch_size)
 
     @property
     def num_classes(self) -> int:

@@ -131,7 +131,9 @@ def validate_meta(meta: Any, source: str) -> None:
     if not isinstance(model.get("args"), dict) or not all(isinstance(k, str) for k in model["args"]):
         raise CheckpointError(f"{source}: 'model.args' must be dict of named arguments, got {_short(model.get('args'))}")
     classes = meta.get("classes")
-    if not isinstance(classes, list) or len(classes) != model["num_classes"] or not all(isinstance(c, str) for c in classes):
+    named = meta.get("task", "classify") != "super-resolve"  # a super-resolution model's outputs are channels
+    if (not isinstance(classes, list) or (named and len(classes) != model["num_classes"])
+            or not all(isinstance(c, str) for c in classes)):
         raise CheckpointError(f"{source}: 'classes' must list {model['num_classes']} class names: {damaged}")
     channels = model["in_chans"]
     norm = meta.get("normalization")
