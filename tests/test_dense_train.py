@@ -94,6 +94,11 @@ def test_segmentation_trains_resumes_and_is_used_by_every_command(tmp_path, one_
     wrong = run_cli("upscale", run, image, "--out", tmp_path / "x.png", cwd=tmp_path)
     assert wrong.returncode == 2 and "segment checkpoint" in wrong.stderr and "convforge segment" in wrong.stderr
 
+    from convforge.report import write_report
+
+    html = write_report([run], tmp_path / "report.html").read_text()
+    assert "test mIoU" in html and "test top-1" not in html
+
     exported = run_cli("export", run / "last.safetensors", "--format", "onnx", "--out", tmp_path / "seg.onnx",
                        "--json", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
@@ -113,6 +118,10 @@ def test_super_resolution_trains_and_upscales(tmp_path, one_thread):
     ckpt = load_checkpoint(run)
     assert ckpt.meta["task"] == "super-resolve" and ckpt.meta["scale"] == 3
     assert ckpt.meta["model"]["args"]["scale"] == 3 and ckpt.meta["input_size"] == [1, 16, 16]
+
+    from convforge.report import write_report
+
+    assert "Set5 PSNR (dB)" in write_report([run], tmp_path / "report.html").read_text()
 
     image = data / "Set5" / "img0.png"
     upscaled = run_cli("upscale", run, image, "--out", tmp_path / "big.png", "--json", cwd=tmp_path)

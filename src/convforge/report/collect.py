@@ -64,6 +64,25 @@ class RunData:
         return None
 
     @property
+    def primary(self) -> str:
+        """The metric that selects the best checkpoint: ``top1``, ``miou`` (segment) or ``psnr`` (super-resolve)."""
+        selected = self.summary.get("best_metric") or ""
+        return {"segment": "miou", "super-resolve": "psnr"}.get(self.summary.get("task") or "", None) or (
+            selected.rsplit("_", 1)[-1] if "_" in selected else "top1")
+
+    @property
+    def eval_splits(self) -> list[str]:
+        """The evaluated splits (or test sets) in the order the records first name them."""
+        suffix = f"_{self.primary}"
+        names: list[str] = []
+        for record in self.records:
+            for key in record:
+                name = key[: -len(suffix)]
+                if key.endswith(suffix) and name != "train" and name not in names:
+                    names.append(name)
+        return names
+
+    @property
     def model_name(self) -> str | None:
         return self.summary.get("model") or (self.config or {}).get("model") or \
             ((self.meta or {}).get("model") or {}).get("name")

@@ -143,12 +143,20 @@ def slug(text: str) -> str:
 # ---------------------------------------------------------------- sections of one run
 
 
+PRIMARY = {"top1": ("top-1", "pct"), "miou": ("mIoU", "pct"), "psnr": ("PSNR (dB)", "")}
+
+
 def facts(run: RunData) -> str:
+    if run.primary == "top1":
+        headline = [(fmt(run.value("test_top1"), "pct"), "test top-1"), (fmt(run.value("test_top5"), "pct"), "test top-5")]
+    else:
+        name, kind = PRIMARY.get(run.primary, (run.primary, ""))
+        headline = [(fmt(run.value(f"{split}_{run.primary}"), kind), f"{split} {name}") for split in run.eval_splits[:3]]
+    best = run.summary.get("best_score", run.summary.get("best_top1"))
     items = [
-        (fmt(run.value("test_top1"), "pct"), "test top-1"),
-        (fmt(run.value("test_top5"), "pct"), "test top-5"),
-        (f"{fmt(run.summary.get('best_top1'), 'pct')} (epoch {run.summary.get('best_epoch', '-')})"
-         if run.summary.get("best_top1") is not None else "-", f"best ({run.summary.get('best_selected_on', 'test')})"),
+        *headline,
+        (f"{fmt(best, PRIMARY.get(run.primary, ('', ''))[1])} (epoch {run.summary.get('best_epoch', '-')})"
+         if best is not None else "-", f"best ({run.summary.get('best_metric', run.summary.get('best_selected_on', 'test'))})"),
         (fmt(run.value("params"), "mega"), "parameters"),
         (fmt(run.value("macs"), "mega"), "MACs per image"),
         (f"{fmt(run.value('images_per_s'), 'speed')} img/s" if run.value("images_per_s") else "-", "training speed"),
@@ -184,16 +192,23 @@ def environment(run: RunData) -> str:
 
 
 def curves_section(run: RunData) -> str:
-    picture = plots.learning_curves([(run.label, run.records)])
+    picture = plots.learning_curves([(run.label, run.records)], run.primary)
     if picture is None:
         return ""
-    rows = [(r.get("epoch"), fmt(r.get("train_loss")), fmt(r.get("train_top1"), "pct"),
-             fmt(r.get("val_top1"), "pct") if "val_top1" in r else "-", fmt(r.get("test_loss")),
-             fmt(r.get("test_top1"), "pct"), fmt(r.get("lr")), fmt(r.get("images_per_s"), "speed"))
-            for r in run.records]
+    if run.primary == "top1":
+        rows = [(r.get("epoch"), fmt(r.get("train_loss")), fmt(r.get("train_top1"), "pct"),
+                 fmt(r.get("val_top1"), "pct") if "val_top1" in r else "-", fmt(r.get("test_loss")),
+                 fmt(r.get("test_top1"), "pct"), fmt(r.get("lr")), fmt(r.get("images_per_s"), "speed"))
+                for r in run.records]
+        header = ("epoch", "train loss", "train top-1", "val top-1", "test loss", "test top-1", "lr", "img/s")
+    else:
+        name, kind = PRIMARY.get(run.primary, (run.primary, ""))
+        splits = run.eval_splits
+        rows = [(r.get("epoch"), fmt(r.get("train_loss")), *(fmt(r.get(f"{s}_{run.primary}"), kind) for s in splits),
+                 fmt(r.get("lr")), fmt(r.get("images_per_s"), "speed")) for r in run.records]
+        header = ("epoch", "train loss", *(f"{s} {name}" for s in splits), "lr", "img/s")
     epochs = ("<details><summary>per-epoch metrics (metrics.jsonl)</summary>"
-              + table(("epoch", "train loss", "train top-1", "val top-1", "test loss", "test top-1", "lr", "img/s"),
-                      rows, numeric=range(8)) + "</details>")
+              + table(header, rows, numeric=range(len(header))) + "</details>")
     return "<h3>Learning curves</h3>" + img(picture, f"learning curves of {run.label}") + epochs
 
 

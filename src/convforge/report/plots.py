@@ -40,19 +40,24 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
     return xs, ys
 
 
-def learning_curves(runs: list[tuple[str, list[dict[str, Any]]]]) -> bytes | None:
-    """Loss, top-1 and learning rate against epoch. One run: colour per split; several: colour per
-    run and line style per split (train solid, val dotted, test dashed)."""
+PRIMARY_TITLES = {"top1": "top-1 accuracy (%)", "miou": "mIoU (%)", "psnr": "PSNR (dB)"}
+
+
+def learning_curves(runs: list[tuple[str, list[dict[str, Any]]]], primary: str = "top1") -> bytes | None:
+    """Loss, the task's metric (``top1``, ``miou``, ``psnr``) and learning rate against epoch. One run:
+    colour per split; several: colour per run and line style per split (train solid, val dotted, test dashed)."""
     runs = [(label, records) for label, records in runs if records]
     if not runs:
         return None
     fig = _figure(10.5, 3.4)
     axes = fig.subplots(1, 3)
-    panels = (("loss", "loss"), ("top1", "top-1 accuracy (%)"), ("lr", "learning rate"))
+    panels = (("loss", "loss"), (primary, PRIMARY_TITLES.get(primary, primary)), ("lr", "learning rate"))
+    extra_splits = sorted({key[: -len(primary) - 1] for _, records in runs for r in records for key in r
+                           if key.endswith(f"_{primary}") and key[: -len(primary) - 1] not in ("train", "val", "test")})
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for ax, (metric, title) in zip(axes, panels):
         for (label, records), color in zip(runs, colors):
-            splits = ("",) if metric == "lr" else ("train", "val", "test")
+            splits = ("",) if metric == "lr" else ("train", "val", "test", *extra_splits)
             for split in splits:
                 xs, ys = _series(records, f"{split}_{metric}" if split else metric)
                 if not xs:
@@ -70,7 +75,7 @@ def learning_curves(runs: list[tuple[str, list[dict[str, Any]]]]) -> bytes | Non
         ax.xaxis.get_major_locator().set_params(integer=True)
         if metric == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        if ax.get_legend_handles_labels()[0] and (len(runs) == 1 or metric == "top1"):
+        if ax.get_legend_handles_labels()[0] and (len(runs) == 1 or metric == primary):
             ax.legend(fontsize=7 if len(runs) > 1 else 8)
     return to_png(fig)
 
