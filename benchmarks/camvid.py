@@ -46,10 +46,8 @@ probes, 1 epoch, one timed inference run, never recorded. With `--format auto` i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,7 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import extracted, record
+from common import convforge_json, extracted, read_records, record
 
 MODELS = {"linknet_resnet18": {}, "deeplabv3_resnet18": {"output_stride": 16}}
 FORMATS = {"fp32": (False, False), "amp": (True, False), "channels-last": (False, True),
@@ -125,21 +123,15 @@ def probe(name: str, data, fmt: str, seconds: float, threads: int, lr: float, wa
 def train(name: str, root: Path, epochs: int, fmt: str, lr: float, threads: int, tag: str) -> dict:
     out = RUNS / f"camvid-{name}-{tag}"
     amp, channels_last = FORMATS[fmt]
-    command = [sys.executable, "-m", "convforge", "train", "--task", "segment", "--data", f"segfolder:{root}",
+    command = ["train", "--task", "segment", "--data", f"segfolder:{root}",
                "--model", name, *[a for k, v in MODELS[name].items() for a in ("--model-arg", f"{k}={v}")],
                "--epochs", str(epochs), "--batch-size", str(BATCH), "--optimizer", "adamw", "--lr", f"{lr:g}",
                "--weight-decay", f"{WEIGHT_DECAY:g}", "--augment", "scale-crop-flip",
                "--seg-scales", *map(str, SCALES), "--seg-crop", *map(str, CROP),
                *(["--amp"] if amp else []), *(["--channels-last"] if channels_last else []),
-               "--threads", str(threads), "--device", "cpu", "--out", str(out), "--json"]
-    print(" ".join(command), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"training {name} failed (exit {proc.returncode}); see the messages above and {out}")
-    summary = json.loads(proc.stdout)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+               "--threads", str(threads), "--device", "cpu", "--out", str(out)]
+    summary, wall = convforge_json(*command)
+    records = read_records(out)
     best = next(r for r in records if r["epoch"] == summary["best_epoch"])
     return {"name": name, "summary": summary, "records": records, "best": best, "final": records[-1],
             "wall": wall, "out": out, "format": fmt}

@@ -12,14 +12,12 @@ start-up: imports, data loading). "Best in 30 minutes" is the best evaluation th
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import extracted, record  # noqa: E402
+from common import convforge_json, extracted, read_records, record  # noqa: E402
 
 TARGETS = (85.0, 90.0, 93.0)
 BUDGET_S = 1800.0
@@ -27,16 +25,8 @@ BUDGET_S = 1800.0
 
 def run_recipe(name: str, data: Path, extra: list[str]) -> dict:
     out = Path(f"/tmp/convforge-bench-runs/cifar-{name}-{int(time.time())}")
-    command = [sys.executable, "-m", "convforge", "train", "--recipe", name, "--data", f"imagefolder:{data}",
-               "--out", str(out), "--json", *extra]
-    print(" ".join(command), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"training failed (exit {proc.returncode})")
-    summary = json.loads(proc.stdout)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary, wall = convforge_json("train", "--recipe", name, "--data", f"imagefolder:{data}", "--out", str(out), *extra)
+    records = read_records(out)
     startup = wall - summary["wall_time_s"]  # process start to the engine's clock start
     curve = [(r["epoch"], startup + r["elapsed_s"], r["test_top1"]) for r in records if "test_top1" in r]
     reached = {t: next((s for _, s, a in curve if a >= t), None) for t in TARGETS}

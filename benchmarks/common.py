@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -51,3 +54,20 @@ def record(section: str, lines: list[str], save: bool = True) -> None:
         return
     with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def convforge_json(*args: str) -> tuple[dict, float]:
+    """Run ``python -m convforge ARGS --json`` (progress on the terminal); its JSON result and wall time (s)."""
+    command = [sys.executable, "-m", "convforge", *args, "--json"]
+    print(" ".join(command), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(command)}")
+    return json.loads(proc.stdout), wall
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """The per-epoch records of a run (its metrics.jsonl)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

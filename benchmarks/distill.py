@@ -13,27 +13,15 @@ forward passes make each step dearer, so "same budget" here means the same steps
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, extracted, record  # noqa: E402
+from common import SHARED, convforge_json, extracted, record  # noqa: E402
 
 REFERENCE_MEAN = ["0.485", "0.456", "0.406"]
 REFERENCE_STD = ["0.229", "0.224", "0.225"]
-
-
-def convforge(*args: str) -> tuple[dict, float]:
-    command = [sys.executable, "-m", "convforge", *args, "--json"]
-    print(" ".join(command), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(command)}")
-    return json.loads(proc.stdout), time.perf_counter() - start
 
 
 def main() -> None:
@@ -47,13 +35,13 @@ def main() -> None:
     teacher = next((SHARED / "reference-weights").glob("resnet56-*.th"))
     spec = f"imagefolder:{data}"
 
-    teacher_eval, _ = convforge("eval", "--model", "resnet56", "--weights", str(teacher), "--data", spec,
+    teacher_eval, _ = convforge_json("eval", "--model", "resnet56", "--weights", str(teacher), "--data", spec,
                                 "--num-classes", "10", "--mean", *REFERENCE_MEAN, "--std", *REFERENCE_STD)
     recipe = ["train", "--model", "resnet20", "--data", spec, "--epochs", str(args.epochs), "--batch-size", "128",
               "--lr", "0.2", "--amp", "--channels-last", "--threads", "2"]
     stamp = int(time.time())
-    alone, alone_wall = convforge(*recipe, "--out", f"/tmp/convforge-bench-runs/distill-alone-{stamp}")
-    taught, taught_wall = convforge(
+    alone, alone_wall = convforge_json(*recipe, "--out", f"/tmp/convforge-bench-runs/distill-alone-{stamp}")
+    taught, taught_wall = convforge_json(
         *recipe, "--out", f"/tmp/convforge-bench-runs/distill-taught-{stamp}",
         "--teacher-model", "resnet56", "--teacher-weights", str(teacher),
         "--teacher-mean", *REFERENCE_MEAN, "--teacher-std", *REFERENCE_STD,

@@ -40,10 +40,8 @@ temporary folder: 6 T91 images, 2 of each test set), 1 epoch each, and never rec
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import extracted, record
+from common import convforge_json, extracted, read_records, record
 
 SCALE = 3
 SETS = ("Set5", "Set14", "BSD100")
@@ -137,18 +135,12 @@ def seconds_per_step(name: str, data, threads: int, lr: float, probe_s: float) -
 
 def train(name: str, root: Path, epochs: int, lr: float, threads: int, tag: str) -> dict:
     out = RUNS / f"superres-{name}-{tag}"
-    command = [sys.executable, "-m", "convforge", "train", "--task", "super-resolve", "--data", f"superres:{root}",
+    command = ["train", "--task", "super-resolve", "--data", f"superres:{root}",
                "--scale", str(SCALE), "--model", name, "--epochs", str(epochs), "--eval-every", str(epochs),
                "--batch-size", str(BATCH), "--optimizer", "adamw", "--weight-decay", "0", "--lr", f"{lr:g}",
-               "--threads", str(threads), "--device", "cpu", "--out", str(out), "--json"]
-    print(" ".join(command), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"training {name} failed (exit {proc.returncode}); see the messages above and {out}")
-    summary = json.loads(proc.stdout)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+               "--threads", str(threads), "--device", "cpu", "--out", str(out)]
+    summary, wall = convforge_json(*command)
+    records = read_records(out)
     return {"name": name, "summary": summary, "final": records[-1], "wall": wall, "out": out}
 
 
