@@ -151,3 +151,13 @@ def test_task_and_model_must_agree(tmp_path):
         TrainConfig(task="super-resolve", scale=5).validate()
     with pytest.raises(ConfigError, match="unknown task"):
         TrainConfig(task="detect").validate()
+
+
+def test_dense_models_run_under_bench(tmp_path):
+    for name, size in (("espcn", "1x24x32"), ("linknet_resnet18", "3x64x96")):
+        result = run_cli("bench", name, "--input", size, "--batch", "1", "--backend", "torch,onnxruntime",
+                         "--warmup", "1", "--repeats", "2", "--threads", "1", "--json", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        rows = json.loads(result.stdout)["rows"]
+        assert {r["backend"] for r in rows} == {"torch", "onnxruntime"}
+        assert all(r["images_per_s"] > 0 for r in rows)

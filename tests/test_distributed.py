@@ -99,6 +99,8 @@ def test_a_killed_rank_ends_the_job_within_60_seconds(tmp_path):
         took = time.monotonic() - killed_at
     finally:
         if launcher.poll() is None:
+            for pid in _worker_pids(launcher.pid):  # torchrun starts workers in sessions of their own
+                os.kill(pid, signal.SIGKILL)
             os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode != 0
     assert took < 60, f"the job took {took:.0f} s to end after a rank died"
