@@ -29,6 +29,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--kd-alpha", default="0.7")
     parser.add_argument("--kd-temperature", default="4")
+    parser.add_argument("--teacher-checkpoint",
+                        help="teach with this convforge checkpoint instead of the raw reference weights, e.g. the "
+                             "reference ResNet-56 adapted to JPEG by `benchmarks/compress.py --stage control` "
+                             "(/tmp/convforge-compress-bench/resnet56-unpruned-ft2.safetensors)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each runs both students (default: 0)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -36,8 +40,14 @@ def main() -> None:
     teacher = next((SHARED / "reference-weights").glob("resnet56-*.th"))
     spec = f"imagefolder:{data}"
 
-    teacher_eval, _ = convforge_json("eval", "--model", "resnet56", "--weights", str(teacher), "--data", spec,
-                                "--num-classes", "10", "--mean", *REFERENCE_MEAN, "--std", *REFERENCE_STD)
+    if args.teacher_checkpoint:
+        teacher_eval, _ = convforge_json("eval", args.teacher_checkpoint, "--data", spec)
+        teacher_args = ["--teacher", args.teacher_checkpoint]
+    else:
+        teacher_eval, _ = convforge_json("eval", "--model", "resnet56", "--weights", str(teacher), "--data", spec,
+                                         "--num-classes", "10", "--mean", *REFERENCE_MEAN, "--std", *REFERENCE_STD)
+        teacher_args = ["--teacher-model", "resnet56", "--teacher-weights", str(teacher),
+                        "--teacher-mean", *REFERENCE_MEAN, "--teacher-std", *REFERENCE_STD]
     recipe = ["train", "--model", "resnet20", "--data", spec, "--epochs", str(args.epochs), "--batch-size", "128",
               "--lr", "0.2", "--amp", "--channels-last", "--threads", "2"]
     stamp = int(time.time())
@@ -47,16 +57,15 @@ def main() -> None:
                                            "--out", f"/tmp/convforge-bench-runs/distill-alone-{stamp}-{seed}")
         taught, taught_wall = convforge_json(
             *recipe, "--seed", str(seed), "--out", f"/tmp/convforge-bench-runs/distill-taught-{stamp}-{seed}",
-            "--teacher-model", "resnet56", "--teacher-weights", str(teacher),
-            "--teacher-mean", *REFERENCE_MEAN, "--teacher-std", *REFERENCE_STD,
-            "--kd-alpha", args.kd_alpha, "--kd-temperature", args.kd_temperature)
+            *teacher_args, "--kd-alpha", args.kd_alpha, "--kd-temperature", args.kd_temperature)
         gain = taught["test_top1"] - alone["test_top1"]
         gains.append(gain)
         rows.append(f"| {seed} | {alone['test_top1']:.2f}% ({alone_wall:.0f} s) | {taught['test_top1']:.2f}% "
                     f"({taught_wall:.0f} s) | {gain:+.2f} |")
     mean = sum(gains) / len(gains)
     lines = [
-        f"Teacher: resnet56 reference weights, {teacher_eval['top1']:.2f}% on this test split. Student: resnet20, "
+        f"Teacher: resnet56 {'checkpoint ' + args.teacher_checkpoint if args.teacher_checkpoint else 'reference weights'}"
+        f", {teacher_eval['top1']:.2f}% on this test split. Student: resnet20, "
         f"kd-alpha {args.kd_alpha}, temperature {args.kd_temperature}.",
         "",
         "| seed | resnet20 alone: test top-1 (wall) | resnet20 taught: test top-1 (wall) | gain (points) |",
@@ -68,7 +77,8 @@ def main() -> None:
         f"{sum(g > 0 for g in gains)} of {len(gains)}.",
         "Data: CIFAR-10-JPEG (not comparable with published CIFAR-10 figures); the teacher was trained on the "
         "original CIFAR-10 and never saw JPEG artefacts.",
-        f"Command: `python benchmarks/distill.py --epochs {args.epochs} --seeds {args.seeds}`",
+        f"Command: `python benchmarks/distill.py --epochs {args.epochs} --seeds {args.seeds}"
+        + (f" --teacher-checkpoint {args.teacher_checkpoint}`" if args.teacher_checkpoint else "`"),
     ]
     record("Distillation: ResNet-56 reference teacher -> ResNet-20 student, CIFAR-10-JPEG", lines,
            save=not args.no_record)
