@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from convforge.data.dataset import Split
-from convforge.data.loader import epoch_permutation, flip_where, normalize, shard
+from convforge.data.loader import ShardedLoader, flip_where, normalize
 from convforge.errors import ConfigError
 
 # "crop": random crops of ``crop`` size at scale 1; "scale-crop-flip": random scale in ``scales``, then crop, then flip.
@@ -133,7 +133,7 @@ def _pair(value: int | Sequence[int] | None, name: str) -> tuple[int, int] | Non
     return pair  # type: ignore[return-value]
 
 
-class SegmentationLoader:
+class SegmentationLoader(ShardedLoader):
     """Batches of (normalised float32 images, int64 masks) from a split with (N, H, W) masks.
 
     The interface is :class:`~convforge.data.loader.BatchLoader`'s. ``augment`` is one of
@@ -191,20 +191,6 @@ class SegmentationLoader:
     def labels(self) -> torch.Tensor:
         """The masks (as ``BatchLoader.labels``)."""
         return self.masks
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[torch.Tensor]:
-        n = self.images.shape[0]
-        order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
-        return shard(order, self.batch_size, self.rank, self.world_size, self.drop_last and self.shuffle)
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iter_from(0)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = normalize(x, self.mean, self.std)

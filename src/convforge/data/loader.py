@@ -57,7 +57,30 @@ def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-class BatchLoader:
+class ShardedLoader:
+    """What every convforge loader shares: the epoch's sample order, a function of (seed, epoch) only,
+    cut into per-rank batches. Subclasses set ``images``, ``batch_size``, ``shuffle``, ``drop_last``,
+    ``seed``, ``rank``, ``world_size`` and ``epoch``, and implement ``iter_from(start_batch)``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[torch.Tensor]:
+        n = self.images.shape[0]
+        order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
+        return shard(order, self.batch_size, self.rank, self.world_size, self.drop_last and self.shuffle)
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class BatchLoader(ShardedLoader):
     """Iterates over a split in batches of normalised float tensors on ``device``.
 
     Sampling and augmentation draws depend only on (seed, epoch), never on global RNG state,
@@ -96,20 +119,6 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.last_indices = torch.empty(0, dtype=torch.long)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[torch.Tensor]:
-        n = self.images.shape[0]
-        order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
-        return shard(order, self.batch_size, self.rank, self.world_size, self.drop_last and self.shuffle)
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iter_from(0)
 
     def clean_batch(self, indices: torch.Tensor) -> torch.Tensor:
         """The un-augmented, normalised images at ``indices`` (e.g. a teacher's view)."""

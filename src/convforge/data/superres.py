@@ -19,7 +19,7 @@ from torch import nn
 
 from convforge.data.dataset import Split
 from convforge.data.imagefolder import IMAGE_EXTENSIONS, decode_image
-from convforge.data.loader import epoch_permutation, shard
+from convforge.data.loader import ShardedLoader
 from convforge.data.paths import printable
 from convforge.data.resize import imresize
 from convforge.errors import ConfigError, DataError
@@ -207,7 +207,7 @@ def dihedral(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class SuperResLoader:
+class SuperResLoader(ShardedLoader):
     """Batches ``(inputs, targets)`` of HR patches, float32 on [0, 1], with the interface of ``BatchLoader``.
 
     Targets are the uint8 patches / 255 after a random flip/rotation (``augment``) drawn per sample
@@ -248,20 +248,6 @@ class SuperResLoader:
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.last_indices = torch.empty(0, dtype=torch.long)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[torch.Tensor]:
-        n = self.images.shape[0]
-        order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
-        return shard(order, self.batch_size, self.rank, self.world_size, self.drop_last and self.shuffle)
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iter_from(0)
 
     def make_inputs(self, targets: torch.Tensor) -> torch.Tensor:
         """The model inputs for HR ``targets`` (N, C, P, P) on [0, 1]: bicubic LR, or LR upscaled back."""
