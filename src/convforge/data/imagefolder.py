@@ -6,18 +6,21 @@ import errno
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
+from convforge.data.cache import (
+    default_cache_dir,
+    map_in_processes,
+    open_split,
+    read_meta,
+    write_entry,
+)
 from convforge.data.dataset import Split
 from convforge.data.paths import printable
 from convforge.errors import DataError
@@ -26,7 +29,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_FORMAT = 1
 # Decompression-bomb guard: refuse images above this many pixels (PIL's own default is ~89 M).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
-MMAP_THRESHOLD_BYTES = int(os.environ.get("CONVFORGE_MMAP_THRESHOLD", str(4 * 1024**3)))
 
 
 @dataclass
@@ -35,12 +37,6 @@ class FolderListing:
     files: dict[str, list[tuple[str, int]]]  # split -> [(path, class index)]
     ignored: int
     notes: list[str] = field(default_factory=list)
-
-
-def default_cache_dir() -> Path:
-    """``$CONVFORGE_CACHE`` or ``~/.cache/convforge``."""
-    root = os.environ.get("CONVFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "convforge")
-    return Path(root)
 
 
 def _scandir(folder: Path) -> list[os.DirEntry]:
@@ -266,29 +262,17 @@ def decode_files(
     paths: list[str], size: tuple[int, int] | None, workers: int, progress_label: str
 ) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
     """Decode ``paths`` in ``workers`` processes; returns arrays (None for failures) and (path, error) pairs."""
-    from convforge.progress import progress_iter
-
     chunk = 512
     jobs = [(paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
     results: list[np.ndarray | None] = []
     failures: list[tuple[str, str]] = []
-    if workers > 1 and len(jobs) > 1:
-        pool = ProcessPoolExecutor(max_workers=workers)
-        mapped = pool.map(_decode_chunk, jobs)
-    else:
-        pool = None
-        mapped = map(_decode_chunk, jobs)
-    try:
-        for (job_paths, _), decoded in progress_iter(zip(jobs, mapped), total=len(jobs), label=progress_label):
-            for path, item in zip(job_paths, decoded):
-                if isinstance(item, str):
-                    failures.append((path, item))
-                    results.append(None)
-                else:
-                    results.append(item)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    for (job_paths, _), decoded in zip(jobs, map_in_processes(_decode_chunk, jobs, workers, progress_label)):
+        for path, item in zip(job_paths, decoded):
+            if isinstance(item, str):
+                failures.append((path, item))
+                results.append(None)
+            else:
+                results.append(item)
     return results, failures
 
 
@@ -318,9 +302,9 @@ def load_image_folder(
     key = _fingerprint(listing, root, options)
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     entry = cache_root / "imagefolder" / f"{root.name}-{key}"
-    if (entry / "meta.json").is_file():
-        meta = json.loads((entry / "meta.json").read_text())
-        splits = {name: _open_cached(entry, name) for name in meta["splits"]}
+    meta = read_meta(entry)
+    if meta is not None:
+        splits = {name: open_split(entry, name) for name in meta["splits"]}
         return [printable(c) for c in meta["classes"]], splits, notes + [printable(n) for n in meta.get("notes", [])]
 
     log(f"decoding {sum(len(v) for v in listing.files.values())} images from {printable(root)} "
@@ -361,41 +345,12 @@ def load_image_folder(
                 f"(images of them are only in other splits, or every one failed to decode): add training "
                 f"images or remove the class from every split"
             )
-    _write_cache(entry, classes, decoded, channels, notes)
-    meta = json.loads((entry / "meta.json").read_text())
-    splits = {name: _open_cached(entry, name) for name in meta["splits"]}
+    arrays = {}
+    for split, (images, labels) in decoded.items():
+        stacked = np.empty((len(images), channels, *images[0].shape[:2]), dtype=np.uint8)
+        for i, image in enumerate(images):
+            stacked[i] = (image if image.shape[2] == channels else np.repeat(image, channels, 2)).transpose(2, 0, 1)
+        arrays[split] = (stacked, np.asarray(labels, dtype=np.int64))
+    write_entry(entry, arrays, {"format": CACHE_FORMAT, "classes": classes, "splits": sorted(decoded), "notes": notes})
+    splits = {name: open_split(entry, name) for name in decoded}
     return classes, splits, notes
-
-
-def _write_cache(entry: Path, classes: list[str], decoded: dict, channels: int, notes: list[str]) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    try:
-        for split, (arrays, labels) in decoded.items():
-            images = np.empty((len(arrays), channels, *arrays[0].shape[:2]), dtype=np.uint8)
-            for i, a in enumerate(arrays):
-                images[i] = a.transpose(2, 0, 1) if a.shape[2] == channels else np.repeat(a, channels, 2).transpose(2, 0, 1)
-            np.save(tmp / f"{split}_images.npy", images)
-            np.save(tmp / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
-        meta = {"format": CACHE_FORMAT, "classes": classes, "splits": sorted(decoded), "notes": notes}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same entry first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _open_cached(entry: Path, split: str) -> Split:
-    path = entry / f"{split}_images.npy"
-    # Small caches are read in one sequential pass: random-order batches from a cold memory map
-    # would cost one disk seek per image. Larger ones are memory-mapped (copy-on-write, so writable).
-    mmap = "c" if path.stat().st_size > MMAP_THRESHOLD_BYTES else None
-    images = np.load(path, mmap_mode=mmap, allow_pickle=False)
-    labels = np.load(entry / f"{split}_labels.npy", allow_pickle=False)
-    return Split(torch.from_numpy(images), torch.from_numpy(labels))
-

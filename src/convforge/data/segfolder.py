@@ -38,12 +38,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,14 +49,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from convforge.data.cache import (
+    default_cache_dir,
+    map_in_processes,
+    open_split,
+    read_meta,
+    write_entry,
+)
 from convforge.data.dataset import Dataset, channel_stats
 from convforge.data.imagefolder import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
     _BadImage,
     _decode,
-    _open_cached,
-    default_cache_dir,
     image_problem,
 )
 from convforge.data.paths import printable
@@ -291,23 +293,15 @@ def _decode_chunk(args: tuple[list[tuple[str, str]], tuple[int, int] | None]) ->
 def _decode_all(
     pairs: list[tuple[str, str]], size: tuple[int, int] | None, workers: int, label: str
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
-    from convforge.progress import progress_iter
-
     jobs = [(pairs[i:i + _CHUNK], size) for i in range(0, len(pairs), _CHUNK)]
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 1 else None
-    mapped = pool.map(_decode_chunk, jobs) if pool is not None else map(_decode_chunk, jobs)
     decoded: list[tuple[np.ndarray, np.ndarray]] = []
     failures: list[str] = []
-    try:
-        for items in progress_iter(mapped, total=len(jobs), label=label):
-            for item in items:
-                if isinstance(item, str):
-                    failures.append(item)
-                else:
-                    decoded.append(item)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    for items in map_in_processes(_decode_chunk, jobs, workers, label):
+        for item in items:
+            if isinstance(item, str):
+                failures.append(item)
+            else:
+                decoded.append(item)
     return decoded, failures
 
 
@@ -348,25 +342,6 @@ def _check_mask_values(
     )
 
 
-def _write_cache(entry: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    try:
-        for split, (images, masks) in arrays.items():
-            np.save(tmp / f"{split}_images.npy", images)
-            np.save(tmp / f"{split}_labels.npy", masks)
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same entry first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _size_pair(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -403,10 +378,11 @@ def load_segfolder(
         notes.append(f"ignored {listing.ignored} entries in {shown} that are not image or mask files")
     key = _fingerprint(root, listing, classes_file.read_bytes(), size)
     entry = Path(cache_dir or default_cache_dir()) / "segfolder" / f"{root.name}-{key}"
-    if not (entry / "meta.json").is_file():
+    meta = read_meta(entry)
+    if meta is None:
         _decode_into_cache(root, listing, size, classes, ignore_index, classes_file, entry, workers, log)
-    meta = json.loads((entry / "meta.json").read_text())
-    splits = {name: _open_cached(entry, name) for name in meta["splits"]}
+        meta = read_meta(entry)
+    splits = {name: open_split(entry, name) for name in meta["splits"]}
     notes += [printable(n) for n in meta.get("notes", [])]
     if "train" not in splits:
         notes.append("no train split: normalisation statistics were measured on the evaluation split")
@@ -462,5 +438,5 @@ def _decode_into_cache(
     mean, std = channel_stats(torch.from_numpy(first))
     meta = {"format": CACHE_FORMAT, "classes": classes, "ignore_index": ignore_index,
             "splits": sorted(arrays), "notes": notes, "mean": list(mean), "std": list(std)}
-    _write_cache(entry, arrays, meta)
+    write_entry(entry, arrays, meta)
 
