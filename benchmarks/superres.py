@@ -22,7 +22,7 @@ ESPCN: hours on a GPU), so the "gap to paper" column measures what the CPU budge
 
 ESPCN speed: the trained ESPCN checkpoint (`convforge.train.load_checkpoint`), fp32, `torch.inference_mode`,
 `--threads` threads, upscaling one 640x360 frame to 1920x1080 after warm-up; median of `--fps-runs` runs.
-Y only: the network on a (1, 1, 360, 640) luma tensor. Full RGB: `convforge.data.superres.upscale_rgb` on a uint8
+Y only: the network on a (1, 1, 360, 640) luma tensor, in PyTorch and exported to ONNX Runtime. Full RGB: `convforge.data.superres.upscale_rgb` on a uint8
 640x360 RGB frame (RGB -> YCbCr, ESPCN on Y, MATLAB bicubic on Cb and Cr, back to uint8 RGB; float64 colour code).
 
     python benchmarks/superres.py [--root DIR] [--minutes 4] [--model-minutes srcnn_915=8] [--threads 2]
@@ -43,6 +43,7 @@ import argparse
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,6 +162,7 @@ def espcn_fps(run_dir: Path, root: Path, threads: int, runs: int, runs_rgb: int)
     from PIL import Image
 
     from convforge.data.superres import upscale_rgb
+    from convforge.export.onnx import run_session, session, to_onnx
     from convforge.train import load_checkpoint
 
     torch.set_num_threads(threads)
@@ -186,7 +188,26 @@ def espcn_fps(run_dir: Path, root: Path, threads: int, runs: int, runs_rgb: int)
     rgb_shape = tuple(rgb().shape)
     y_s = median_seconds(y_only, runs)
     rgb_s = median_seconds(rgb, runs_rgb)
-    return {"y_s": y_s, "rgb_s": rgb_s, "rgb_shape": rgb_shape, "runs": runs, "runs_rgb": runs_rgb}
+    with tempfile.TemporaryDirectory() as tmp:  # the same network under ONNX Runtime (as `convforge bench`)
+        report = to_onnx(model, Path(tmp) / "espcn.onnx", (1, h, w))
+        sess = session(report["onnx"], threads)
+        ort_s = median_seconds(lambda: run_session(sess, luma), runs)
+    return {"y_s": y_s, "rgb_s": rgb_s, "ort_s": ort_s, "ort_parity": report["max_abs_diff"],
+            "rgb_shape": rgb_shape, "runs": runs, "runs_rgb": runs_rgb}
+
+
+def fps_lines(fps: dict, threads: int) -> list[str]:
+    """The ESPCN frame-rate table and verdict, as Markdown lines."""
+    return [(f"ESPCN x3, one 640x360 -> 1920x1080 frame on this CPU ({threads} threads, fp32, "
+             f"inference_mode, median of {fps['runs']} / {fps['runs_rgb']} runs after warm-up):"),
+            "", "| path | time per frame | frames per second |", "|---|---:|---:|",
+            f"| Y channel only (the network) | {fps['y_s'] * 1000:.1f} ms | **{1 / fps['y_s']:.2f}** |",
+            (f"| Y channel only, ONNX Runtime (max abs. difference to PyTorch {fps['ort_parity']:.1e}) "
+             f"| {fps['ort_s'] * 1000:.1f} ms | **{1 / fps['ort_s']:.2f}** |"),
+            (f"| full RGB (`upscale_rgb`: YCbCr, ESPCN on Y, bicubic Cb/Cr, uint8 RGB) "
+             f"| {fps['rgb_s'] * 1000:.1f} ms | **{1 / fps['rgb_s']:.2f}** |"), "",
+            (f"Real time (24 fps) on this CPU: Y only {'yes' if 1 / min(fps['y_s'], fps['ort_s']) >= 24 else 'no'}, "
+             f"full RGB {'yes' if 1 / fps['rgb_s'] >= 24 else 'no'}. Paper claim: {ESPCN_CLAIM}")]
 
 
 def main() -> None:
@@ -201,6 +222,8 @@ def main() -> None:
     parser.add_argument("--probe-seconds", type=float, default=8.0, help="time spent measuring each model's step time")
     parser.add_argument("--fps-runs", type=int, default=20, help="timed runs of the ESPCN Y-only frame (median)")
     parser.add_argument("--fps-runs-rgb", type=int, default=5, help="timed runs of the ESPCN full-RGB frame (median)")
+    parser.add_argument("--fps-checkpoint", metavar="RUN_DIR",
+                        help="only time this trained ESPCN run directory (no training); recorded on its own")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="a few images, 1 epoch per model, never recorded")
     args = parser.parse_args()
@@ -215,6 +238,14 @@ def main() -> None:
             raise SystemExit(f"--model-minutes {item!r}: expected NAME=MINUTES with NAME one of {', '.join(models)}")
         minutes[name] = float(value)
     tag = f"{'smoke-' if args.smoke else ''}{int(time.time())}"
+    if args.fps_checkpoint:
+        runs, runs_rgb = (2, 1) if args.smoke else (args.fps_runs, args.fps_runs_rgb)
+        fps = espcn_fps(Path(args.fps_checkpoint), root, args.threads, runs, runs_rgb)
+        lines = fps_lines(fps, args.threads) + [
+            "", f"Checkpoint: {args.fps_checkpoint}.",
+            f"Command: `python benchmarks/superres.py{''.join(' ' + a for a in sys.argv[1:])}`"]
+        record("ESPCN x3 frame rate, 1920x1080 output", lines, save=not (args.no_record or args.smoke))
+        return
 
     from convforge.data.superres import load_superres
 
@@ -273,14 +304,7 @@ def main() -> None:
                      f"trained {s['train_time_s']:.0f} s at {s['images_per_s']:.0f} patches/s; "
                      f"evaluation and start-up {r['wall'] - s['train_time_s']:.0f} s more; run dir {r['out']}.")
     if fps is not None:
-        lines += ["", (f"ESPCN x3, one 640x360 -> 1920x1080 frame on this CPU ({args.threads} threads, fp32, "
-                       f"inference_mode, median of {fps['runs']} / {fps['runs_rgb']} runs after warm-up):"),
-                  "", "| path | time per frame | frames per second |", "|---|---:|---:|",
-                  f"| Y channel only (the network) | {fps['y_s'] * 1000:.1f} ms | **{1 / fps['y_s']:.2f}** |",
-                  (f"| full RGB (`upscale_rgb`: YCbCr, ESPCN on Y, bicubic Cb/Cr, uint8 RGB) "
-                   f"| {fps['rgb_s'] * 1000:.1f} ms | **{1 / fps['rgb_s']:.2f}** |"), "",
-                  (f"Real time (24 fps) on this CPU: Y only {'yes' if 1 / fps['y_s'] >= 24 else 'no'}, full RGB "
-                   f"{'yes' if 1 / fps['rgb_s'] >= 24 else 'no'}. Paper claim: {ESPCN_CLAIM}")]
+        lines += [""] + fps_lines(fps, args.threads)
     lines += ["", "Paper figures (x3, trained on the 91 images):"]
     for name in models:
         if name in PAPER:
