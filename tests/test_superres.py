@@ -112,13 +112,25 @@ def _matlab_reference(x: list[float], out_length: int, scale: float) -> list[flo
     return out
 
 
-@pytest.mark.parametrize("length,scale", [(7, 1 / 3), (10, 0.4), (9, 0.25), (5, 3), (6, 2), (9, 1.5), (4, 4)])
+# Short lines go through a dense matrix, long ones (here 50 and more) tap by tap: both are checked.
+@pytest.mark.parametrize("length,scale", [(7, 1 / 3), (10, 0.4), (9, 0.25), (5, 3), (6, 2), (9, 1.5), (4, 4),
+                                          (60, 3), (130, 1 / 3), (150, 0.25), (50, 2.5)])
 def test_imresize_matches_matlab_formulas_pixel_by_pixel(length, scale):
     x = torch.rand(length, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
     out = imresize(x[None, :], scale=scale)[0]
     assert out.shape == (math.ceil(length * scale - 1e-9),)
     assert torch.allclose(out, torch.tensor(_matlab_reference(x.tolist(), out.shape[0], scale), dtype=torch.float64),
                           atol=1e-12)
+
+
+def test_imresize_tap_by_tap_equals_dense_matrices_on_both_axes():
+    x = torch.rand(2, 3, 130, 170, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for scale in (3, 1 / 3, 0.25, 2):
+        out = imresize(x, scale=scale)
+        h, w = out.shape[-2:]
+        dense = resize_matrix(130, h, float(scale)) @ x @ resize_matrix(170, w, float(scale)).T
+        assert out.is_contiguous()
+        assert torch.allclose(out, dense, atol=1e-12), scale
 
 
 def test_imresize_identity_constant_and_sizes():

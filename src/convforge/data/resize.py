@@ -1,4 +1,4 @@
-"""MATLAB-compatible bicubic ``imresize`` on float tensors, as two matrix products.
+"""MATLAB-compatible bicubic ``imresize`` on float tensors, one dimension at a time.
 
 The super-resolution literature makes its low-resolution images and its bicubic baseline with
 MATLAB's ``imresize(x, scale, 'bicubic')``; this reproduces it for floating-point input:
@@ -29,6 +29,8 @@ from functools import lru_cache
 import torch
 
 KERNEL_WIDTH = 4.0
+# Lines longer than this many times the tap count are resized tap by tap rather than by a dense matrix.
+DENSE_TAP_FACTOR = 8
 
 
 def cubic(x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +49,9 @@ def _out_length(length: int, scale: float) -> int:
 
 
 @lru_cache(maxsize=64)
-def resize_matrix(in_length: int, out_length: int, scale: float) -> torch.Tensor:
-    """The (out_length, in_length) float64 matrix of MATLAB's bicubic contributions along one dimension."""
+def resize_taps(in_length: int, out_length: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MATLAB's bicubic contributions along one dimension as (indices, weights), each (out_length, taps):
+    output ``i`` is ``sum_t weights[i, t] * input[indices[i, t]]`` (0-based indices, borders mirrored)."""
     if scale < 1:
         width = KERNEL_WIDTH / scale
 
@@ -64,10 +67,34 @@ def resize_matrix(in_length: int, out_length: int, scale: float) -> torch.Tensor
     weights = kernel(u[:, None] - ind)
     weights = weights / weights.sum(1, keepdim=True)
     mirror = torch.cat([torch.arange(in_length), torch.arange(in_length - 1, -1, -1)])
-    columns = mirror[torch.remainder(ind.long() - 1, 2 * in_length)]
+    return mirror[torch.remainder(ind.long() - 1, 2 * in_length)], weights
+
+
+@lru_cache(maxsize=64)
+def resize_matrix(in_length: int, out_length: int, scale: float) -> torch.Tensor:
+    """The (out_length, in_length) float64 matrix of MATLAB's bicubic contributions along one dimension."""
+    columns, weights = resize_taps(in_length, out_length, scale)
     matrix = torch.zeros(out_length, in_length, dtype=torch.float64)
     matrix.scatter_add_(1, columns, weights)
     return matrix
+
+
+def _resize_along(x: torch.Tensor, axis: int, length: int, out_length: int, scale: float) -> torch.Tensor:
+    """Resize ``x`` along ``axis`` (-2 or -1) from ``length`` to ``out_length``."""
+    columns, weights = resize_taps(length, out_length, scale)
+    if length <= DENSE_TAP_FACTOR * columns.shape[1]:  # short lines: one small dense matrix product is fastest
+        matrix = resize_matrix(length, out_length, scale).to(device=x.device, dtype=x.dtype)
+        return torch.matmul(matrix, x) if axis == -2 else torch.matmul(x, matrix.T)
+    # Long lines: a dense matrix would be almost all zeros (cost out x in); sum the few taps instead,
+    # picking whole rows (contiguous copies), so a last-axis resize works on the transposed image.
+    if axis == -1:
+        return _resize_along(x.transpose(-1, -2).contiguous(), -2, length, out_length, scale).transpose(-1, -2)
+    columns, weights = columns.to(x.device), weights.to(device=x.device, dtype=x.dtype)
+    out = None
+    for t in range(columns.shape[1]):
+        term = x.index_select(-2, columns[:, t]) * weights[:, t, None]
+        out = term if out is None else out.add_(term)
+    return out
 
 
 def imresize(x: torch.Tensor, scale: float | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -100,6 +127,5 @@ def imresize(x: torch.Tensor, scale: float | None = None, size: tuple[int, int] 
         length = (h, w)[dim]
         if out[dim] == length and scales[dim] == 1.0:
             continue
-        matrix = resize_matrix(length, out[dim], scales[dim]).to(device=x.device, dtype=x.dtype)
-        x = torch.matmul(matrix, x) if dim == 0 else torch.matmul(x, matrix.T)
-    return x
+        x = _resize_along(x, -2 if dim == 0 else -1, length, out[dim], scales[dim])
+    return x.contiguous()

@@ -36,7 +36,7 @@ YCBCR_OFFSET = torch.tensor([16.0, 128.0, 128.0], dtype=torch.float64)
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images on [0, 1] to uint8 as MATLAB's ``uint8(x * 255)``: round half away from zero, saturate."""
-    return torch.floor(x.double() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+    return (x.double() * 255.0).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
 
 
 def load_sr_image_y(path: str | os.PathLike) -> torch.Tensor:
@@ -340,14 +340,17 @@ def evaluate_superres(
 
 def rgb_to_ycbcr(x: torch.Tensor) -> torch.Tensor:
     """RGB (..., 3, H, W) on [0, 255] to YCbCr on [0, 255] (MATLAB's ``rgb2ycbcr``, unrounded), float64."""
-    x = x.double()
-    return torch.einsum("ij,...jhw->...ihw", RGB_TO_YCBCR / 255.0, x) + YCBCR_OFFSET.view(3, 1, 1)
+    return _mix_channels(RGB_TO_YCBCR / 255.0, x.double()).add_(YCBCR_OFFSET.view(3, 1, 1))
 
 
 def ycbcr_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """The inverse of ``rgb_to_ycbcr`` (MATLAB's ``ycbcr2rgb``), float64 on [0, 255], unclamped."""
-    inverse = torch.linalg.inv(RGB_TO_YCBCR / 255.0)
-    return torch.einsum("ij,...jhw->...ihw", inverse, x.double() - YCBCR_OFFSET.view(3, 1, 1))
+    return _mix_channels(torch.linalg.inv(RGB_TO_YCBCR / 255.0), x.double() - YCBCR_OFFSET.view(3, 1, 1))
+
+
+def _mix_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` over the channel axis of (..., 3, H, W), as one matrix product (einsum permutes)."""
+    return torch.matmul(matrix, x.reshape(*x.shape[:-2], -1)).reshape(x.shape)
 
 
 def upscale_rgb(
@@ -367,13 +370,12 @@ def upscale_rgb(
     planes = rgb_to_ycbcr(image) if image.shape[0] == 3 else image.double()
     planes = planes.div(255.0).unsqueeze(0)
     luma = planes[:, :1]
-    bicubic = imresize(planes, scale)
-    out_size = bicubic.shape[-2:]
+    out_size = (image.shape[1] * scale, image.shape[2] * scale)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            y = _run(model, bicubic[:, :1] if upsampled_input else luma, device)
+            y = _run(model, imresize(luma, scale) if upsampled_input else luma, device)
     finally:
         model.train(was_training)
     if y.shape[-2:] != out_size:
@@ -382,5 +384,5 @@ def upscale_rgb(
     y = y.clamp(0, 1)
     if image.shape[0] == 1:
         return to_uint8(y)[0]
-    ycbcr = torch.cat([y, bicubic[:, 1:]], dim=1)[0] * 255.0
+    ycbcr = torch.cat([y, imresize(planes[:, 1:], scale)], dim=1)[0] * 255.0
     return to_uint8(ycbcr_to_rgb(ycbcr) / 255.0)
