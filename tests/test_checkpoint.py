@@ -309,3 +309,35 @@ def test_foreign_wrong_shape(tmp_path):
         load_foreign_weights(_model(0), empty)
     with pytest.raises(CheckpointError, match="weight file not found"):
         load_foreign_weights(_model(0), tmp_path / "missing.pth")
+
+
+def test_atomic_writes_get_ordinary_permissions_not_the_private_temp_mode(tmp_path):
+    """mkstemp makes 0600 files: outputs (masks, checkpoints, reports) must get what open() would give."""
+    old = os.umask(0o022)
+    try:
+        fresh = fileio.atomic_write_bytes(tmp_path / "fresh.bin", b"x")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        assert fileio.atomic_write_bytes(tmp_path / "group.bin", b"x").stat().st_mode & 0o777 == 0o640
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(b"old")
+        kept.chmod(0o600)
+        fileio.atomic_write_bytes(kept, b"new")
+        assert kept.stat().st_mode & 0o777 == 0o600 and kept.read_bytes() == b"new"
+    finally:
+        os.umask(old)
+
+
+def test_cache_entries_are_not_private_folders(tmp_path):
+    import numpy as np
+
+    from convforge.data.cache import open_split, write_entry
+
+    old = os.umask(0o022)
+    try:
+        entry = tmp_path / "imagefolder" / "x-123"
+        write_entry(entry, {"train": (np.zeros((2, 1, 3, 3), np.uint8), np.arange(2))}, {"splits": ["train"]})
+    finally:
+        os.umask(old)
+    assert entry.stat().st_mode & 0o777 == 0o755
+    assert open_split(entry, "train").labels.tolist() == [0, 1]

@@ -24,6 +24,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         fault_point(f"write:{path.name}")
+        # mkstemp makes the file private (0600); give it the mode a plain open() would (or the replaced file's).
+        os.chmod(tmp, _existing_mode(path) or permission_bits(0o666))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -53,6 +55,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def permission_bits(requested: int) -> int:
+    """``requested`` (e.g. 0o666 for files, 0o777 for folders) less the process umask, as open()/mkdir() apply."""
+    try:
+        with open("/proc/self/status") as status:  # read without changing it (os.umask would, process-wide)
+            for line in status:
+                if line.startswith("Umask:"):
+                    return requested & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return requested & ~mask
+
+
+def _existing_mode(path: Path) -> int | None:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return None
 
 
 def _fsync_dir(folder: Path) -> None:

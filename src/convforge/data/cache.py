@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from convforge.data.dataset import Split
+from convforge.fileio import permission_bits
 
 # Caches larger than this are memory-mapped rather than read into memory.
 MMAP_THRESHOLD_BYTES = int(os.environ.get("CONVFORGE_MMAP_THRESHOLD", str(4 * 1024**3)))
@@ -54,6 +55,7 @@ def write_entry(entry: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], m
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
+        tmp.chmod(permission_bits(0o777))  # mkdtemp makes it private; the cache is as shared as its parent
         for split, (images, labels) in arrays.items():
             np.save(tmp / f"{split}_images.npy", images)
             np.save(tmp / f"{split}_labels.npy", labels)
