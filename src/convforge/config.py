@@ -77,6 +77,7 @@ class TrainConfig:
     save_every_steps: int = 0
     out: str | None = None
     resume: str | None = None
+    init: str | None = None
     cache_dir: str | None = None
 
     def resolved(

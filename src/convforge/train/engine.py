@@ -142,6 +142,9 @@ def _train(
         config, overrides = config_for_resume(config)
     config = apply_recipe(config)
     config.validate()
+    if config.init and not config.resume and "data" not in getattr(config, "explicit_fields", set()) \
+            and config.data == TrainConfig.data:
+        config = _data_of_init(config)
     task = get_task(config.task)
     role = role or ProcessRole.from_env()
     say = (lambda message: None) if quiet or not role.is_main else echo
@@ -166,20 +169,30 @@ def _train(
     classify = task.name == "classify"
     for note in data.notes:
         say(f"note: {note}")
+    model_args = task.model_args(cfg, data)
+    init = None
+    if cfg.init:
+        from convforge.train.init import load_init
+
+        init = load_init(cfg.init, cfg.model, task.name, data, model_args)
+        cfg.model, model_args = init.model_name, init.model_args
+        cfg.init = init.meta["init"]["checkpoint"]  # absolute: a resume from elsewhere finds it
+        data.mean, data.std = init.mean, init.std  # the inputs the weights were trained on
+        for note in init.notes:
+            say(f"note: {note}")
 
     run = RunDir(broadcast_object(cfg.out or str(default_run_dir(cfg.model, cfg.data))), role)
     if not cfg.resume and run.file("resume.safetensors").exists():
         raise ConfigError(f"{run.path} already holds a run; resume it with --resume {run.path} or choose another --out")
 
-    model_args = task.model_args(cfg, data)
     try:
-        model = task.build_model(cfg, data, model_args)
+        model = init.model if init is not None else task.build_model(cfg, data, model_args)
     except ConfigError as exc:
         if cfg.drop_path is not None and "drop_path_rate" in str(exc):
             raise ConfigError(f"--drop-path: model {cfg.model!r} has no stochastic depth (no drop_path_rate "
                               "argument); leave --drop-path out") from None
         raise
-    if classify and hasattr(model, "init_from_data"):
+    if classify and hasattr(model, "init_from_data") and init is None:
         _init_from_data(model, data, cfg.seed)
     teachers = load_teachers(cfg, data.num_classes, data.channels, data.mean, data.std, device)
     student_mean = torch.tensor(list(data.mean), device=device).view(1, -1, 1, 1)
@@ -381,6 +394,8 @@ def _train(
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k.startswith(
                 ("train_", *(f"{name}_" for name in eval_splits)))}
             meta = checkpoint_meta(cfg, data, model_args, metrics, epoch + 1, task, input_size)
+            if init is not None:
+                meta.update(init.meta)
             if role.is_main:
                 save_checkpoint(run.file("last.safetensors"), eval_model, meta)
                 if select_key in record and record[select_key] > best["score"]:
@@ -460,6 +475,14 @@ def _train(
 
 
 DATA_INIT_IMAGES = 5000
+
+
+def _data_of_init(config: TrainConfig) -> TrainConfig:
+    """With --init and no --data: the data the checkpoint was trained on (when it names a spec)."""
+    from convforge.train.checkpoint import read_checkpoint_meta
+
+    spec = read_checkpoint_meta(config.init).get("data", {}).get("spec")  # type: ignore[arg-type]
+    return dataclasses.replace(config, data=spec) if spec else config
 
 
 def _init_from_data(model: nn.Module, data: Dataset, seed: int) -> None:

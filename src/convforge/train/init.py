@@ -1,0 +1,117 @@
+"""Start a run from the weights of a trained convforge checkpoint (``--init``).
+
+Fine-tuning on the same classes keeps everything; the same classes in another order reorder the
+head; other classes get a freshly initialised head (the tensors whose shape depends on the class
+count). The model, its arguments and any pruned widths come from the checkpoint, and so does the
+normalisation the weights were trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from convforge.errors import ConfigError
+from convforge.models import create_model
+
+DEFAULT_MODEL = "smallcnn"  # TrainConfig's default: "no --model given"
+
+
+@dataclass
+class InitWeights:
+    model: nn.Module
+    model_name: str
+    model_args: dict[str, Any]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    meta: dict[str, Any]  # carried into the run's checkpoints: "init" (provenance) and "pruned" (widths)
+    notes: list[str] = field(default_factory=list)
+
+
+def head_tensors(name: str, num_classes: int, in_chans: int, args: dict[str, Any]) -> set[str]:
+    """Names of the state tensors whose shape depends on the class count (built on the meta device)."""
+    with torch.device("meta"):
+        one = create_model(name, num_classes=num_classes, in_chans=in_chans, **args).state_dict()
+        other = create_model(name, num_classes=num_classes + 1, in_chans=in_chans, **args).state_dict()
+    return {k for k, v in one.items() if k in other and tuple(v.shape) != tuple(other[k].shape)}
+
+
+def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any]) -> InitWeights:
+    """The model of a run started from checkpoint ``path`` on ``data`` (see the module docstring).
+
+    ``model`` is the run's ``--model`` (the default means "take the checkpoint's"); ``model_args`` are
+    the run's own model arguments (e.g. a stochastic-depth rate), applied over the checkpoint's.
+    """
+    from convforge.compress.widths import apply_widths
+    from convforge.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    meta, shown = ckpt.meta, str(ckpt.path.resolve())
+    spec = meta["model"]
+    if meta.get("task", "classify") != task:
+        raise ConfigError(f"--init {shown} is a {meta.get('task', 'classify')} checkpoint; this run is --task {task}")
+    if model not in (DEFAULT_MODEL, spec["name"]):
+        raise ConfigError(f"--init {shown} holds a {spec['name']!r} model but --model is {model!r}: "
+                          f"leave --model out (the model comes from the checkpoint) or give {spec['name']}")
+    if spec["in_chans"] != data.channels:
+        raise ConfigError(f"--init {shown} takes {spec['in_chans']}-channel images but {data.spec} has "
+                          f"{data.channels} channel(s)")
+    args = {**spec["args"], **model_args}
+    old_classes, new_classes = list(meta.get("classes", [])), list(getattr(data, "classes", []))
+    num_classes = data.num_classes
+    # A super-resolution model's outputs are image channels, not classes: it has no head to replace.
+    heads = set() if task == "super-resolve" else head_tensors(spec["name"], spec["num_classes"], spec["in_chans"], args)
+    same = spec["num_classes"] == num_classes and (old_classes == new_classes or task == "super-resolve")
+    reordered = not same and sorted(old_classes) == sorted(new_classes) and len(new_classes) == num_classes
+    fresh_head = not same and not reordered
+    pruned = meta.get("pruned")
+    if pruned and fresh_head:  # a pruned head keeps its pruned input width, with one row per new class
+        shapes = dict(pruned.get("shapes", {}))
+        shapes.update({k: [num_classes, *shapes[k][1:]] for k in heads & shapes.keys()})
+        pruned = {**pruned, "shapes": shapes}
+    try:
+        built = create_model(spec["name"], num_classes=num_classes, in_chans=spec["in_chans"], **args)
+    except ConfigError as exc:
+        raise ConfigError(f"--init {shown}: cannot build {spec['name']!r} with {args}: {exc}") from None
+    if pruned:
+        apply_widths(built, pruned, shown)
+        if fresh_head:  # apply_widths leaves resized tensors at zero: initialise the new head as its layers do
+            for owner in {k.rpartition(".")[0] for k in heads}:
+                module = built.get_submodule(owner)
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    source = ckpt.model.state_dict()
+    state = built.state_dict()
+    if reordered:
+        order = torch.tensor([old_classes.index(c) for c in new_classes])
+    for key, tensor in state.items():
+        if key in heads and not same:
+            if reordered and source[key].shape[:1] == (spec["num_classes"],):
+                state[key] = source[key].index_select(0, order)
+            continue  # new classes: the freshly initialised head stays
+        if key not in source or source[key].shape != tensor.shape:
+            raise ConfigError(f"--init {shown}: tensor {key} has shape {tuple(source.get(key, torch.empty(0)).shape)} "
+                              f"in the checkpoint and {tuple(tensor.shape)} in the model built from it "
+                              f"(model arguments {args}); give the checkpoint's own model arguments")
+        state[key] = source[key]
+    built.load_state_dict(state)
+    head = "kept" if same else "reordered" if reordered else "reinitialised"
+    notes = [f"--init: weights from {shown} ({spec['name']}, epoch {meta.get('epoch', '?')})"]
+    if head == "reordered":
+        notes.append("--init: the checkpoint has the same classes in another order; its head rows were reordered")
+    elif head == "reinitialised":
+        notes.append(f"--init: the checkpoint has {spec['num_classes']} other classes; the head "
+                     f"({', '.join(sorted(heads))}) starts fresh for the {num_classes} classes of {data.spec}")
+    norm = meta["normalization"]
+    mean, std = tuple(norm["mean"]), tuple(norm["std"])
+    if (mean, std) != (tuple(data.mean), tuple(data.std)):
+        notes.append("--init: inputs are normalised with the checkpoint's mean/std, as its weights were trained "
+                     f"(mean {', '.join(f'{v:.3f}' for v in mean)}; std {', '.join(f'{v:.3f}' for v in std)})")
+    carried: dict[str, Any] = {"init": {"checkpoint": shown, "model": spec["name"], "epoch": meta.get("epoch"),
+                                        "metrics": meta.get("metrics", {}), "head": head}}
+    if pruned:
+        carried["pruned"] = pruned
+    return InitWeights(built, spec["name"], args, mean, std, carried, notes)

@@ -1,0 +1,113 @@
+"""`convforge train --init CKPT`: fine-tuning from a checkpoint, new or reordered classes, pruned models."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from convforge import TrainConfig, load_checkpoint, train
+from convforge.compress.pipeline import prune_checkpoint
+from convforge.errors import ConfigError
+from convforge.train import read_checkpoint_meta
+from convforge.train.init import head_tensors, load_init
+
+HEAD = {"fc.weight", "fc.bias"}
+
+
+def _data(classes, channels=1, mean=(0.3,), std=(0.4,)):
+    return SimpleNamespace(classes=list(classes), num_classes=len(classes), channels=channels, spec="fake",
+                           mean=mean, std=std)
+
+
+def _quiet_train(**kwargs):
+    return train(TrainConfig(epochs=1, batch_size=64, threads=1, **kwargs), quiet=True)
+
+
+def test_head_tensors_are_those_that_depend_on_the_class_count():
+    assert head_tensors("smallcnn", 10, 1, {"widths": [16, 32, 64]}) == HEAD
+    assert head_tensors("resnet20", 10, 3, {}) == {"linear.weight", "linear.bias"}
+
+
+def test_same_classes_keep_every_weight_and_the_checkpoint_normalisation(digits_run):
+    source = load_checkpoint(digits_run["run_dir"])
+    init = load_init(str(digits_run["run_dir"]), "smallcnn", "classify", _data(source.classes), {})
+    assert init.meta["init"]["head"] == "kept" and init.model_name == "smallcnn"
+    for key, tensor in source.model.state_dict().items():
+        assert torch.equal(init.model.state_dict()[key], tensor), key
+    assert (init.mean, init.std) == (source.mean, source.std)
+    assert any("normalised with the checkpoint's mean/std" in n for n in init.notes)
+
+
+def test_reordered_classes_reorder_the_head_so_predictions_follow_the_names(digits_run):
+    source = load_checkpoint(digits_run["run_dir"])
+    reversed_classes = source.classes[::-1]
+    init = load_init(str(digits_run["run_dir"]), "smallcnn", "classify", _data(reversed_classes), {})
+    assert init.meta["init"]["head"] == "reordered"
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        old, new = source.model.eval()(x), init.model.eval()(x)
+    assert torch.allclose(new, old.flip(1), atol=1e-6)
+
+
+def test_new_classes_get_a_fresh_head_and_keep_the_body(digits_run):
+    source = load_checkpoint(digits_run["run_dir"]).model.state_dict()
+    init = load_init(str(digits_run["run_dir"]), "smallcnn", "classify", _data(["a", "b", "c"]), {})
+    state = init.model.state_dict()
+    assert init.meta["init"]["head"] == "reinitialised"
+    assert state["fc.weight"].shape[0] == 3 and state["fc.weight"].abs().sum() > 0
+    for key in source.keys() - HEAD:
+        assert torch.equal(state[key], source[key]), key
+
+
+def test_fine_tuning_starts_from_the_checkpoint_not_from_scratch(digits_run, tmp_path):
+    """At a learning rate too small to learn anything in one epoch, only loaded weights score well."""
+    before = digits_run["summary"]["test_top1"]
+    tuned = _quiet_train(data="digits", init=str(digits_run["run_dir"]), lr=1e-6, out=str(tmp_path / "tuned"))
+    scratch = _quiet_train(data="digits", model_args={"widths": [16, 32, 64]}, lr=1e-6, out=str(tmp_path / "scratch"))
+    assert tuned["test_top1"] >= before - 1.0 and scratch["test_top1"] < 50.0
+    meta = read_checkpoint_meta(tmp_path / "tuned")
+    assert meta["init"]["checkpoint"] == str((digits_run["run_dir"] / "best.safetensors").resolve())
+    assert meta["model"]["args"] == {"widths": [16, 32, 64]}
+
+
+def test_pruned_checkpoint_fine_tunes_resumes_and_moves_to_new_classes(digits_run, tmp_path):
+    pruned = tmp_path / "pruned.safetensors"
+    prune_checkpoint(digits_run["run_dir"], "l1-filter", target_macs=0.5, out=pruned, evaluate_split=None,
+                     log=lambda _m: None)
+    pruned_params = sum(p.numel() for p in load_checkpoint(pruned).model.parameters())
+    run = tmp_path / "tuned"
+    summary = _quiet_train(data="digits", init=str(pruned), out=str(run))
+    assert summary["params"] == pruned_params
+    assert summary["test_top1"] > 80.0
+    resumed = train(TrainConfig(resume=str(run), epochs=2, threads=1), quiet=True)
+    assert resumed["epochs"] == 2 and resumed["params"] == pruned_params
+    assert sum(p.numel() for p in load_checkpoint(run).model.parameters()) == pruned_params  # eval rebuilds it
+
+    moved = load_init(str(pruned), "smallcnn", "classify", _data(["a", "b", "c"]), {})
+    width = load_checkpoint(pruned).model.state_dict()["fc.weight"].shape[1]
+    assert tuple(moved.model.state_dict()["fc.weight"].shape) == (3, width)
+    assert width < 64  # the head's input was pruned too: the new head keeps that width
+    assert moved.meta["pruned"]["shapes"]["fc.weight"] == [3, width]
+
+
+def test_init_errors_name_the_problem(digits_run, tmp_path):
+    path = str(digits_run["run_dir"])
+    with pytest.raises(ConfigError, match="holds a 'smallcnn' model but --model is 'resnet20'"):
+        load_init(path, "resnet20", "classify", _data(range(10)), {})
+    with pytest.raises(ConfigError, match="is a classify checkpoint; this run is --task segment"):
+        load_init(path, "smallcnn", "segment", _data(range(10)), {})
+    with pytest.raises(ConfigError, match="takes 1-channel images but fake has 3 channel"):
+        load_init(path, "smallcnn", "classify", _data(range(10), channels=3), {})
+    with pytest.raises(Exception, match="not found"):
+        _quiet_train(data="digits", init=str(tmp_path / "missing"), out=str(tmp_path / "x"))
+
+
+def test_without_data_the_run_uses_the_data_the_checkpoint_names(tmp_path):
+    from helpers import TINY_SYNTH
+
+    first = _quiet_train(data=TINY_SYNTH, model_args={"widths": [8, 16, 16]}, out=str(tmp_path / "first"))
+    second = _quiet_train(init=str(tmp_path / "first"), out=str(tmp_path / "second"))
+    assert first["data"] == second["data"] == TINY_SYNTH
+    assert read_checkpoint_meta(tmp_path / "second")["init"]["head"] == "kept"
