@@ -111,3 +111,32 @@ def test_without_data_the_run_uses_the_data_the_checkpoint_names(tmp_path):
     second = _quiet_train(init=str(tmp_path / "first"), out=str(tmp_path / "second"))
     assert first["data"] == second["data"] == TINY_SYNTH
     assert read_checkpoint_meta(tmp_path / "second")["init"]["head"] == "kept"
+
+
+def test_foreign_weight_files_initialise_the_named_model(digits_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from convforge.errors import CheckpointError
+    from convforge.train.init import is_foreign_weights
+
+    source = load_checkpoint(digits_run["run_dir"])
+    state = source.model.state_dict()
+    pickle_file = tmp_path / "weights.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, pickle_file)  # a DataParallel dump
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(plain))
+    assert is_foreign_weights(str(pickle_file)) and is_foreign_weights(str(plain))
+    assert not is_foreign_weights(str(source.path)) and not is_foreign_weights(str(tmp_path / "missing.pth"))
+    args = {"widths": [16, 32, 64]}
+    for file in (pickle_file, plain):
+        init = load_init(str(file), "smallcnn", "classify", _data(source.classes), args)
+        assert init.meta["init"]["foreign"] and init.meta["init"]["head"] == "kept"
+        assert all(torch.equal(init.model.state_dict()[k], v) for k, v in state.items())
+    three = load_init(str(pickle_file), "smallcnn", "classify", _data(["a", "b", "c"]), args)
+    assert three.meta["init"]["head"] == "reinitialised" and three.model.state_dict()["fc.weight"].shape[0] == 3
+    body = {k for k in state if not k.startswith("fc.")}
+    assert all(torch.equal(three.model.state_dict()[k], state[k]) for k in body)
+    with pytest.raises(CheckpointError, match="name its model with --model NAME"):
+        load_init(str(pickle_file), "smallcnn", "classify", _data(source.classes), {})  # default widths differ
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_init(str(pickle_file), "resnet20", "classify", _data(source.classes), {})

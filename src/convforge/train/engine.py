@@ -480,7 +480,10 @@ DATA_INIT_IMAGES = 5000
 def _data_of_init(config: TrainConfig) -> TrainConfig:
     """With --init and no --data: the data the checkpoint was trained on (when it names a spec)."""
     from convforge.train.checkpoint import read_checkpoint_meta
+    from convforge.train.init import is_foreign_weights
 
+    if is_foreign_weights(config.init):  # type: ignore[arg-type]
+        return config
     spec = read_checkpoint_meta(config.init).get("data", {}).get("spec")  # type: ignore[arg-type]
     return dataclasses.replace(config, data=spec) if spec else config
 

@@ -1,4 +1,4 @@
-"""Start a run from the weights of a trained convforge checkpoint (``--init``).
+"""Start a run from the weights of a trained convforge checkpoint or a foreign weight file (``--init``).
 
 Fine-tuning on the same classes keeps everything; the same classes in another order reorder the
 head; other classes get a freshly initialised head (the tensors whose shape depends on the class
@@ -9,6 +9,7 @@ normalisation the weights were trained with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +40,66 @@ def head_tensors(name: str, num_classes: int, in_chans: int, args: dict[str, Any
     return {k for k, v in one.items() if k in other and tuple(v.shape) != tuple(other[k].shape)}
 
 
+FOREIGN_SUFFIXES = (".pth", ".th", ".pt", ".bin")
+
+
+def is_foreign_weights(path: str) -> bool:
+    """A weight file that convforge did not write: a PyTorch pickle, or a safetensors file without our metadata."""
+    file = Path(path)
+    if not file.is_file():
+        return False
+    if file.suffix in FOREIGN_SUFFIXES:
+        return True
+    if file.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    from convforge.train.checkpoint import META_KEY
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return META_KEY not in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable: the checkpoint loader reports it
+        return False
+
+
+def load_foreign_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any]) -> InitWeights:
+    """A run's model built from ``--model`` with the weights of a foreign file (see ``read_state_dict``).
+
+    A head that does not fit the data's classes stays freshly initialised; the inputs are normalised
+    with the data's own statistics (a foreign file does not say what its weights were trained with).
+    """
+    from convforge.models.weights import load_state_dict_checked, read_state_dict
+
+    from convforge.errors import CheckpointError
+
+    shown = str(Path(path).resolve())
+    built = create_model(model, num_classes=data.num_classes, in_chans=data.channels, **model_args)
+    model_task = getattr(built, "task", "classify")
+    if model_task != task:
+        raise ConfigError(f"--model {model} is a {model_task} model; this run is --task {task}")
+    state = read_state_dict(path)
+    own = built.state_dict()
+    heads = set() if task == "super-resolve" else head_tensors(model, data.num_classes, data.channels, model_args)
+    replaced = sorted(k for k in heads if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+    state.update({k: own[k] for k in replaced})
+    try:
+        load_state_dict_checked(built, state, shown)
+    except CheckpointError as exc:
+        if model != DEFAULT_MODEL:
+            raise
+        raise CheckpointError(f"{exc} --init {shown} is a foreign weight file (no convforge metadata): name its "
+                              f"model with --model NAME (and --model-arg KEY=VALUE for its arguments)") from None
+    notes = [f"--init: weights from the foreign file {shown} ({model})",
+             "--init: a foreign file does not say how its inputs were normalised: using the data's statistics"]
+    if replaced:
+        notes.append(f"--init: the file's head ({', '.join(replaced)}) has another class count; a fresh head "
+                     f"starts for the {data.num_classes} classes of {data.spec}")
+    carried = {"init": {"checkpoint": shown, "model": model, "foreign": True,
+                        "head": "reinitialised" if replaced else "kept"}}
+    return InitWeights(built, model, dict(model_args), tuple(data.mean), tuple(data.std), carried, notes)
+
+
 def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any]) -> InitWeights:
     """The model of a run started from checkpoint ``path`` on ``data`` (see the module docstring).
 
@@ -48,6 +109,8 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
     from convforge.compress.widths import apply_widths
     from convforge.train.checkpoint import load_checkpoint
 
+    if is_foreign_weights(path):
+        return load_foreign_init(path, model, task, data, model_args)
     ckpt = load_checkpoint(path)
     meta, shown = ckpt.meta, str(ckpt.path.resolve())
     spec = meta["model"]
