@@ -140,3 +140,22 @@ def test_foreign_weight_files_initialise_the_named_model(digits_run, tmp_path):
         load_init(str(pickle_file), "smallcnn", "classify", _data(source.classes), {})  # default widths differ
     with pytest.raises(CheckpointError, match="do not fit"):
         load_init(str(pickle_file), "resnet20", "classify", _data(source.classes), {})
+
+
+def test_keep_sparsity_holds_the_pruned_zeros_through_fine_tuning(digits_run, tmp_path):
+    from convforge.compress.prune import prunable_weights
+
+    sparse = tmp_path / "sparse.safetensors"
+    prune_checkpoint(digits_run["run_dir"], "global-magnitude", sparsity=0.6, out=sparse, evaluate_split=None,
+                     log=lambda _m: None)
+    zeros = {k: w == 0 for k, w in prunable_weights(load_checkpoint(sparse).model)}
+    held = _quiet_train(init=str(sparse), keep_sparsity=True, out=str(tmp_path / "held"))
+    free = _quiet_train(init=str(sparse), out=str(tmp_path / "free"))
+    assert held["test_top1"] > 80.0
+    held_weights = dict(prunable_weights(load_checkpoint(tmp_path / "held").model))
+    free_weights = dict(prunable_weights(load_checkpoint(tmp_path / "free").model))
+    assert all(bool((held_weights[k][z] == 0).all()) for k, z in zeros.items())
+    assert all(held_weights[k][~z].ne(0).any() for k, z in zeros.items())  # the rest still trains
+    assert any(bool(free_weights[k][z].ne(0).any()) for k, z in zeros.items())  # without it the zeros fill in
+    with pytest.raises(ConfigError, match="--keep-sparsity holds the zero weights"):
+        TrainConfig(keep_sparsity=True).validate()

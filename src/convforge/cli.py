@@ -68,6 +68,8 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--save-every-steps", "save_every_steps", int, "also save the resume state every N steps (default: 0, epoch ends only)"),
     ("--out", "out", str, "run directory (default: runs/MODEL-DATA-TIME)"),
     ("--resume", "resume", str, "resume the run in RUN_DIR from its last saved state"),
+    ("--keep-sparsity", "keep_sparsity", "flag", "with --init: hold the checkpoint's zero conv/linear weights at "
+                                                 "zero (fine-tuning a global-magnitude pruned model)"),
     ("--init", "init", str, "start from this convforge checkpoint's weights (fine-tuning; model, widths and "
                             "normalisation from it; a fresh head when the classes differ)"),
     ("--cache-dir", "cache_dir", str, "decoded-image cache (default: $CONVFORGE_CACHE or ~/.cache/convforge)"),
