@@ -70,6 +70,11 @@ def test_fine_tuning_starts_from_the_checkpoint_not_from_scratch(digits_run, tmp
     meta = read_checkpoint_meta(tmp_path / "tuned")
     assert meta["init"]["checkpoint"] == str((digits_run["run_dir"] / "best.safetensors").resolve())
     assert meta["model"]["args"] == {"widths": [16, 32, 64]}
+    from convforge.report import write_report
+
+    html = write_report([tmp_path / "tuned"], tmp_path / "report.html", evaluate=False).read_text()
+    cell = html.split("started from")[1][:400]
+    assert "best.safetensors (smallcnn" in cell and "head kept" in cell
 
 
 def test_pruned_checkpoint_fine_tunes_resumes_and_moves_to_new_classes(digits_run, tmp_path):

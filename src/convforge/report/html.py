@@ -181,6 +181,7 @@ def environment(run: RunData) -> str:
             ("python", run.summary.get("python")), ("convforge", meta.get("convforge_version")),
             ("checkpoint", f"{run.checkpoint.name} (epoch {meta.get('epoch', '?')}, {meta.get('weights', 'trained')} "
                            f"weights, saved {meta.get('created', '?')})" if run.checkpoint else None),
+            ("started from", _init_text(meta.get("init"))),
             ("run directory", str(run.path))]
     env = table(("", ""), [(k, "-" if v in (None, "", {}) else v) for k, v in rows])
     config = ""
@@ -189,6 +190,19 @@ def environment(run: RunData) -> str:
                   + table(("option", "value"), [(k, "-" if v is None else v) for k, v in run.config.items()])
                   + "</details>")
     return f'<div class="grid"><div>{env}</div></div>{config}'
+
+
+def _init_text(init: Any) -> str | None:
+    """Where a run's weights started (``--init``), or None for a run from scratch."""
+    if not isinstance(init, dict) or not init.get("checkpoint"):
+        return None
+    source = "foreign weight file " if init.get("foreign") else ""
+    scores = {k: v for k, v in (init.get("metrics") or {}).items()
+              if isinstance(v, (int, float)) and k.endswith(("_top1", "_miou", "_psnr"))}
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in list(scores.items())[:3])
+    return (f"{source}{init['checkpoint']} ({init.get('model', '?')}"
+            + (f", epoch {init['epoch']}" if init.get("epoch") is not None else "")
+            + (f"; {shown}" if shown else "") + f"; head {init.get('head', '?')})")
 
 
 def curves_section(run: RunData) -> str:
