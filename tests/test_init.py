@@ -26,8 +26,10 @@ def _quiet_train(**kwargs):
 
 
 def test_head_tensors_are_those_that_depend_on_the_class_count():
-    assert head_tensors("smallcnn", 10, 1, {"widths": [16, 32, 64]}) == HEAD
-    assert head_tensors("resnet20", 10, 3, {}) == {"linear.weight", "linear.bias"}
+    assert head_tensors("smallcnn", 10, 1, {"widths": [16, 32, 64]}) == {"fc.weight": (0,), "fc.bias": (0,)}
+    assert head_tensors("resnet20", 10, 3, {}) == {"linear.weight": (0,), "linear.bias": (0,)}
+    fcn = head_tensors("fcn8s_vgg16", 11, 3, {})
+    assert fcn["score_fr.weight"] == (0,) and fcn["upscore2.weight"] == (0, 1)  # class-to-class upsampling
 
 
 def test_same_classes_keep_every_weight_and_the_checkpoint_normalisation(digits_run):

@@ -32,12 +32,18 @@ class InitWeights:
     notes: list[str] = field(default_factory=list)
 
 
-def head_tensors(name: str, num_classes: int, in_chans: int, args: dict[str, Any]) -> set[str]:
-    """Names of the state tensors whose shape depends on the class count (built on the meta device)."""
+def head_tensors(name: str, num_classes: int, in_chans: int, args: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The state tensors whose shape depends on the class count, each with those dimensions (e.g. a linear
+    head's weight: (0,); FCN's class-to-class upsampling: (0, 1)). Found by building the model on the
+    meta device with ``num_classes`` and ``num_classes + 1``."""
     with torch.device("meta"):
         one = create_model(name, num_classes=num_classes, in_chans=in_chans, **args).state_dict()
         other = create_model(name, num_classes=num_classes + 1, in_chans=in_chans, **args).state_dict()
-    return {k for k, v in one.items() if k in other and tuple(v.shape) != tuple(other[k].shape)}
+    heads = {}
+    for key, tensor in one.items():
+        if key in other and tuple(tensor.shape) != tuple(other[key].shape):
+            heads[key] = tuple(d for d, (a, b) in enumerate(zip(tensor.shape, other[key].shape)) if a != b)
+    return heads
 
 
 FOREIGN_SUFFIXES = (".pth", ".th", ".pt", ".bin")
@@ -80,7 +86,7 @@ def load_foreign_init(path: str, model: str, task: str, data: Any, model_args: d
         raise ConfigError(f"--model {model} is a {model_task} model; this run is --task {task}")
     state = read_state_dict(path)
     own = built.state_dict()
-    heads = set() if task == "super-resolve" else head_tensors(model, data.num_classes, data.channels, model_args)
+    heads = {} if task == "super-resolve" else head_tensors(model, data.num_classes, data.channels, model_args)
     replaced = sorted(k for k in heads if k in state and tuple(state[k].shape) != tuple(own[k].shape))
     state.update({k: own[k] for k in replaced})
     try:
@@ -126,14 +132,15 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
     old_classes, new_classes = list(meta.get("classes", [])), list(getattr(data, "classes", []))
     num_classes = data.num_classes
     # A super-resolution model's outputs are image channels, not classes: it has no head to replace.
-    heads = set() if task == "super-resolve" else head_tensors(spec["name"], spec["num_classes"], spec["in_chans"], args)
+    heads = {} if task == "super-resolve" else head_tensors(spec["name"], spec["num_classes"], spec["in_chans"], args)
     same = spec["num_classes"] == num_classes and (old_classes == new_classes or task == "super-resolve")
     reordered = not same and sorted(old_classes) == sorted(new_classes) and len(new_classes) == num_classes
     fresh_head = not same and not reordered
     pruned = meta.get("pruned")
     if pruned and fresh_head:  # a pruned head keeps its pruned input width, with one row per new class
         shapes = dict(pruned.get("shapes", {}))
-        shapes.update({k: [num_classes, *shapes[k][1:]] for k in heads & shapes.keys()})
+        for key in heads.keys() & shapes.keys():
+            shapes[key] = [num_classes if d in heads[key] else n for d, n in enumerate(shapes[key])]
         pruned = {**pruned, "shapes": shapes}
     try:
         built = create_model(spec["name"], num_classes=num_classes, in_chans=spec["in_chans"], **args)
@@ -152,8 +159,11 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
         order = torch.tensor([old_classes.index(c) for c in new_classes])
     for key, tensor in state.items():
         if key in heads and not same:
-            if reordered and source[key].shape[:1] == (spec["num_classes"],):
-                state[key] = source[key].index_select(0, order)
+            if reordered:
+                moved = source[key]
+                for dim in heads[key]:
+                    moved = moved.index_select(dim, order)
+                state[key] = moved
             continue  # new classes: the freshly initialised head stays
         if key not in source or source[key].shape != tensor.shape:
             raise ConfigError(f"--init {shown}: tensor {key} has shape {tuple(source.get(key, torch.empty(0)).shape)} "
