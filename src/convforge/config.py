@@ -130,7 +130,7 @@ class TrainConfig:
             (self.drop_path is None or 0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}"),
             (0 <= self.kd_alpha <= 1, f"kd_alpha must be in [0, 1], got {self.kd_alpha}"),
             (self.kd_temperature > 0, f"kd_temperature must be > 0, got {self.kd_temperature}"),
-            (not self.keep_sparsity or bool(self.init) or bool(self.resume),
+            (not self.keep_sparsity or bool(self.init),
              "--keep-sparsity holds the zero weights of the --init checkpoint at zero: give --init CKPT"),
             ((self.teacher_model is None) == (self.teacher_weights is None),
              "give --teacher-model and --teacher-weights together (a foreign teacher needs both)"),

@@ -192,9 +192,7 @@ def _train(
             raise ConfigError(f"--drop-path: model {cfg.model!r} has no stochastic depth (no drop_path_rate "
                               "argument); leave --drop-path out") from None
         raise
-    sparsity_masks = _sparsity_masks(model, say) if cfg.keep_sparsity else None
-    if sparsity_masks is not None:
-        from convforge.compress.prune import apply_masks
+    hold_zeros = _zero_holder(model, say) if cfg.keep_sparsity else None
     if classify and hasattr(model, "init_from_data") and init is None:
         _init_from_data(model, data, cfg.seed)
     teachers = load_teachers(cfg, data.num_classes, data.channels, data.mean, data.std, device)
@@ -343,8 +341,8 @@ def _train(
                     if cfg.grad_clip:
                         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
-                    if sparsity_masks is not None:
-                        apply_masks(model, sparsity_masks)
+                    if hold_zeros is not None:
+                        hold_zeros()
                     if ema is not None:
                         ema.update(model)
                     global_step += 1
@@ -482,15 +480,15 @@ def _train(
 DATA_INIT_IMAGES = 5000
 
 
-def _sparsity_masks(model: nn.Module, say: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    """Keep-masks (True = trainable) of the conv/linear weights of the starting model, for --keep-sparsity."""
-    from convforge.compress.prune import prunable_weights
+def _zero_holder(model: nn.Module, say: Callable[[str], None]) -> Callable[[], None]:
+    """For --keep-sparsity: a function that sets the starting model's zero conv/linear weights back to zero."""
+    from convforge.compress.prune import apply_masks, prunable_weights
 
     masks = {name: weight.detach() != 0 for name, weight in prunable_weights(model)}
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     say(f"note: --keep-sparsity: {zeros:,} of {total:,} conv/linear weights ({zeros / max(total, 1):.1%}) stay at zero")
-    return masks
+    return lambda: apply_masks(model, masks)
 
 
 def _data_of_init(config: TrainConfig) -> TrainConfig:
