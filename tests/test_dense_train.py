@@ -98,6 +98,11 @@ def test_segmentation_trains_resumes_and_is_used_by_every_command(tmp_path, one_
 
     html = write_report([run], tmp_path / "report.html").read_text()
     assert "test mIoU" in html and "test top-1" not in html
+    assert "evaluation on" not in html  # no failed (classification-style) evaluation note
+    section = html.split("Segmentation: mIoU and per-class IoU")[1]
+    evaluated_seg = json.loads(run_cli("eval", run, "--json", cwd=tmp_path).stdout)
+    assert f"{evaluated_seg['test']['miou']:.2f}%" in section.split("</table>")[0]  # the same figure as eval
+    assert section.count("ground truth") >= 2 and "data:image/png;base64" in section
 
     exported = run_cli("export", run / "last.safetensors", "--format", "onnx", "--out", tmp_path / "seg.onnx",
                        "--json", cwd=tmp_path)
@@ -121,7 +126,11 @@ def test_super_resolution_trains_and_upscales(tmp_path, one_thread):
 
     from convforge.report import write_report
 
-    assert "Set5 PSNR (dB)" in write_report([run], tmp_path / "report.html").read_text()
+    html = write_report([run], tmp_path / "report.html").read_text()
+    assert "Set5 PSNR (dB)" in html and "evaluation on" not in html
+    section = html.split("PSNR and SSIM against bicubic")[1]
+    assert f"{metrics['Set5_psnr']:.2f}" in section.split("</table>")[0]  # the training run's own figure
+    assert "Set5, first image: centre crop" in section and section.count("data:image/png;base64") >= 3
 
     image = data / "Set5" / "img0.png"
     upscaled = run_cli("upscale", run, image, "--out", tmp_path / "big.png", "--json", cwd=tmp_path)

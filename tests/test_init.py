@@ -157,7 +157,7 @@ def test_keep_sparsity_holds_the_pruned_zeros_through_fine_tuning(digits_run, tm
                      log=lambda _m: None)
     zeros = {k: w == 0 for k, w in prunable_weights(load_checkpoint(sparse).model)}
     held = _quiet_train(init=str(sparse), keep_sparsity=True, out=str(tmp_path / "held"))
-    free = _quiet_train(init=str(sparse), out=str(tmp_path / "free"))
+    _quiet_train(init=str(sparse), out=str(tmp_path / "free"))
     assert held["test_top1"] > 80.0
     held_weights = dict(prunable_weights(load_checkpoint(tmp_path / "held").model))
     free_weights = dict(prunable_weights(load_checkpoint(tmp_path / "free").model))

@@ -105,8 +105,8 @@ def cmd_upscale(args: argparse.Namespace) -> dict[str, Any]:
             "size": [int(upscaled.shape[2]), int(upscaled.shape[1])]}
 
 
-def evaluate_dense(ckpt, spec: str | None, split: str, batch_size: int) -> dict[str, Any]:
-    """``convforge eval`` of a segmentation or super-resolution checkpoint on its own data (or ``spec``)."""
+def dense_data(ckpt, spec: str | None, batch_size: int = 16):
+    """(task, config, data) to evaluate a segmentation or super-resolution checkpoint on its own data (or ``spec``)."""
     from convforge.config import TrainConfig
     from convforge.train.tasks import get_task
 
@@ -114,7 +114,13 @@ def evaluate_dense(ckpt, spec: str | None, split: str, batch_size: int) -> dict[
     recipe = dict(ckpt.meta.get("recipe") or {})
     cfg = TrainConfig(task=task.name, data=spec or ckpt.meta["data"]["spec"], batch_size=batch_size,
                       scale=int(ckpt.meta.get("scale") or recipe.get("scale") or 3))
-    data = task.load_data(cfg, lambda message: None)
+    return task, cfg, task.load_data(cfg, lambda message: None)
+
+
+def evaluate_dense(ckpt, spec: str | None, split: str, batch_size: int, loaded=None) -> dict[str, Any]:
+    """``convforge eval`` of a segmentation or super-resolution checkpoint on its own data (or ``spec``);
+    ``loaded``: what :func:`dense_data` returned, when the caller has it already."""
+    task, cfg, data = loaded or dense_data(ckpt, spec, batch_size)
     splits = task.eval_splits(data) if split == "test" else [split]
     result: dict[str, Any] = {"checkpoint": str(ckpt.path), "model": ckpt.meta["model"]["name"], "task": task.name,
                               "data": cfg.data, "notes": []}

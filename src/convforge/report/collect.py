@@ -314,7 +314,12 @@ def _evaluate(run: RunData, wrong: int) -> None:
         run.notes.append("the checkpoint names no data set; no evaluation")
         return
     try:
-        run.evaluation = evaluate_checkpoint(ckpt, spec, (run.config or {}).get("image_size"), wrong)
+        if ckpt.meta.get("task", "classify") != "classify":
+            from convforge.report.dense import evaluate_dense_checkpoint
+
+            run.evaluation = evaluate_dense_checkpoint(ckpt, spec)
+        else:
+            run.evaluation = evaluate_checkpoint(ckpt, spec, (run.config or {}).get("image_size"), wrong)
     except Exception as exc:  # noqa: BLE001 - e.g. the data set has moved since training
         run.notes.append(f"evaluation on {spec} failed: {str(exc)[:300]}")
 
@@ -334,7 +339,7 @@ def stage_summary(model: Any, input_size: tuple[int, ...]) -> list[dict[str, Any
         for part_name, module in parts:
             rows.append({"name": part_name, "type": type(module).__name__,
                          "params": sum(p.numel() for p in module.parameters()),
-                         "macs": macs.get(f"{root}.{part_name}", 0)})
+                         "macs": _module_macs(macs, f"{root}.{part_name}", module)})
     total_params = sum(p.numel() for p in model.parameters())
     total_macs = macs.get("Global", 0)
     for row in rows:
@@ -343,6 +348,14 @@ def stage_summary(model: Any, input_size: tuple[int, ...]) -> list[dict[str, Any
     rows.append({"name": "total", "type": root, "params": total_params, "macs": total_macs,
                  "params_share": 1.0, "macs_share": 1.0})
     return rows
+
+
+def _module_macs(macs: dict[str, int], name: str, module: Any) -> int:
+    """MACs of ``module``: the counter's figure, or, for a container whose children the parent calls directly
+    (so the counter never entered it), the sum over its children."""
+    if macs.get(name):
+        return macs[name]
+    return sum(_module_macs(macs, f"{name}.{child_name}", child) for child_name, child in module.named_children())
 
 
 def evaluate_checkpoint(ckpt: Any, spec: str, image_size: Any, wrong: int) -> dict[str, Any]:

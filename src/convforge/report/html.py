@@ -230,6 +230,10 @@ def evaluation_section(run: RunData) -> str:
     ev = run.evaluation
     if not ev:
         return ""
+    if ev.get("task", "classify") != "classify":
+        from convforge.report.dense import dense_section
+
+        return dense_section(run)
     classes = ev["classes"]
     out = [f"<h3>Test set: confusion matrix and per-class accuracy</h3>"
            f'<p class="sub">{esc(run.checkpoint.name if run.checkpoint else "")} evaluated on the {esc(ev["split"])} '
