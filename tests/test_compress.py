@@ -18,6 +18,7 @@ from convforge.models import create_model
 from convforge.models.convnext import ConvNeXt
 from convforge.models.densenet import DenseNet
 from convforge.models.mobilenet_v2 import MobileNetV2
+from convforge.models.resnet import Bottleneck, ResNet
 from convforge.train import load_checkpoint
 from convforge.train.checkpoint import save_checkpoint
 
@@ -46,6 +47,8 @@ ZOO = {
     "mobilenet_v2 (depthwise, inverted residual)": (lambda: MobileNetV2(num_classes=10, width_mult=0.25), (3, 32, 32)),
     "convnext (depthwise 7x7, LayerNorm, layer scale)": (
         lambda: ConvNeXt((1, 2), (16, 32), num_classes=10, layer_scale=0.5), (3, 32, 32)),
+    "resnext (grouped 3x3, 8 groups of 4)": (
+        lambda: ResNet(Bottleneck, (1, 1, 1, 1), num_classes=10, groups=8, width_per_group=4), (3, 32, 32)),
 }
 
 
@@ -199,3 +202,30 @@ def test_round_to_keeps_multiples_of_eight():
     assert result.macs_ratio <= 0.5
     widths = [m.out_channels for m in result.model.modules() if isinstance(m, nn.Conv2d)]
     assert all(w % 8 == 0 for w in widths) and min(widths) < 16
+
+
+def test_grouped_convolutions_lose_whole_groups_and_keep_their_group_width():
+    from convforge.compress.widths import apply_widths, changed_shapes
+
+    torch.manual_seed(0)
+    model = _randomize_norms(create_model("resnext50_32x4d", num_classes=10))
+    size = (3, 32, 32)
+    result = prune(model, size, "l1-filter", target_macs=0.5, round_to=8)
+    pruned = result.model.eval()
+    before = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    after = dict(pruned.named_modules())
+    assert before and any(after[n].groups < m.groups for n, m in before.items())
+    for name, original in before.items():
+        conv = after[name]
+        assert conv.out_channels // conv.groups == original.out_channels // original.groups  # group width kept
+        assert conv.in_channels // conv.groups == original.in_channels // original.groups
+        assert conv.weight.shape[0] == conv.out_channels and conv.weight.shape[1] * conv.groups == conv.in_channels
+    assert count_macs(pruned, size) == result.macs_after <= 0.5 * result.macs_before
+    assert any("a whole group at a time" in note for note in result.notes)
+    # A checkpoint records only the shapes: rebuilding from them gives the same grouped layers and outputs.
+    rebuilt = create_model("resnext50_32x4d", num_classes=10)
+    apply_widths(rebuilt, {"shapes": changed_shapes(pruned, create_model("resnext50_32x4d", num_classes=10))})
+    rebuilt.load_state_dict(pruned.state_dict())
+    x = torch.randn(2, *size)
+    assert torch.allclose(rebuilt.eval()(x), pruned(x), atol=1e-5)
+    assert all(dict(rebuilt.named_modules())[n].groups == after[n].groups for n in before)

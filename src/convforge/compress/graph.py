@@ -8,11 +8,13 @@ CVPR 2023), written here from scratch at the granularity of single channels:
   channels (BatchNorm, activations, pooling, depthwise convolutions, permutes, flatten over
   1x1 maps) pass ids through; element-wise operations between tensors (residual additions,
   squeeze-excite gates, layer scale) *merge* the ids of the channels they combine; concatenation
-  along channels concatenates the id lists (DenseNet);
+  along channels concatenates the id lists (DenseNet); a grouped convolution merges the input and
+  output ids of each of its groups, so a group goes or stays whole and the group width is kept
+  (ResNeXt, RegNet);
 - ids that cannot be removed are *fixed*: the model input, the logits, channels produced by a
   zero-pad on the channel axis (the option-A shortcuts of the CIFAR ResNets), and every channel
-  that meets an operation this module does not know (grouped convolutions, attention, custom
-  functions): unknown means "do not touch", never a wrong guess.
+  that meets an operation this module does not know (attention, custom functions): unknown
+  means "do not touch", never a wrong guess.
 
 Merged ids form coupled channels (a union-find root): removing one removes, in every layer that
 sees it, the corresponding output filter, input slice, norm entry and per-channel parameter.
@@ -72,11 +74,12 @@ class LayerRecord:
     """A convolution or linear layer: its input/output channel ids and MACs per (in, out) channel pair."""
 
     name: str
-    kind: str  # "conv", "depthwise", "linear", "fixed"
+    kind: str  # "conv", "depthwise", "grouped", "linear", "fixed"
     in_ids: list[int] | None
     out_ids: list[int]
-    macs_per_pair: int  # conv/linear: k*k*positions; depthwise: k*k*positions per channel
-    fixed_macs: int = 0  # layers whose size pruning cannot change (grouped convolutions)
+    macs_per_pair: int  # conv/linear: k*k*positions; depthwise: k*k*positions per channel;
+    # grouped: (inputs per group)*k*k*positions per output channel
+    fixed_macs: int = 0  # layers whose size pruning cannot change
 
 
 @dataclass
@@ -88,6 +91,7 @@ class ChannelGraph:
     layers: list[LayerRecord] = field(default_factory=list)
     norms: dict[str, list[int]] = field(default_factory=dict)  # BatchNorm / LayerNorm module name -> ids
     module_channels: dict[str, tuple[list[int] | None, list[int]]] = field(default_factory=dict)
+    group_units: list[int] = field(default_factory=list)  # one channel id of each group of a grouped conv
     notes: list[str] = field(default_factory=list)
 
     def add_param(self, name: str, dim: int, ids: list[int]) -> None:
@@ -129,7 +133,7 @@ class ChannelGraph:
         for layer in self.layers:
             if layer.kind == "fixed":
                 total += layer.fixed_macs
-            elif layer.kind == "depthwise":
+            elif layer.kind in ("depthwise", "grouped"):
                 total += count(layer.out_ids) * layer.macs_per_pair
             else:
                 total += count(layer.in_ids) * count(layer.out_ids) * layer.macs_per_pair
@@ -284,12 +288,17 @@ def _module_rule(g: ChannelGraph, node, module, info, fresh, fix_all, passthroug
             g.add_param(f"{name}.weight", 0, out_ids)
             g.layers.append(LayerRecord(name, "depthwise", None, out_ids, k * positions))
         else:
-            fix_all(in_ids)
-            out_ids = fresh(module.out_channels, fixed=True)
-            macs = module.out_channels * module.in_channels // module.groups * k * positions
-            g.layers.append(LayerRecord(name, "fixed", None, out_ids, 0, macs))
-            info[node] = (out_ids, 1)
-            return
+            # Grouped: a whole group goes or stays, so its input and output channels become one unit (one
+            # root); each kept output channel still reads in_channels / groups inputs.
+            out_ids = fresh(module.out_channels)
+            in_per, out_per = module.in_channels // module.groups, module.out_channels // module.groups
+            for j in range(module.groups):
+                members = in_ids[j * in_per:(j + 1) * in_per] + out_ids[j * out_per:(j + 1) * out_per]
+                for other in members[1:]:
+                    g.uf.union(members[0], other)
+                g.group_units.append(members[0])
+            g.add_param(f"{name}.weight", 0, out_ids)
+            g.layers.append(LayerRecord(name, "grouped", in_ids, out_ids, in_per * k * positions))
         if module.bias is not None:
             g.add_param(f"{name}.bias", 0, out_ids)
         g.module_channels[name] = (in_ids, out_ids)

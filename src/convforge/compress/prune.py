@@ -154,12 +154,16 @@ def _importance(model: nn.Module, g: ChannelGraph, method: str, seed: int) -> di
     return scores
 
 
-def _keep_set(ordered: list[list[int]], share: float, min_share: float, round_to: int = 1) -> set[int]:
+def _keep_set(ordered: list[list[int]], share: float, min_share: float, round_to: int = 1,
+              unrounded: set[int] | None = None) -> set[int]:
+    """The roots kept when ``share`` of every coupled set goes; ``round_to`` rounds the kept count of a set up to
+    a multiple (sets holding a root of ``unrounded``, whole groups of a grouped conv, are not rounded)."""
     keep: set[int] = set()
     for group in ordered:
         n = len(group)
         k = max(1, math.ceil(min_share * n - 1e-9), n - math.floor(share * n + 1e-9))
-        k = min(n, math.ceil(k / round_to) * round_to)
+        step = 1 if unrounded and unrounded.intersection(group) else round_to
+        k = min(n, math.ceil(k / step) * step)
         keep.update(group[:k])
     return keep
 
@@ -175,8 +179,10 @@ def _structured(model, input_size, method, target_macs, sparsity, min_share, dry
         raise ConvforgeError(f"{type(model).__name__} has no prunable channel group (every channel is coupled to "
                              f"the input, the logits or an operation that cannot be pruned)")
 
+    units = {g.uf.find(i) for i in g.group_units}
+
     def macs_at(share: float) -> int:
-        return g.macs(_keep_set(ordered, share, min_share, round_to)) + other_macs
+        return g.macs(_keep_set(ordered, share, min_share, round_to, units)) + other_macs
 
     if sparsity is not None:
         share = float(sparsity)
@@ -200,15 +206,15 @@ def _structured(model, input_size, method, target_macs, sparsity, min_share, dry
                 else:
                     lo = mid
         share = hi
-    keep = _keep_set(ordered, share, min_share, round_to)
+    keep = _keep_set(ordered, share, min_share, round_to, units)
     if sparsity is None and round_to == 1:
         keep = _refine(g, ordered, keep, target_macs * macs_before - other_macs)
     plan = _plan(g, keep)
     notes = list(g.notes)
-    fixed_layers = [layer.name for layer in g.layers if layer.kind == "fixed"]
-    if fixed_layers:
-        notes.append(f"grouped convolutions kept at full width: {', '.join(fixed_layers[:8])}"
-                     + (" ..." if len(fixed_layers) > 8 else ""))
+    grouped = [layer.name for layer in g.layers if layer.kind == "grouped"]
+    if grouped:
+        notes.append(f"grouped convolutions are pruned a whole group at a time (their group width stays): "
+                     f"{', '.join(grouped[:8])}" + (" ..." if len(grouped) > 8 else ""))
     if dry_run:
         macs_after = g.macs(keep) + other_macs
         removed_params = _removed_params(model, g, keep)
@@ -267,7 +273,7 @@ def _plan(g: ChannelGraph, keep: set[int]) -> list[dict[str, Any]]:
         out_old, out_new = len(layer.out_ids), kept(layer.out_ids)
         if layer.kind == "fixed":
             macs_old = macs_new = layer.fixed_macs
-        elif layer.kind == "depthwise":
+        elif layer.kind in ("depthwise", "grouped"):
             macs_old, macs_new = out_old * layer.macs_per_pair, out_new * layer.macs_per_pair
         else:
             macs_old = in_old * out_old * layer.macs_per_pair

@@ -24,11 +24,13 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 def sync_module_attrs(module: nn.Module, depthwise: bool = False) -> None:
     """Set a module's size attributes from the shapes of its (resized) tensors."""
     if isinstance(module, nn.Conv2d):
-        module.out_channels = module.weight.shape[0]
         if depthwise:
-            module.groups = module.in_channels = module.out_channels
-        else:
-            module.in_channels = module.weight.shape[1] * module.groups
+            module.groups = module.in_channels = module.out_channels = module.weight.shape[0]
+            return
+        if module.groups > 1:  # pruned whole groups at a time: the group width (outputs per group) stays
+            module.groups = module.weight.shape[0] // (module.out_channels // module.groups)
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
