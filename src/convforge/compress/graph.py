@@ -74,12 +74,11 @@ class LayerRecord:
     """A convolution or linear layer: its input/output channel ids and MACs per (in, out) channel pair."""
 
     name: str
-    kind: str  # "conv", "depthwise", "grouped", "linear", "fixed"
+    kind: str  # "conv", "depthwise", "grouped", "linear"
     in_ids: list[int] | None
     out_ids: list[int]
     macs_per_pair: int  # conv/linear: k*k*positions; depthwise: k*k*positions per channel;
     # grouped: (inputs per group)*k*k*positions per output channel
-    fixed_macs: int = 0  # layers whose size pruning cannot change
 
 
 @dataclass
@@ -131,9 +130,7 @@ class ChannelGraph:
 
         total = 0
         for layer in self.layers:
-            if layer.kind == "fixed":
-                total += layer.fixed_macs
-            elif layer.kind in ("depthwise", "grouped"):
+            if layer.kind in ("depthwise", "grouped"):
                 total += count(layer.out_ids) * layer.macs_per_pair
             else:
                 total += count(layer.in_ids) * count(layer.out_ids) * layer.macs_per_pair

@@ -132,7 +132,7 @@ def _importance(model: nn.Module, g: ChannelGraph, method: str, seed: int) -> di
         values = torch.rand(n, generator=gen).tolist()
         return {i: values[i] for i in range(n)}
     p = 2 if method == "l2-filter" else 1
-    outputs = {(f"{layer.name}.weight", 0) for layer in g.layers if layer.kind != "fixed"}
+    outputs = {(f"{layer.name}.weight", 0) for layer in g.layers}
     with torch.no_grad():
         for key in outputs:
             if key not in g.params:
@@ -271,9 +271,7 @@ def _plan(g: ChannelGraph, keep: set[int]) -> list[dict[str, Any]]:
         in_old = None if layer.in_ids is None else len(layer.in_ids)
         in_new = kept(layer.in_ids)
         out_old, out_new = len(layer.out_ids), kept(layer.out_ids)
-        if layer.kind == "fixed":
-            macs_old = macs_new = layer.fixed_macs
-        elif layer.kind in ("depthwise", "grouped"):
+        if layer.kind in ("depthwise", "grouped"):
             macs_old, macs_new = out_old * layer.macs_per_pair, out_new * layer.macs_per_pair
         else:
             macs_old = in_old * out_old * layer.macs_per_pair
