@@ -139,6 +139,7 @@ def train(name: str, root: Path, epochs: int, fmt: str, lr: float, threads: int,
 
 def inference_rates(run_dir: Path, fmt: str, threads: int, runs: int, runs_16: int, warmup: int = 2) -> dict:
     """Images/s of the run's selected checkpoint at batch 1 and 16 (240x180), median time of the runs."""
+    from convforge.measure.bench import time_fn
     from convforge.train import load_checkpoint
 
     torch.set_num_threads(threads)
@@ -160,14 +161,7 @@ def inference_rates(run_dir: Path, fmt: str, threads: int, runs: int, runs_16: i
         shape = tuple(forward().shape)  # the first warm-up run
         if shape != (batch, len(ckpt.classes), *IMAGE):
             raise SystemExit(f"{run_dir}: unexpected output shape {shape}")
-        for _ in range(warmup - 1):
-            forward()
-        times = []
-        for _ in range(count):
-            start = time.perf_counter()
-            forward()
-            times.append(time.perf_counter() - start)
-        rates[batch] = batch / statistics.median(times)
+        rates[batch] = batch / statistics.median(time_fn(forward, warmup=warmup - 1, repeats=count))
     return rates
 
 

@@ -148,14 +148,9 @@ def train(name: str, root: Path, epochs: int, lr: float, threads: int, tag: str)
 
 
 def median_seconds(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from convforge.measure.bench import time_fn
+
+    return statistics.median(time_fn(fn, warmup=warmup, repeats=runs))
 
 
 def espcn_fps(run_dir: Path, root: Path, threads: int, runs: int, runs_rgb: int) -> dict:
