@@ -271,14 +271,15 @@ class SuperResLoader(ShardedLoader):
             yield inputs, targets
 
 
-def _bicubic_pair(image: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def bicubic_pair(image: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HR uint8 (1, H, W) -> (HR float64 (1, 1, H, W) on [0, 1], its bicubic LR, that LR upscaled back)."""
     hr = image.double().div(255.0).unsqueeze(0)
     lr = imresize(hr, 1 / scale)
     return hr, lr, imresize(lr, scale)
 
 
-def _run(model: nn.Module, x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+def run_model(model: nn.Module, x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``model(x)`` on ``device`` in the model's dtype, returned as float64 on the CPU."""
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     return model(x.to(device=device, dtype=dtype)).double().cpu()
@@ -312,7 +313,7 @@ def evaluate_superres(
                 if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 1:
                     raise ValueError(f"image {index}: expected uint8 (1, H, W), got {image.dtype} {tuple(image.shape)}")
                 image = modcrop(image, scale)
-                hr, lr, bicubic = _bicubic_pair(image, scale)
+                hr, lr, bicubic = bicubic_pair(image, scale)
                 bic = to_uint8(bicubic)[0]
                 row = {"index": index, "size": list(image.shape[1:]),
                        "bicubic_psnr": psnr(image, bic, shave=scale), "bicubic_ssim": ssim(image, bic, shave=scale)}
@@ -320,7 +321,7 @@ def evaluate_superres(
                     rows.append({**row, "psnr": row["bicubic_psnr"], "ssim": row["bicubic_ssim"]})
                     continue
                 model_input = bicubic if upsampled_input else lr
-                output = _run(model, model_input, device)
+                output = run_model(model, model_input, device)
                 if output.shape != hr.shape:
                     raise ValueError(
                         f"image {index}: the model turned a {tuple(model_input.shape[-2:])} input into "
@@ -375,7 +376,7 @@ def upscale_rgb(
     model.eval()
     try:
         with torch.no_grad():
-            y = _run(model, imresize(luma, scale) if upsampled_input else luma, device)
+            y = run_model(model, imresize(luma, scale) if upsampled_input else luma, device)
     finally:
         model.train(was_training)
     if y.shape[-2:] != out_size:

@@ -46,7 +46,7 @@ def _segment_examples(ckpt: Any, data: Any, split: str) -> list[dict[str, Any]]:
 
 def _superres_examples(ckpt: Any, data: Any) -> list[dict[str, Any]]:
     """The centre crop of the first image of each test set: high resolution, bicubic, the model."""
-    from convforge.data.superres import _bicubic_pair, _run, to_uint8
+    from convforge.data.superres import bicubic_pair, run_model, to_uint8
     from convforge.measure.quality import psnr
     from convforge.report.collect import image_png
 
@@ -56,9 +56,9 @@ def _superres_examples(ckpt: Any, data: Any) -> list[dict[str, Any]]:
     for name, images in list(data.test_sets.items())[:EXAMPLES]:
         if not images:
             continue
-        hr, lr, bicubic = _bicubic_pair(images[0], scale)
+        hr, lr, bicubic = bicubic_pair(images[0], scale)
         with torch.no_grad():
-            output = _run(ckpt.model.eval(), bicubic if upsampled_input else lr, "cpu").clamp(0, 1)
+            output = run_model(ckpt.model.eval(), bicubic if upsampled_input else lr, "cpu").clamp(0, 1)
         pictures = {"hr": to_uint8(hr)[0], "bicubic": to_uint8(bicubic)[0], "model": to_uint8(output)[0]}
         height, width = pictures["hr"].shape[-2:]
         top, left = max(0, (height - CROP) // 2), max(0, (width - CROP) // 2)
