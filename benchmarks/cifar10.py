@@ -115,7 +115,7 @@ def main() -> None:
               f"{', bf16 autocast' if amp else ''}): {results[channels_last, amp]:.0f} img/s")
     best_layout, best_amp = max(results, key=results.get)
 
-    summary = convforge.train(convforge.TrainConfig(
+    summary = convforge.fit(convforge.TrainConfig(
         model="resnet20", data=f"imagefolder:{root}", epochs=args.budget_epochs, batch_size=args.batch_size,
         lr=0.2, label_smoothing=0.1, channels_last=best_layout, amp=best_amp, out=f"/tmp/convforge-bench-runs/cifar10-{int(time.time())}",
     ))

@@ -39,7 +39,7 @@ def _restore_process_state():
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The small CNN trained 3 epochs on scikit-learn digits; returns the summary, run dir and live model."""
-    from convforge import TrainConfig, train
+    from convforge import TrainConfig, fit
     from convforge.train import tasks
 
     captured = {}
@@ -52,6 +52,6 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_dir = tmp_path_factory.mktemp("digits") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks, "create_model", capture)
-        summary = train(TrainConfig(model="smallcnn", data="digits", epochs=3, batch_size=64,
-                                    model_args={"widths": [16, 32, 64]}, out=str(run_dir)), quiet=True)
+        summary = fit(TrainConfig(model="smallcnn", data="digits", epochs=3, batch_size=64,
+                                  model_args={"widths": [16, 32, 64]}, out=str(run_dir)), quiet=True)
     return {"summary": summary, "run_dir": run_dir, "model": captured["model"].eval()}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from convforge import TrainConfig, load_checkpoint, train
+from convforge import TrainConfig, load_checkpoint, fit
 from convforge.cli import main
 from convforge.data import load
 from convforge.errors import DataError, NonFiniteLossError
@@ -241,7 +241,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "lr_at", nan_after_first_epoch)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as info:
-        train(TrainConfig(data=TINY_SYNTH, epochs=3, batch_size=16, model_args={"widths": [4, 8]}, out=str(run)),
+        fit(TrainConfig(data=TINY_SYNTH, epochs=3, batch_size=16, model_args={"widths": [4, 8]}, out=str(run)),
               quiet=True)
     message = str(info.value)
     assert "epoch 2" in message and "lower learning rate" in message

@@ -192,7 +192,7 @@ def test_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch):
 
 def test_interrupted_training_write_keeps_last_checkpoint(tmp_path, monkeypatch):
     """Killed halfway through writing epoch 2's last.safetensors: epoch 1's file stays whole and loadable."""
-    from convforge import TrainConfig, train
+    from convforge import TrainConfig, fit
     from convforge.train import TrainingInterrupted
 
     real = fileio.atomic_write
@@ -215,7 +215,7 @@ def test_interrupted_training_write_keeps_last_checkpoint(tmp_path, monkeypatch)
     monkeypatch.setattr(fileio, "atomic_write", interrupt_second_last_write)
     run = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):
-        train(TrainConfig(data="synthetic:classes=3,size=8,train=64,test=32", epochs=2, batch_size=16,
+        fit(TrainConfig(data="synthetic:classes=3,size=8,train=64,test=32", epochs=2, batch_size=16,
                           model_args={"widths": [4, 8]}, out=str(run)), quiet=True)
     assert writes["last.safetensors"] == 2
     ckpt = load_checkpoint(run / "last.safetensors")

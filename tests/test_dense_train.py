@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from convforge import TrainConfig, train
+from convforge import TrainConfig, fit
 from convforge.errors import ConfigError, DataError
 from convforge.train import load_checkpoint
 from helpers import run_cli, save_image
@@ -62,9 +62,9 @@ def test_segmentation_trains_resumes_and_is_used_by_every_command(tmp_path, one_
     config = TrainConfig(task="segment", model="unet", model_args={"base_width": 4}, data=f"segfolder:{data}",
                          epochs=1, batch_size=4, lr=0.05, augment="scale-crop-flip", seg_crop=[24, 32],
                          out=str(run))
-    first = train(config, quiet=True)
+    first = fit(config, quiet=True)
     assert first["task"] == "segment" and first["best_metric"] == "test_miou"
-    resumed = train(TrainConfig(resume=str(run), epochs=4), quiet=True)
+    resumed = fit(TrainConfig(resume=str(run), epochs=4), quiet=True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert {"test_miou", "test_pixel_acc", "test_loss", "test_per_class_iou"} <= set(records[-1])
@@ -113,7 +113,7 @@ def test_segmentation_trains_resumes_and_is_used_by_every_command(tmp_path, one_
 def test_super_resolution_trains_and_upscales(tmp_path, one_thread):
     data = _srfolder(tmp_path / "sr")
     run = tmp_path / "run"
-    summary = train(TrainConfig(task="super-resolve", model="espcn", data=f"superres:{data}", scale=3, epochs=2,
+    summary = fit(TrainConfig(task="super-resolve", model="espcn", data=f"superres:{data}", scale=3, epochs=2,
                                 batch_size=8, optimizer="adamw", lr=1e-3, out=str(run)), quiet=True)
     assert summary["best_metric"] == "Set5_psnr"
     metrics = summary["metrics"]
@@ -145,14 +145,14 @@ def test_super_resolution_trains_and_upscales(tmp_path, one_thread):
 def test_task_and_model_must_agree(tmp_path):
     data = _segfolder(tmp_path / "seg", counts=(("train", 4), ("test", 2)))
     with pytest.raises(ConfigError, match="classify model.*--task classify"):
-        train(TrainConfig(task="segment", model="smallcnn", data=f"segfolder:{data}", epochs=1,
+        fit(TrainConfig(task="segment", model="smallcnn", data=f"segfolder:{data}", epochs=1,
                           out=str(tmp_path / "a")), quiet=True)
     with pytest.raises(ConfigError, match="segment model"):
-        train(TrainConfig(model="unet", data="digits", epochs=1, out=str(tmp_path / "b")), quiet=True)
+        fit(TrainConfig(model="unet", data="digits", epochs=1, out=str(tmp_path / "b")), quiet=True)
     with pytest.raises(DataError, match="segfolder"):
-        train(TrainConfig(task="segment", model="unet", data="digits", epochs=1, out=str(tmp_path / "c")), quiet=True)
+        fit(TrainConfig(task="segment", model="unet", data="digits", epochs=1, out=str(tmp_path / "c")), quiet=True)
     with pytest.raises(DataError, match="superres:DIR"):
-        train(TrainConfig(task="super-resolve", model="espcn", data="digits", epochs=1, out=str(tmp_path / "d")),
+        fit(TrainConfig(task="super-resolve", model="espcn", data="digits", epochs=1, out=str(tmp_path / "d")),
               quiet=True)
     with pytest.raises(ConfigError, match="mixup_alpha.*classification only"):
         TrainConfig(task="segment", mixup_alpha=0.2).validate()

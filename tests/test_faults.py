@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convforge import TrainConfig, load_checkpoint, train
+from convforge import TrainConfig, load_checkpoint, fit
 from convforge.errors import DiskFullError, NonFiniteLossError
 from convforge.train.checkpoint import read_checkpoint_meta
 from helpers import TINY_SYNTH, read_jsonl, run_cli
@@ -220,7 +220,7 @@ def test_disk_full_on_a_real_small_tmpfs(small_tmpfs):
             _fill(small_tmpfs)
 
     with pytest.raises(DiskFullError) as caught:
-        train(config, on_epoch_end=fill_after_first_epoch, quiet=True)
+        fit(config, on_epoch_end=fill_after_first_epoch, quiet=True)
     message = str(caught.value)
     assert "disk full" in message and str(run) in message and "--resume" in message
     assert caught.value.exit_code == 4
@@ -230,7 +230,7 @@ def test_disk_full_on_a_real_small_tmpfs(small_tmpfs):
     assert not list(run.glob(".*.tmp"))
     # free the space and resume: the run finishes
     (small_tmpfs / "filler").unlink()
-    summary = train(TrainConfig(resume=str(run)), quiet=True)
+    summary = fit(TrainConfig(resume=str(run)), quiet=True)
     assert summary["status"] == "completed" and len(read_jsonl(run / "metrics.jsonl")) == 3
 
 
@@ -253,7 +253,7 @@ def test_nan_policy_skip_batch_skips_and_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "F", _NanOnCalls({3, 4, 11}))
     config = TrainConfig(data=TINY_SYNTH, epochs=2, batch_size=8, threads=1, out=str(tmp_path / "run"),
                          nan_policy="skip-batch")
-    summary = train(config, quiet=True)
+    summary = fit(config, quiet=True)
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["skipped_batches"] for r in records] == [2, 1]
     assert summary["status"] == "completed" and summary["test_top1"] > 50
@@ -268,7 +268,7 @@ def test_nan_policy_skip_batch_gives_up_after_many_in_a_row(tmp_path, monkeypatc
     config = TrainConfig(data="synthetic:classes=3,size=8,train=256,test=32", epochs=2, batch_size=8, threads=1,
                          out=str(tmp_path / "run"), nan_policy="skip-batch")
     with pytest.raises(NonFiniteLossError, match="21 batches in a row") as caught:
-        train(config, quiet=True)
+        fit(config, quiet=True)
     assert "lower learning rate" in str(caught.value)
     assert load_checkpoint(tmp_path / "run").meta["epoch"] == 1  # the last good checkpoint is kept
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from convforge import TrainConfig, load_checkpoint, train
+from convforge import TrainConfig, load_checkpoint, fit
 from convforge.compress.pipeline import prune_checkpoint
 from convforge.errors import ConfigError
 from convforge.train import read_checkpoint_meta
@@ -22,7 +22,7 @@ def _data(classes, channels=1, mean=(0.3,), std=(0.4,)):
 
 
 def _quiet_train(**kwargs):
-    return train(TrainConfig(epochs=1, batch_size=64, threads=1, **kwargs), quiet=True)
+    return fit(TrainConfig(epochs=1, batch_size=64, threads=1, **kwargs), quiet=True)
 
 
 def test_head_tensors_are_those_that_depend_on_the_class_count():
@@ -88,7 +88,7 @@ def test_pruned_checkpoint_fine_tunes_resumes_and_moves_to_new_classes(digits_ru
     summary = _quiet_train(data="digits", init=str(pruned), out=str(run))
     assert summary["params"] == pruned_params
     assert summary["test_top1"] > 80.0
-    resumed = train(TrainConfig(resume=str(run), epochs=2, threads=1), quiet=True)
+    resumed = fit(TrainConfig(resume=str(run), epochs=2, threads=1), quiet=True)
     assert resumed["epochs"] == 2 and resumed["params"] == pruned_params
     assert sum(p.numel() for p in load_checkpoint(run).model.parameters()) == pruned_params  # eval rebuilds it
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convforge import TrainConfig, create_model, load_checkpoint, train
+from convforge import TrainConfig, create_model, load_checkpoint, fit
 from convforge.errors import ConfigError
 from convforge.recipes import apply_recipe, list_recipes, recipe_config
 from convforge.train import TrainingInterrupted
@@ -85,7 +85,7 @@ def test_drop_path_option_reaches_the_model():
 
 def test_drop_path_on_a_model_without_it_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="has no stochastic depth"):
-        train(TrainConfig(data=TINY_SYNTH, epochs=1, batch_size=8, drop_path=0.1, out=str(tmp_path / "r")), quiet=True)
+        fit(TrainConfig(data=TINY_SYNTH, epochs=1, batch_size=8, drop_path=0.1, out=str(tmp_path / "r")), quiet=True)
 
 
 REGULARISED = dict(data=TINY_SYNTH, epochs=2, batch_size=8, threads=1, mixup_alpha=0.4, cutmix_alpha=1.0,
@@ -93,7 +93,7 @@ REGULARISED = dict(data=TINY_SYNTH, epochs=2, batch_size=8, threads=1, mixup_alp
 
 
 def test_mixing_runs_resume_bit_exactly(tmp_path):
-    full = train(TrainConfig(**REGULARISED, out=str(tmp_path / "full")), quiet=True)
+    full = fit(TrainConfig(**REGULARISED, out=str(tmp_path / "full")), quiet=True)
     assert full["status"] == "completed"
 
     def stop_after_first(epoch: int, record: dict) -> None:
@@ -101,33 +101,33 @@ def test_mixing_runs_resume_bit_exactly(tmp_path):
             raise TrainingInterrupted(130)
 
     with pytest.raises(TrainingInterrupted):
-        train(TrainConfig(**REGULARISED, out=str(tmp_path / "split")), on_epoch_end=stop_after_first, quiet=True)
-    train(TrainConfig(resume=str(tmp_path / "split")), quiet=True)
+        fit(TrainConfig(**REGULARISED, out=str(tmp_path / "split")), on_epoch_end=stop_after_first, quiet=True)
+    fit(TrainConfig(resume=str(tmp_path / "split")), quiet=True)
     a, b = load_file(tmp_path / "full" / "last.safetensors"), load_file(tmp_path / "split" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_distillation_from_a_checkpoint_teacher(tmp_path):
     teacher_run = tmp_path / "teacher"
-    train(TrainConfig(data=TINY_SYNTH, epochs=3, batch_size=8, threads=1, out=str(teacher_run)), quiet=True)
+    fit(TrainConfig(data=TINY_SYNTH, epochs=3, batch_size=8, threads=1, out=str(teacher_run)), quiet=True)
     student = TrainConfig(data=TINY_SYNTH, epochs=2, batch_size=8, threads=1, teachers=[str(teacher_run)],
                           kd_alpha=1.0, kd_temperature=2.0, out=str(tmp_path / "student"))
-    summary = train(student, quiet=True)
+    summary = fit(student, quiet=True)
     assert summary["test_top1"] > 60  # 3 classes: learned from soft targets alone
     saved = json.loads((tmp_path / "student" / "last.json").read_text())
     assert saved["recipe"]["teachers"] == [str(teacher_run)] and saved["recipe"]["kd_alpha"] == 1.0
     # two teachers (the same one twice) and consistent teaching also run
     twice = TrainConfig(data=TINY_SYNTH, epochs=1, batch_size=8, threads=1, teachers=[str(teacher_run)] * 2,
                         kd_consistent=True, augment="flip", out=str(tmp_path / "student2"))
-    assert train(twice, quiet=True)["status"] == "completed"
+    assert fit(twice, quiet=True)["status"] == "completed"
 
 
 def test_teacher_with_other_classes_is_refused(tmp_path):
     teacher_run = tmp_path / "teacher"
-    train(TrainConfig(data="synthetic:classes=4,size=8,train=32,test=16", epochs=1, batch_size=8,
+    fit(TrainConfig(data="synthetic:classes=4,size=8,train=32,test=16", epochs=1, batch_size=8,
                       out=str(teacher_run)), quiet=True)
     with pytest.raises(ConfigError, match="predicts 4 classes, the data has 3"):
-        train(TrainConfig(data=TINY_SYNTH, epochs=1, batch_size=8, teachers=[str(teacher_run)],
+        fit(TrainConfig(data=TINY_SYNTH, epochs=1, batch_size=8, teachers=[str(teacher_run)],
                           out=str(tmp_path / "s")), quiet=True)
 
 

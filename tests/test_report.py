@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from convforge import TrainConfig, train
+from convforge import TrainConfig, fit
 from convforge.cli import main
 from convforge.report import render_report, write_report
 from convforge.report.collect import classify, collect_run, table_rows
@@ -34,8 +34,8 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     """Two real short runs; the first also holds bench, prune, quantize and filter outputs plus junk files."""
     root = tmp_path_factory.mktemp("report")
     a, b = root / "small", root / "narrow"
-    train(TrainConfig(data=DATA, epochs=2, batch_size=8, out=str(a)), quiet=True)
-    train(TrainConfig(data=DATA, epochs=2, batch_size=8, out=str(b), model_args={"widths": [8, 16]}), quiet=True)
+    fit(TrainConfig(data=DATA, epochs=2, batch_size=8, out=str(a)), quiet=True)
+    fit(TrainConfig(data=DATA, epochs=2, batch_size=8, out=str(b), model_args={"widths": [8, 16]}), quiet=True)
 
     from convforge.compress.pipeline import prune_checkpoint
     from convforge.measure import benchmark

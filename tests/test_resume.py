@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convforge import TrainConfig, train
+from convforge import TrainConfig, fit
 from convforge.data import BatchLoader
 from convforge.errors import CheckpointError
 from convforge.train import TrainingInterrupted
@@ -36,7 +36,7 @@ def reference_runs(tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for recipe in RECIPES:
         out = tmp_path_factory.mktemp("reference") / recipe
-        train(_config(out, recipe), quiet=True)
+        fit(_config(out, recipe), quiet=True)
         runs[recipe] = out
     return runs
 
@@ -67,13 +67,13 @@ def test_resume_after_epoch_boundary_is_bitwise_equal(tmp_path, reference_runs, 
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted) as info:
-        train(_config(run, recipe), on_epoch_end=stop_after_two, quiet=True)
+        fit(_config(run, recipe), on_epoch_end=stop_after_two, quiet=True)
     assert info.value.exit_code == 130
     assert len(read_jsonl(run / "metrics.jsonl")) == 2
     assert "interrupted at epoch" in (run / "train.log").read_text()
     assert not (run / "summary.json").exists()
 
-    summary = train(TrainConfig(resume=str(run)), quiet=True)
+    summary = fit(TrainConfig(resume=str(run)), quiet=True)
     assert summary["run_dir"] == str(run)
     _assert_same_result(run, reference_runs[recipe])
 
@@ -106,7 +106,7 @@ def interrupt_mid_epoch(monkeypatch):
 def test_resume_mid_epoch_is_bitwise_equal(tmp_path, reference_runs, recipe, interrupt_mid_epoch):
     run = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):
-        train(_config(run, recipe), quiet=True)
+        fit(_config(run, recipe), quiet=True)
     assert interrupt_mid_epoch["fired"]
     assert len(read_jsonl(run / "metrics.jsonl")) == 1
     from safetensors import safe_open
@@ -116,7 +116,7 @@ def test_resume_mid_epoch_is_bitwise_equal(tmp_path, reference_runs, recipe, int
     assert (extra["epoch"], extra["batch"]) == (1, 2)
     assert extra["partial"]["seen"] == 64
 
-    train(TrainConfig(resume=str(run)), quiet=True)
+    fit(TrainConfig(resume=str(run)), quiet=True)
     assert "interrupted at epoch 2, batch 2; state saved" in (run / "train.log").read_text()
     _assert_same_result(run, reference_runs[recipe])
 
@@ -125,8 +125,8 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     run = tmp_path / "run"
     cfg = TrainConfig(model="smallcnn", data="synthetic:classes=3,size=8,train=64,test=32", epochs=2, batch_size=16,
                       model_args={"widths": [8, 16]}, out=str(run))
-    train(cfg, quiet=True)
-    summary = train(TrainConfig(resume=str(run), epochs=3), quiet=True)
+    fit(cfg, quiet=True)
+    summary = fit(TrainConfig(resume=str(run), epochs=3), quiet=True)
     assert summary["epochs"] == 3
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
     assert json.loads((run / "last.json").read_text())["epoch"] == 3
@@ -135,5 +135,5 @@ def test_resume_can_extend_a_finished_run(tmp_path):
 def test_resume_needs_a_run_dir(tmp_path):
     (tmp_path / "notarun").mkdir()
     with pytest.raises(CheckpointError, match="no config.yaml there") as info:
-        train(TrainConfig(resume=str(tmp_path / "notarun")), quiet=True)
+        fit(TrainConfig(resume=str(tmp_path / "notarun")), quiet=True)
     assert "notarun" in str(info.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from convforge import TrainConfig, train
+from convforge import TrainConfig, fit
 from convforge.models import create_model
 from convforge.train import load_checkpoint
 
@@ -29,7 +29,7 @@ def test_whitening_stem_decorrelates_patches():
 def test_engine_initialises_the_stem_from_training_images(tmp_path):
     torch.manual_seed(0)
     untouched = create_model("speednet_small", num_classes=3, in_chans=3).stem.weight.clone()
-    train(TrainConfig(model="speednet_small", data="synthetic:classes=3,size=16,train=64,test=16", epochs=1,
+    fit(TrainConfig(model="speednet_small", data="synthetic:classes=3,size=16,train=64,test=16", epochs=1,
                       batch_size=16, threads=1, out=str(tmp_path / "run")), quiet=True)
     stem = load_checkpoint(tmp_path / "run").model.stem.weight
     assert not torch.allclose(stem, untouched)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from convforge import TrainConfig, train
+from convforge import TrainConfig, fit
 from convforge.cli import _train_config, build_parser
 from convforge.config import coerce_fields, dump_yaml, load_yaml
 from convforge.errors import ConfigError, DataError
@@ -82,7 +82,7 @@ def _tiny(tmp_path, name="run", **overrides):
     {"optimizer": "adamw", "schedule": "cosine", "ema": True, "label_smoothing": 0.05, "nesterov": False},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_training_options_run(tmp_path, options):
-    summary = train(_tiny(tmp_path, **options), quiet=True)
+    summary = fit(_tiny(tmp_path, **options), quiet=True)
     assert summary["status"] == "completed"
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(records) == 2
@@ -105,20 +105,20 @@ def test_grad_clip_is_applied(tmp_path, monkeypatch):
         return real(parameters, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    train(_tiny(tmp_path, grad_clip=0.5), quiet=True)
+    fit(_tiny(tmp_path, grad_clip=0.5), quiet=True)
     assert calls == [0.5] * (2 * (64 // 16))
 
 
 def test_constant_and_cosine_schedules_in_metrics(tmp_path):
-    train(_tiny(tmp_path, "const", schedule="constant", warmup_epochs=0, lr=0.01, epochs=3), quiet=True)
+    fit(_tiny(tmp_path, "const", schedule="constant", warmup_epochs=0, lr=0.01, epochs=3), quiet=True)
     assert [r["lr"] for r in read_jsonl(tmp_path / "const" / "metrics.jsonl")] == [0.01, 0.01, 0.01]
-    train(_tiny(tmp_path, "cos", schedule="cosine", warmup_epochs=0, lr=0.01, epochs=3), quiet=True)
+    fit(_tiny(tmp_path, "cos", schedule="cosine", warmup_epochs=0, lr=0.01, epochs=3), quiet=True)
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "cos" / "metrics.jsonl")]
     assert lrs[0] > lrs[1] > lrs[2] >= 0 and lrs[0] <= 0.01
 
 
 def test_eval_every(tmp_path):
-    train(_tiny(tmp_path, epochs=3, eval_every=2), quiet=True)
+    fit(_tiny(tmp_path, epochs=3, eval_every=2), quiet=True)
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert ["test_top1" in r for r in records] == [False, True, True]  # the last epoch is always evaluated
 
@@ -126,7 +126,7 @@ def test_eval_every(tmp_path):
 def test_val_split_selects_best(tmp_path):
     root = tmp_path / "folder"
     make_image_folder(root, {"train": 6, "val": 2, "test": 2}, classes=("a", "b"), size=(8, 8))
-    summary = train(_tiny(tmp_path, data=f"imagefolder:{root}", batch_size=4), quiet=True)
+    summary = fit(_tiny(tmp_path, data=f"imagefolder:{root}", batch_size=4), quiet=True)
     assert summary["best_selected_on"] == "val"
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert all("val_top1" in r and "test_top1" in r for r in records)
@@ -134,21 +134,21 @@ def test_val_split_selects_best(tmp_path):
 
 
 def test_existing_run_dir_is_refused(tmp_path):
-    train(_tiny(tmp_path, epochs=1), quiet=True)
+    fit(_tiny(tmp_path, epochs=1), quiet=True)
     with pytest.raises(ConfigError, match="already holds a run"):
-        train(_tiny(tmp_path, epochs=1), quiet=True)
+        fit(_tiny(tmp_path, epochs=1), quiet=True)
 
 
 def test_train_needs_train_split(tmp_path):
     root = tmp_path / "evalonly"
     make_image_folder(root, {"test": 2}, classes=("a", "b"))
     with pytest.raises(DataError, match="no train split"):
-        train(_tiny(tmp_path, data=f"imagefolder:{root}"), quiet=True)
+        fit(_tiny(tmp_path, data=f"imagefolder:{root}"), quiet=True)
 
 
 def test_batch_larger_than_dataset(tmp_path):
     with pytest.raises(ConfigError, match="lower --batch-size"):
-        train(_tiny(tmp_path, batch_size=1000), quiet=True)
+        fit(_tiny(tmp_path, batch_size=1000), quiet=True)
 
 
 # ---------------------------------------------------------------- schedules and optimizers

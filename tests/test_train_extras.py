@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from convforge import TrainConfig, train
+from convforge import TrainConfig, fit
 from helpers import TINY_SYNTH, read_jsonl
 
 
 def test_filter_health_report_and_tensorboard_from_train(tmp_path):
     run = tmp_path / "run"
-    summary = train(TrainConfig(data=TINY_SYNTH, epochs=2, batch_size=8, threads=1, out=str(run),
+    summary = fit(TrainConfig(data=TINY_SYNTH, epochs=2, batch_size=8, threads=1, out=str(run),
                                 filter_health=True, report=True, tensorboard=True), quiet=True)
     records = read_jsonl(run / "metrics.jsonl")
     for record in records:

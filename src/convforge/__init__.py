@@ -4,7 +4,9 @@ __version__ = "0.1.0"
 
 from convforge.config import TrainConfig  # noqa: E402
 from convforge.models import create_model, list_models, model_info, register_model  # noqa: E402
-from convforge.train import evaluate, load_checkpoint, train  # noqa: E402
+from convforge.api import fit  # noqa: E402
+from convforge.train.checkpoint import load_checkpoint  # noqa: E402
+from convforge.train.evaluate import evaluate  # noqa: E402
 
-__all__ = ["TrainConfig", "__version__", "create_model", "evaluate", "list_models", "load_checkpoint",
-           "model_info", "register_model", "train"]
+__all__ = ["TrainConfig", "__version__", "create_model", "evaluate", "fit", "list_models", "load_checkpoint",
+           "model_info", "register_model"]
