@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import extracted, record
 
-from convforge.data.superres import evaluate_superres, load_sr_folder
+from convforge.data.superres import load_sr_folder
+from convforge.measure.superres import evaluate_superres
 
 # Bicubic PSNR / SSIM as printed in VDSR (Kim et al., CVPR 2016, Table 3) and LapSRN (CVPR 2017), whose Set5
 # and x3 Set14 PSNRs are SRCNN's (TPAMI 2016); SRCNN prints Set14 x2 30.23 and x3 27.54 (0.7736).

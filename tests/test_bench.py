@@ -1,4 +1,4 @@
-"""convforge bench / convforge.measure.benchmark: measured latency and throughput per backend and batch."""
+"""convforge bench / convforge.export.benchmark: measured latency and throughput per backend and batch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from convforge.errors import ConfigError
-from convforge.measure import benchmark, count_macs, count_params
+from convforge.export import benchmark
+from convforge.measure import count_macs, count_params
 from convforge.measure.bench import parse_input, parse_list, time_fn
 from convforge.models import create_model
 

@@ -38,7 +38,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     fit(TrainConfig(data=DATA, epochs=2, batch_size=8, out=str(b), model_args={"widths": [8, 16]}), quiet=True)
 
     from convforge.compress.pipeline import prune_checkpoint
-    from convforge.measure import benchmark
+    from convforge.export import benchmark
     from convforge.train import load_checkpoint
 
     ckpt = load_checkpoint(a)

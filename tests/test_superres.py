@@ -18,20 +18,21 @@ from convforge.data.resize import cubic, imresize, resize_matrix
 from convforge.data.superres import (
     SuperResLoader,
     dihedral,
-    evaluate_superres,
     extract_patches,
     load_sr_image_y,
     load_sr_folder,
     load_superres,
     modcrop,
     rgb_to_ycbcr,
+    rgb_to_ycbcr_y,
     to_uint8,
     upscale_rgb,
     ycbcr_to_rgb,
 )
 from convforge.errors import ConfigError, DataError
 from convforge.measure import count_params
-from convforge.measure.quality import psnr, rgb_to_ycbcr_y, ssim
+from convforge.measure.quality import psnr, ssim
+from convforge.measure.superres import evaluate_superres
 from convforge.models import create_model, model_info
 from helpers import SHARED, save_image
 

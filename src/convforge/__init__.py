@@ -1,7 +1,6 @@
 """convforge: convolutional neural networks for images: build, train, measure, compress, inspect."""
 
-__version__ = "0.1.0"
-
+from convforge.version import __version__  # noqa: E402
 from convforge.config import TrainConfig  # noqa: E402
 from convforge.models import create_model, list_models, model_info, register_model  # noqa: E402
 from convforge.api import fit  # noqa: E402

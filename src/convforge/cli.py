@@ -81,7 +81,7 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from convforge import __version__
+    from convforge.version import __version__
 
     parser = argparse.ArgumentParser(prog="convforge", description="Convolutional networks for images: train, evaluate, predict.")
     parser.add_argument("--version", action="version", version=f"convforge {__version__}")

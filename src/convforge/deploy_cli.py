@@ -11,7 +11,7 @@ from convforge.errors import ConfigError, ConvforgeError
 
 def add_parsers(sub: Any, add_json) -> None:
     from convforge.compress.prune import METHODS
-    from convforge.measure.bench import BACKENDS
+    from convforge.export.bench import BACKENDS
 
     be = sub.add_parser("bench", help="params, MACs, latency and throughput per backend and batch size",
                         description="Measure a model (registry name) or a checkpoint on this machine: params, MACs "
@@ -131,8 +131,9 @@ def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from convforge.measure import benchmark
-    from convforge.measure.bench import BACKENDS, parse_list
+    from convforge.export import benchmark
+    from convforge.export.bench import BACKENDS
+    from convforge.measure.bench import parse_list
     from convforge.progress import echo
 
     model, size, ckpt = _load_target(args.target, args.input)

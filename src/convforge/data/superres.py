@@ -1,4 +1,4 @@
-"""Super-resolution data: HR luma patches for training, benchmark sets, and the literature's evaluation.
+"""Super-resolution data: HR luma patches for training, benchmark sets, bicubic pairs and colour conversions.
 
 The protocol is that of SRCNN's MATLAB code, which later papers kept: images are reduced to the Y
 channel of MATLAB's ``rgb2ycbcr`` (uint8), cropped to a multiple of the scale, downscaled and
@@ -23,7 +23,6 @@ from convforge.data.loader import ShardedLoader
 from convforge.data.paths import printable
 from convforge.data.resize import imresize
 from convforge.errors import ConfigError, DataError
-from convforge.measure.quality import psnr, rgb_to_ycbcr_y, ssim
 
 DEFAULT_PATCH_SIZE = 48
 DEFAULT_STRIDE = 14
@@ -285,58 +284,20 @@ def run_model(model: nn.Module, x: torch.Tensor, device: torch.device | str) -> 
     return model(x.to(device=device, dtype=dtype)).double().cpu()
 
 
-def evaluate_superres(
-    model: nn.Module | None,
-    images: list[torch.Tensor],
-    scale: int,
-    *,
-    upsampled_input: bool,
-    device: torch.device | str = "cpu",
-) -> dict[str, Any]:
-    """PSNR and SSIM of ``model`` and of bicubic on HR uint8 (1, H, W) luma ``images``, as SRCNN's code measures.
+Y_WEIGHTS = (65.481, 128.553, 24.966)
 
-    Each image (cropped to a multiple of ``scale``) -> /255 -> LR = imresize(1/scale) -> bicubic =
-    imresize(LR, scale); the model reads the bicubic image (``upsampled_input``) or the LR; its
-    output is clamped to [0, 1]; output and bicubic are rounded to uint8 (MATLAB's ``uint8(x*255)``)
-    and compared with the HR image with ``scale`` pixels shaved from each border. Means over images.
-    ``model=None`` measures bicubic alone (the model figures are then the bicubic ones).
+
+def rgb_to_ycbcr_y(x: torch.Tensor) -> torch.Tensor:
+    """Luma of RGB images (N, 3, H, W) or (3, H, W), uint8 or float on [0, 255], as float64 on [16, 235].
+
+    ``Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255`` (unrounded; MATLAB rounds for uint8 input).
     """
-    if not images:
-        raise ValueError("evaluate_superres needs at least one image")
-    was_training = model.training if model is not None else False
-    if model is not None:
-        model.eval()
-    rows = []
-    try:
-        with torch.no_grad():
-            for index, image in enumerate(images):
-                if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 1:
-                    raise ValueError(f"image {index}: expected uint8 (1, H, W), got {image.dtype} {tuple(image.shape)}")
-                image = modcrop(image, scale)
-                hr, lr, bicubic = bicubic_pair(image, scale)
-                bic = to_uint8(bicubic)[0]
-                row = {"index": index, "size": list(image.shape[1:]),
-                       "bicubic_psnr": psnr(image, bic, shave=scale), "bicubic_ssim": ssim(image, bic, shave=scale)}
-                if model is None:
-                    rows.append({**row, "psnr": row["bicubic_psnr"], "ssim": row["bicubic_ssim"]})
-                    continue
-                model_input = bicubic if upsampled_input else lr
-                output = run_model(model, model_input, device)
-                if output.shape != hr.shape:
-                    raise ValueError(
-                        f"image {index}: the model turned a {tuple(model_input.shape[-2:])} input into "
-                        f"{tuple(output.shape[-2:])}, expected {tuple(hr.shape[-2:])} "
-                        f"(is upsampled_input={upsampled_input} right for this model?)"
-                    )
-                sr = to_uint8(output.clamp(0, 1))[0]
-                rows.append({**row, "psnr": psnr(image, sr, shave=scale), "ssim": ssim(image, sr, shave=scale)})
-    finally:
-        if model is not None:
-            model.train(was_training)
-    n = len(rows)
-    summary: dict[str, Any] = {key: sum(r[key] for r in rows) / n for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")}
-    summary.update({"images": n, "per_image": rows})
-    return summary
+    if x.ndim not in (3, 4) or x.shape[-3] != 3:
+        raise ValueError(f"rgb_to_ycbcr_y needs RGB images (N, 3, H, W) or (3, H, W), got shape {tuple(x.shape)}")
+    x = x.double()
+    r, g, b = x.unbind(-3)
+    y = 16.0 + (Y_WEIGHTS[0] * r + Y_WEIGHTS[1] * g + Y_WEIGHTS[2] * b) / 255.0
+    return y.unsqueeze(-3)
 
 
 def rgb_to_ycbcr(x: torch.Tensor) -> torch.Tensor:

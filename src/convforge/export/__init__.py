@@ -1,5 +1,6 @@
-"""Deployment: ONNX export checked against PyTorch, static int8 with ONNX Runtime."""
+"""Deployment: ONNX export checked against PyTorch, static int8 with ONNX Runtime, per-backend benchmarks."""
 
+from convforge.export.bench import BACKENDS, benchmark
 from convforge.export.onnx import (
     ParityError,
     fold_for_inference,
@@ -9,4 +10,5 @@ from convforge.export.onnx import (
     to_onnx,
 )
 
-__all__ = ["ParityError", "fold_for_inference", "onnx_top1", "quantize_int8", "session", "to_onnx"]
+__all__ = ["BACKENDS", "ParityError", "benchmark", "fold_for_inference", "onnx_top1", "quantize_int8", "session",
+           "to_onnx"]

@@ -1,6 +1,6 @@
 """Image quality as the super-resolution literature measures it: PSNR and SSIM on the luma channel.
 
-``rgb_to_ycbcr_y`` is MATLAB's ``rgb2ycbcr`` luma (ITU-R BT.601, [16, 235] range); ``ssim`` is
+The luma comes from ``convforge.data.superres.rgb_to_ycbcr_y`` (MATLAB's ``rgb2ycbcr``); ``ssim`` is
 Wang et al.'s reference ``ssim_index.m`` (2004): an 11x11 Gaussian window with sigma 1.5,
 K1 = 0.01, K2 = 0.03, 'valid' filtering and the mean of the SSIM map, without the automatic
 downsampling of later versions of that script. Both compute in float64.
@@ -11,22 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-Y_WEIGHTS = (65.481, 128.553, 24.966)
-
-
-def rgb_to_ycbcr_y(x: torch.Tensor) -> torch.Tensor:
-    """Luma of RGB images (N, 3, H, W) or (3, H, W), uint8 or float on [0, 255], as float64 on [16, 235].
-
-    ``Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255`` (unrounded; MATLAB rounds for uint8 input).
-    """
-    if x.ndim not in (3, 4) or x.shape[-3] != 3:
-        raise ValueError(f"rgb_to_ycbcr_y needs RGB images (N, 3, H, W) or (3, H, W), got shape {tuple(x.shape)}")
-    x = x.double()
-    r, g, b = x.unbind(-3)
-    y = 16.0 + (Y_WEIGHTS[0] * r + Y_WEIGHTS[1] * g + Y_WEIGHTS[2] * b) / 255.0
-    return y.unsqueeze(-3)
-
 
 def _plane(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.ndim == 3 and x.shape[0] == 1:

@@ -86,7 +86,7 @@ def evaluate_segmentation(
 
     With ``world_size`` > 1 each process evaluates its share of the images and the counts are summed.
     """
-    from convforge.train.distributed import all_reduce_sum
+    from convforge.collectives import all_reduce_sum
 
     was_training = model.training
     model.eval()

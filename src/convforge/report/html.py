@@ -469,7 +469,7 @@ def comparison_section(runs: list[RunData]) -> str:
 
 
 def render(runs: list[RunData]) -> str:
-    from convforge import __version__
+    from convforge.version import __version__
 
     several = len(runs) > 1
     title = "convforge report: " + (runs[0].label if not several else f"{len(runs)} runs")

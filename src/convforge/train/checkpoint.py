@@ -33,7 +33,7 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``path`` (.safetensors, metadata in its header) and its ``.json`` sidecar, each atomically."""
-    from convforge import __version__
+    from convforge.version import __version__
 
     path = Path(path).with_suffix(".safetensors")
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "convforge_version": __version__,

@@ -17,15 +17,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from convforge.collectives import all_reduce_sum, is_distributed  # noqa: F401 - all_reduce_sum: the engine takes it from here
 from convforge.errors import ConfigError
 from convforge.train.rundir import ProcessRole
 
-
-_collective_device = torch.device("cpu")
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def init_distributed(role: ProcessRole, device: torch.device, timeout_s: float) -> bool:
@@ -39,9 +34,7 @@ def init_distributed(role: ProcessRole, device: torch.device, timeout_s: float) 
             f"WORLD_SIZE={role.world_size} but MASTER_ADDR/MASTER_PORT are not set: start distributed runs "
             "with `convforge train --nproc-per-node N ...` or `torchrun --nproc-per-node N -m convforge train ...`"
         )
-    global _collective_device
     backend = "nccl" if device.type == "cuda" else "gloo"
-    _collective_device = device if device.type == "cuda" else torch.device("cpu")
     dist.init_process_group(
         backend, rank=role.rank, world_size=role.world_size, timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
@@ -57,15 +50,6 @@ def shutdown_distributed() -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum ``values`` over all processes (in place; returned for convenience). No-op on one process."""
-    if is_distributed():
-        reduced = values.to(_collective_device)
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        values.copy_(reduced)
-    return values
 
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:
