@@ -205,7 +205,7 @@ def test_round_to_keeps_multiples_of_eight():
 
 
 def test_grouped_convolutions_lose_whole_groups_and_keep_their_group_width():
-    from convforge.compress.widths import apply_widths, changed_shapes
+    from convforge.models.widths import apply_widths, changed_shapes
 
     torch.manual_seed(0)
     model = _randomize_norms(create_model("resnext50_32x4d", num_classes=10))

@@ -198,7 +198,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     try:
         model = create_model(spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"], **spec["args"])
         if "pruned" in meta:  # structurally pruned: resize the layers to the widths recorded by convforge.compress
-            from convforge.compress.widths import apply_widths
+            from convforge.models.widths import apply_widths
 
             apply_widths(model, meta["pruned"], shown)
     except Exception as exc:  # noqa: BLE001 - a model builder given damaged arguments can fail in any way

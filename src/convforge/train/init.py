@@ -112,7 +112,7 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
     ``model`` is the run's ``--model`` (the default means "take the checkpoint's"); ``model_args`` are
     the run's own model arguments (e.g. a stochastic-depth rate), applied over the checkpoint's.
     """
-    from convforge.compress.widths import apply_widths
+    from convforge.models.widths import apply_widths
     from convforge.train.checkpoint import load_checkpoint
 
     if is_foreign_weights(path):
