@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from convforge.compress.prune import PruneResult, prune, sparsity_report
-from convforge.compress.widths import changed_shapes
+from convforge.models.widths import changed_shapes
 from convforge.errors import ConfigError, DataError
 from convforge.fileio import atomic_write_json
 from convforge.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
