@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,90 @@ def test_grouped_convolutions_lose_whole_groups_and_keep_their_group_width():
     x = torch.randn(2, *size)
     assert torch.allclose(rebuilt.eval()(x), pruned(x), atol=1e-5)
     assert all(dict(rebuilt.named_modules())[n].groups == after[n].groups for n in before)
+
+
+def test_fine_tuning_trains_whole_epochs_per_step(tmp_path):
+    path = _checkpoint(tmp_path, create_model("resnet20", num_classes=10))
+    with pytest.raises(ConfigError, match=r"--finetune-epochs 3 over --steps 2 is 1\.5 epochs per step.*"
+                                          r"multiple of --steps \(e\.g\. --finetune-epochs 4\)"):
+        prune_checkpoint(path, "l1-filter", target_macs=0.5, finetune_epochs=3, steps=2, data="digits")
+    wide = _checkpoint(tmp_path, create_model("resnet20", num_classes=10), size=(3, 16, 20))
+    with pytest.raises(ConfigError, match="takes 16x20 inputs.*square images"):
+        prune_checkpoint(wide, "l1-filter", target_macs=0.5, finetune_epochs=1, data="digits")
+
+
+def _fine_tune(digits_run, out, **kwargs):
+    return prune_checkpoint(digits_run["run_dir"], "l1-filter", target_macs=0.6, steps=2, finetune_epochs=4,
+                            batch_size=64, threads=1, out=out, quiet=True, log=lambda _m: None, **kwargs)
+
+
+def test_fine_tuning_runs_on_the_engine_and_resumes_after_a_crash(digits_run, tmp_path, monkeypatch):
+    from convforge.train import TrainingInterrupted, engine
+
+    whole = _fine_tune(digits_run, tmp_path / "whole.safetensors")
+    steps = [entry["finetune"] for entry in whole["history"]]
+    assert [s["run_dir"] for s in steps] == [str(tmp_path / "whole.finetune" / f"step-{k}") for k in (1, 2)]
+    assert all(s["epochs"] == 2 and s["steps"] > 0 for s in steps)
+    assert whole["top1_after"] == whole["history"][-1]["top1_finetuned"] > whole["history"][-1]["top1_pruned"] - 5
+    run_config = (tmp_path / "whole.finetune" / "step-2" / "config.yaml").read_text()
+    assert "schedule: cosine" in run_config and "warmup_epochs: 0" in run_config and "weight_decay: 0.0005" in run_config
+
+    real_train, calls = engine.train, []
+
+    def crash_in_step_two(config, **kwargs):
+        def stop(epoch, record):
+            if Path(config.out).name == "step-2" and epoch == 1:
+                raise TrainingInterrupted(130)
+
+        calls.append(config)
+        return real_train(config, on_epoch_end=stop, **kwargs)
+
+    monkeypatch.setattr(engine, "train", crash_in_step_two)
+    with pytest.raises(TrainingInterrupted):
+        _fine_tune(digits_run, tmp_path / "crashed.safetensors")
+    assert [Path(c.out).name for c in calls] == ["step-1", "step-2"]
+    monkeypatch.setattr(engine, "train", lambda config, **kwargs: calls.append(config) or real_train(config, **kwargs))
+    again = _fine_tune(digits_run, tmp_path / "crashed.safetensors")
+    assert calls[2].resume == str(tmp_path / "crashed.finetune" / "step-2") and len(calls) == 3  # step 1 reused
+    assert again["history"] == [{**e, "finetune": {**e["finetune"], "run_dir": e["finetune"]["run_dir"].replace(
+        "whole", "crashed"), "seconds": a["finetune"]["seconds"]}} for e, a in zip(whole["history"], again["history"])]
+    want = load_checkpoint(whole["output"]).model.state_dict()
+    got = load_checkpoint(again["output"]).model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(ConfigError, match=r"holds the fine-tuning runs of another prune command \(different lr\)"):
+        _fine_tune(digits_run, tmp_path / "crashed.safetensors", lr=0.05)
+
+
+def test_global_magnitude_fine_tuning_keeps_the_pruned_zeros(digits_run, tmp_path):
+    report = prune_checkpoint(digits_run["run_dir"], "global-magnitude", sparsity=0.5, finetune_epochs=1,
+                              batch_size=64, threads=1, out=tmp_path / "sparse.safetensors", evaluate_split=None,
+                              quiet=True, log=lambda _m: None)
+    assert abs(report["sparsity"]["overall"] - 0.5) < 0.01
+    assert "keep_sparsity: true" in (tmp_path / "sparse.finetune" / "step-1" / "config.yaml").read_text()
+
+
+def test_image_folders_load_at_the_checkpoint_input_size(tmp_path, monkeypatch):
+    """A checkpoint trained at 8x8 on 12x12 images fine-tunes and evaluates at 8x8."""
+    from helpers import make_image_folder
+
+    from convforge.compress import pipeline
+
+    make_image_folder(tmp_path / "images", {"train": 8, "test": 4}, size=(12, 12))
+    meta = {"model": {"name": "smallcnn", "args": {}, "num_classes": 3, "in_chans": 3},
+            "classes": ["cat", "dog", "fish"], "input_size": [3, 8, 8],
+            "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    path = save_checkpoint(tmp_path / "small.safetensors", create_model("smallcnn", num_classes=3, in_chans=3), meta)
+    shapes = []
+    real_split = pipeline.aligned_split
+
+    def recording(ckpt, data, split):
+        part = real_split(ckpt, data, split)
+        shapes.append(tuple(part.images.shape[1:]))
+        return part
+
+    monkeypatch.setattr(pipeline, "aligned_split", recording)
+    report = prune_checkpoint(path, "l1-filter", target_macs=0.7, finetune_epochs=1, data=f"imagefolder:{tmp_path / 'images'}",
+                              batch_size=8, threads=1, quiet=True, log=lambda _m: None)
+    assert shapes and set(shapes) == {(3, 8, 8)}
+    tuned = load_checkpoint(report["history"][0]["finetune"]["run_dir"])
+    assert tuned.input_size == (3, 8, 8) and tuned.meta["data"]["train"] == 24
