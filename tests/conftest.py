@@ -40,7 +40,7 @@ def _restore_process_state():
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The small CNN trained 3 epochs on scikit-learn digits; returns the summary, run dir and live model."""
     from convforge import TrainConfig, fit
-    from convforge.train import tasks
+    from convforge.train.tasks import base as tasks  # Task.build_model calls base.create_model
 
     captured = {}
     real_create = tasks.create_model

@@ -169,15 +169,10 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
         raise ConfigError(f"momentum must be in [0, 1], got {cfg.momentum}")
     if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,4}", cfg.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_short(cfg.device)}")
-    from convforge.data.joint_augment import SEG_AUGMENTS
-    from convforge.data.loader import AUGMENTS
-    from convforge.train.tasks import TASKS
+    from convforge.train.tasks import get_task, task_names
 
-    if cfg.task not in TASKS:
-        raise ConfigError(f"unknown task {_short(cfg.task)}: use one of {', '.join(TASKS)}")
-    augments = SEG_AUGMENTS if cfg.task == "segment" else AUGMENTS
-    if cfg.augment is not None and cfg.augment not in augments:
-        raise ConfigError(f"unknown augment {_short(cfg.augment)} for --task {cfg.task}: use one of {', '.join(augments)}")
+    if cfg.task not in task_names():
+        raise ConfigError(f"unknown task {_short(cfg.task)}: use one of {', '.join(task_names())}")
     if cfg.scale not in (2, 3, 4):
         raise ConfigError(f"scale must be 2, 3 or 4, got {cfg.scale}")
     if cfg.dice_weight < 0:
@@ -186,13 +181,7 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
         raise ConfigError(f"seg_crop must be two whole numbers HEIGHT,WIDTH >= 1, got {_short(cfg.seg_crop)}")
     if len(cfg.seg_scales) != 2 or not 0 < cfg.seg_scales[0] <= cfg.seg_scales[1] <= 8:
         raise ConfigError(f"seg_scales must be LOW,HIGH with 0 < LOW <= HIGH <= 8, got {_short(cfg.seg_scales)}")
-    if cfg.task != "classify":
-        unsupported = [name for name, on in (("mixup_alpha", cfg.mixup_alpha), ("cutmix_alpha", cfg.cutmix_alpha),
-                                             ("random_erasing", cfg.random_erasing), ("teachers", cfg.teachers),
-                                             ("teacher_model", cfg.teacher_model), ("eval_tta", cfg.eval_tta),
-                                             ("label_smoothing", cfg.label_smoothing)) if on]
-        if unsupported:
-            raise ConfigError(f"{', '.join(unsupported)}: classification only, not for --task {cfg.task}")
+    get_task(cfg.task).check_config(cfg)  # the options this task cannot use (augment names, classification-only)
     for name in ("model", "data", "out", "resume", "cache_dir"):
         value = getattr(cfg, name)
         if value is not None and "\0" in value:

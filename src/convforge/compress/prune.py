@@ -28,9 +28,10 @@ import torch
 import torch.nn as nn
 
 from convforge.compress.graph import ChannelGraph, build_graph
-from convforge.compress.widths import is_depthwise, sync_module_attrs
+from convforge.models.widths import is_depthwise, sync_module_attrs
 from convforge.errors import ConfigError, ConvforgeError
 from convforge.measure import count_macs, count_params
+from convforge.train.sparsity import apply_masks, prunable_weights
 
 STRUCTURED = ("l1-filter", "l2-filter", "bn-scale", "random")
 METHODS = STRUCTURED + ("global-magnitude",)
@@ -329,11 +330,6 @@ def _check_forward(model: nn.Module, input_size: tuple[int, ...]) -> None:
 # ---------------------------------------------------------------- global magnitude
 
 
-def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(f"{name}.weight", m.weight) for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(getattr(m, "weight", None), nn.Parameter)]
-
-
 def magnitude_masks(model: nn.Module, sparsity: float, min_share: float) -> dict[str, torch.Tensor]:
     """Boolean masks (True = kept) zeroing ``sparsity`` of all conv/linear weights by global magnitude,
     keeping at least ``ceil(min_share * n)`` weights of every layer."""
@@ -376,11 +372,6 @@ def magnitude_masks(model: nn.Module, sparsity: float, min_share: float) -> dict
 
 
 @torch.no_grad()
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    for name, mask in masks.items():
-        model.get_parameter(name).mul_(mask.to(model.get_parameter(name).dtype))
-
-
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
     layers = {}
     zeros = total = 0

@@ -130,8 +130,10 @@ def validate_meta(meta: Any, source: str) -> None:
             raise CheckpointError(f"{source}: 'model.{key}' must be an int >= 1, got {_short(model.get(key))}: {damaged}")
     if not isinstance(model.get("args"), dict) or not all(isinstance(k, str) for k in model["args"]):
         raise CheckpointError(f"{source}: 'model.args' must be dict of named arguments, got {_short(model.get('args'))}")
+    from convforge.train.tasks.base import outputs_are_classes
+
     classes = meta.get("classes")
-    named = meta.get("task", "classify") != "super-resolve"  # a super-resolution model's outputs are channels
+    named = outputs_are_classes(meta.get("task", "classify"))  # e.g. a super-resolution model's outputs are channels
     if (not isinstance(classes, list) or (named and len(classes) != model["num_classes"])
             or not all(isinstance(c, str) for c in classes)):
         raise CheckpointError(f"{source}: 'classes' must list {model['num_classes']} class names: {damaged}")

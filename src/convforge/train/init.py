@@ -46,6 +46,12 @@ def head_tensors(name: str, num_classes: int, in_chans: int, args: dict[str, Any
     return heads
 
 
+def _has_class_head(task: str) -> bool:
+    from convforge.train.tasks import get_task
+
+    return get_task(task).outputs_are_classes
+
+
 FOREIGN_SUFFIXES = (".pth", ".th", ".pt", ".bin")
 
 
@@ -86,7 +92,7 @@ def load_foreign_init(path: str, model: str, task: str, data: Any, model_args: d
         raise ConfigError(f"--model {model} is a {model_task} model; this run is --task {task}")
     state = read_state_dict(path)
     own = built.state_dict()
-    heads = {} if task == "super-resolve" else head_tensors(model, data.num_classes, data.channels, model_args)
+    heads = head_tensors(model, data.num_classes, data.channels, model_args) if _has_class_head(task) else {}
     replaced = sorted(k for k in heads if k in state and tuple(state[k].shape) != tuple(own[k].shape))
     state.update({k: own[k] for k in replaced})
     try:
@@ -131,9 +137,9 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
     args = {**spec["args"], **model_args}
     old_classes, new_classes = list(meta.get("classes", [])), list(getattr(data, "classes", []))
     num_classes = data.num_classes
-    # A super-resolution model's outputs are image channels, not classes: it has no head to replace.
-    heads = {} if task == "super-resolve" else head_tensors(spec["name"], spec["num_classes"], spec["in_chans"], args)
-    same = spec["num_classes"] == num_classes and (old_classes == new_classes or task == "super-resolve")
+    class_head = _has_class_head(task)  # e.g. a super-resolution model's outputs are channels: no head to replace
+    heads = head_tensors(spec["name"], spec["num_classes"], spec["in_chans"], args) if class_head else {}
+    same = spec["num_classes"] == num_classes and (old_classes == new_classes or not class_head)
     reordered = not same and sorted(old_classes) == sorted(new_classes) and len(new_classes) == num_classes
     fresh_head = not same and not reordered
     pruned = meta.get("pruned")

@@ -1,0 +1,112 @@
+"""Image classification: mixup/CutMix/random erasing, label smoothing and distillation live in its loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from convforge.errors import ConfigError
+from convforge.train.distill import distillation_loss, load_teachers
+from convforge.train.mixing import MixedTargets, batch_rng, mix_batch, random_erase
+from convforge.train.tasks.base import Step, Task, short_repr
+
+DATA_INIT_IMAGES = 5000  # images that data-dependent initialisation (init_from_data) sees
+
+
+class ClassifyTask(Task):
+    """One class per image; top-1 accuracy selects the best checkpoint."""
+
+    name = "classify"
+    primary = "top1"
+    unit = "%"
+    stat_keys = ("correct",)
+
+    def check_config(self, cfg: Any) -> None:
+        from convforge.data.loader import AUGMENTS
+
+        if cfg.augment is not None and cfg.augment not in AUGMENTS:
+            raise ConfigError(f"unknown augment {short_repr(cfg.augment)} for --task {cfg.task}: "
+                                f"use one of {', '.join(AUGMENTS)}")
+
+    def prepare_model(self, model: nn.Module, data: Any, cfg: Any, from_init: bool) -> None:
+        """Data-dependent initialisation (e.g. SpeedNet's whitening stem) from a seeded sample of train images.
+
+        Every rank draws the same sample, so all processes start from the same weights; a resumed run
+        overwrites them with the saved ones.
+        """
+        if from_init or not hasattr(model, "init_from_data"):
+            return
+        from convforge.data import normalize
+        from convforge.data.loader import epoch_permutation
+
+        indices = epoch_permutation(len(data.train), cfg.seed, -1)[:DATA_INIT_IMAGES]
+        model.init_from_data(normalize(data.train.images[indices], data.mean, data.std))
+
+    def train_loader(self, data, cfg, model, device, rank, world_size):
+        from convforge.data import BatchLoader
+
+        return BatchLoader(data.train, cfg.batch_size, data.mean, data.std, shuffle=True, augment=cfg.augment,
+                           crop_padding=cfg.crop_padding, drop_last=True, seed=cfg.seed, device=device,
+                           channels_last=cfg.channels_last, rank=rank, world_size=world_size)
+
+    def start_training(self, cfg: Any, data: Any, device: torch.device) -> dict[str, Any]:
+        teachers = load_teachers(cfg, data.num_classes, data.channels, data.mean, data.std, device)
+        return {"teachers": teachers,
+                "mean": torch.tensor(list(data.mean), device=device).view(1, -1, 1, 1),
+                "std": torch.tensor(list(data.std), device=device).view(1, -1, 1, 1)}
+
+    def prepare_batch(self, x: torch.Tensor, y: Any, step: Step) -> tuple[torch.Tensor, Any]:
+        cfg = step.cfg
+        if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.random_erasing > 0:
+            rng = batch_rng(cfg.seed, step.epoch, step.batch, step.rank)
+            x, targets = mix_batch(x, y, cfg.mixup_alpha, cfg.cutmix_alpha, rng)
+            return random_erase(x, cfg.random_erasing, rng), targets
+        return x, MixedTargets(y, y, 1.0)
+
+    def training_loss(self, output: torch.Tensor, target: Any, x: torch.Tensor, step: Step) -> torch.Tensor:
+        cfg = step.cfg
+        loss = target.loss(output.float(), cfg.label_smoothing)
+        teachers = step.extras.get("teachers")
+        if not teachers:
+            return loss
+        if cfg.kd_consistent:
+            view = x
+        else:
+            view = step.loader.clean_batch(step.loader.last_indices) if cfg.augment != "none" else step.clean
+        mean, std = step.extras["mean"], step.extras["std"]
+        soft = sum(t.probabilities(view, mean, std, cfg.kd_temperature) for t in teachers) / len(teachers)
+        return (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * distillation_loss(output, soft, cfg.kd_temperature)
+
+    def loss(self, output, target, cfg, data):
+        return MixedTargets(target, target, 1.0).loss(output.float(), cfg.label_smoothing)
+
+    def step_stats(self, output: torch.Tensor, y: Any) -> dict[str, float]:
+        return {"correct": float((output.detach().argmax(1) == y).sum())}
+
+    def epoch_stats(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"train_top1": 100 * sums["correct"] / sums["seen"]}
+
+    def progress_value(self, sums: dict[str, float]) -> float:
+        return 100 * sums["correct"] / sums["seen"]
+
+    def evaluate(self, model, data, split, cfg, device, rank, world_size):
+        from convforge.train.evaluate import evaluate
+
+        result = evaluate(model, data.split(split), data.mean, data.std, batch_size=max(256, cfg.batch_size),
+                          device=device, amp=cfg.amp, tta=cfg.eval_tta, channels_last=cfg.channels_last,
+                          num_classes=data.num_classes, details=False, rank=rank, world_size=world_size)
+        return {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
+
+    def epoch_text(self, record: dict[str, Any], eval_splits: list[str]) -> list[str]:
+        train = [f"train {record['train_top1']:.2f}%"] if "train_top1" in record else []
+        return train + super().epoch_text(record, eval_splits)
+
+    def summary_fields(self, final: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
+        return {"test_top1": final.get("test_top1"), "test_top5": final.get("test_top5"),
+                "test_loss": final.get("test_loss"), "val_top1": final.get("val_top1"),
+                "best_top1": best["score"]}
+
+    def done_text(self, final: dict[str, Any], select_key: str, wall_time_s: float) -> str:
+        return f"done: test top-1 {final['test_top1']:.2f}% in {wall_time_s:.1f} s"
