@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from convforge.compress.prune import PruneResult, prune, sparsity_report
+from convforge.config import TrainConfig
 from convforge.models.widths import changed_shapes
 from convforge.errors import ConfigError, DataError
 from convforge.fileio import atomic_write_json
@@ -128,7 +129,6 @@ class FineTuner:
 
     def run(self, step: int, init: Path, log: Log) -> tuple[Checkpoint, dict[str, Any]]:
         """Fine-tune the pruned checkpoint ``init`` (or resume/reuse an earlier try); the tuned checkpoint."""
-        from convforge.config import TrainConfig
         from convforge.train import engine
 
         run_dir = self.work_dir / f"step-{step}"
@@ -149,9 +149,7 @@ class FineTuner:
                 "seconds": summary.get("train_time_s", 0.0), "run_dir": str(run_dir)}
         return tuned, info
 
-    def _config(self, step: int, init: Path, run_dir: Path):
-        from convforge.config import TrainConfig
-
+    def _config(self, step: int, init: Path, run_dir: Path) -> TrainConfig:
         return TrainConfig(init=str(init), keep_sparsity=self.keep_sparsity, data=self.data, epochs=self.epochs,
                            lr=self.lr, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
                            schedule="cosine", warmup_epochs=0, batch_size=self.batch_size,
