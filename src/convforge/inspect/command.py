@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,101 +15,66 @@ Inspect the k x k convolution filters of a checkpoint or a zoo model: per-layer 
 degeneration flags, PNG pictures, the distribution shift against other models (--compare),
 and a filter database (--db FILE.h5) that many models can be appended to.
 
-SOURCE is a checkpoint (.safetensors, its .json, or a run directory) or a model name from
-`convforge models` (random initialisation, or --weights FILE). A --compare entry is a
-checkpoint, a model name, or NAME=WEIGHTS_FILE.
+SOURCE is a checkpoint (.safetensors, its .json, or a run directory), a model name from
+`convforge models` (random initialisation), --model NAME --weights FILE, or NAME=WEIGHTS_FILE.
+A --compare entry is a checkpoint, a model name, or NAME=WEIGHTS_FILE.
 """
-
-
-def add_parser(sub: Any, add_json: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("filters", help="filter metrics, pictures, distribution shift, filter database",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", nargs="?", metavar="CKPT|MODEL", help="checkpoint or model name")
-    p.add_argument("--model", help="model name (same as giving it as SOURCE)")
-    p.add_argument("--weights", help="foreign weight file for a model name (.pth/.th/.pt or .safetensors)")
-    p.add_argument("--num-classes", type=int, help="classes of the model's head, for a model name (default: the registry's)")
-    p.add_argument("--kernel", type=int, default=3, help="kernel size of the filters to inspect (default: 3)")
-    p.add_argument("--out", help="folder for pictures and metrics.json (default: filters/MODEL_ID)")
-    p.add_argument("--no-pictures", action="store_true", help="write no pictures (metrics.json only)")
-    p.add_argument("--layer", action="append", default=[], metavar="NAME",
-                   help="also draw this layer's filters (repeatable; default: the first and the last k x k layer)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="B",
-                   help="other models (CKPT, MODEL or MODEL=WEIGHTS): pairwise distribution shift matrix and heat map")
-    p.add_argument("--db", metavar="FILE.h5", help="append the model's filters to this filter database (created if absent)")
-    p.add_argument("--summary", action="store_true", help="summarise the --db file (read in chunks)")
-    p.add_argument("--model-id", help="id of the model in the database and the output (default: derived from SOURCE)")
-    p.add_argument("--dataset", help="training data set recorded in the database (default: the checkpoint's data)")
-    p.add_argument("--task", help="task recorded in the database (default: classification for checkpoints)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation of a model name (default: 0)")
-    add_json(p)
-
-
-# ---------------------------------------------------------------- loading
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "model"
 
 
+def describe(loaded: Any, seed: int = 0) -> dict[str, str]:
+    """{id, source, dataset, task, architecture} of a LoadedModel, as the filter database records them."""
+    name = loaded.name
+    if loaded.path is not None:
+        path = loaded.path
+        label = path.parent.name if path.parent.name not in ("", ".") else path.stem
+        return {"id": f"{name}:{label}", "source": str(path), "dataset": str(loaded.data_spec or ""),
+                "task": "classification", "architecture": name}
+    if loaded.weights:
+        return {"id": f"{name}:{Path(loaded.weights).stem}", "source": loaded.weights, "dataset": "", "task": "",
+                "architecture": name}
+    return {"id": f"{name}:random-init-seed{seed}", "source": "random initialisation", "dataset": "", "task": "",
+            "architecture": name}
+
+
 def load_source(spec: str, weights: str | None = None, num_classes: int | None = None,
                 seed: int = 0) -> tuple[Any, dict[str, str]]:
-    """(model, {id, source, dataset, task, architecture}) from a checkpoint path or a model name."""
-    import torch
-
-    from convforge.models import create_model, load_foreign_weights, model_info
-    from convforge.train import load_checkpoint
+    """(model, {id, source, dataset, task, architecture}) from a checkpoint, a model name or NAME=WEIGHTS."""
+    from convforge.train.inference import is_checkpoint_path, load_model
 
     if weights is None and "=" in spec and not Path(spec).exists():
         spec, weights = spec.split("=", 1)
-    path = Path(spec)
-    if path.exists():
+    if is_checkpoint_path(spec) and Path(spec).exists():
         if weights:
             raise ConvforgeError(f"--weights goes with a model name, not with the checkpoint {spec}")
-        ckpt = load_checkpoint(path)
-        name = ckpt.meta["model"]["name"]
-        label = ckpt.path.parent.name if ckpt.path.parent.name not in ("", ".") else ckpt.path.stem
-        data = (ckpt.meta.get("data") or {}).get("spec", "")
-        return ckpt.model, {"id": f"{name}:{label}", "source": str(ckpt.path), "dataset": str(data or ""),
-                            "task": "classification", "architecture": name}
-    try:
-        info = model_info(spec)
-    except ConvforgeError as exc:
-        raise ConvforgeError(f"{spec!r} is neither an existing checkpoint file or run directory nor a model name: "
-                             f"{exc}") from None
-    if weights and not Path(weights).is_file():
-        raise ConvforgeError(f"weight file {weights} does not exist")
-    with torch.random.fork_rng(devices=[]):  # a seeded init without touching the caller's random state
-        torch.manual_seed(seed)
-        model = create_model(spec, num_classes=num_classes or info.num_classes)
-    if weights:
-        load_foreign_weights(model, weights)
-        return model.eval(), {"id": f"{spec}:{Path(weights).stem}", "source": str(weights), "dataset": "",
-                              "task": "", "architecture": spec}
-    return model.eval(), {"id": f"{spec}:random-init-seed{seed}", "source": "random initialisation", "dataset": "",
-                          "task": "", "architecture": spec}
+        loaded = load_model(spec)
+    else:
+        if weights and not Path(weights).is_file():
+            raise ConvforgeError(f"weight file {weights} does not exist")
+        try:
+            loaded = load_model(model=spec, weights=weights, num_classes=num_classes, seed=seed)
+        except ConvforgeError as exc:
+            raise ConvforgeError(f"{spec!r} is neither an existing checkpoint file or run directory nor a model "
+                                 f"name: {exc}") from None
+    return loaded.model, describe(loaded, seed)
 
 
 # ---------------------------------------------------------------- the command
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def inspect_filters(model: Any, meta: dict[str, str], *, kernel: int = 3, out: str | Path | None = None,
+                    pictures: bool = True, layers: Sequence[str] = (), compare: Sequence[str] = (),
+                    db: str | None = None, summary: bool = False, dataset: str | None = None,
+                    task: str | None = None, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    """What ``convforge filters`` does for one model (``meta`` from :func:`describe`): metrics, pictures in
+    ``out``, the shift against ``compare`` sources, and an append to the filter database ``db``."""
     from convforge.progress import echo
 
-    if args.kernel < 1:
-        raise ConvforgeError(f"--kernel must be >= 1, got {args.kernel}")
-    if args.model:
-        if args.source:
-            raise ConvforgeError(f"give either SOURCE ({args.source}) or --model {args.model}, not both")
-        args.source = args.model
-    if args.summary and not args.db:
-        raise ConvforgeError("--summary reads a filter database: give --db FILE.h5")
-    if not args.source:
-        if args.summary:
-            return _summary(args)
-        raise ConvforgeError("give a checkpoint or model name (SOURCE), or --db FILE.h5 --summary")
-    if args.weights and Path(args.source).exists():
-        raise ConvforgeError(f"--weights goes with a model name, not with the checkpoint {args.source}")
-
+    if kernel < 1:
+        raise ConvforgeError(f"--kernel must be >= 1, got {kernel}")
     from convforge.inspect.filters import extract_filters
     from convforge.inspect.metrics import (
         THRESHOLDS,
@@ -119,70 +83,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summarize,
     )
 
-    model, meta = load_source(args.source, args.weights, args.num_classes, args.seed)
-    if args.model_id:
-        meta["id"] = args.model_id
-    rows = layer_metrics(model, args.kernel)
+    rows = layer_metrics(model, kernel)
     if not rows:
-        raise ConvforgeError(f"{args.source} has no 2-D convolution with a {args.kernel}x{args.kernel} kernel; "
+        raise ConvforgeError(f"{meta['id']} has no 2-D convolution with a {kernel}x{kernel} kernel; "
                              f"pick another --kernel (e.g. 1, 3, 5, 7)")
     warnings = [flag_message(r["name"], flag, r) for r in rows for flag in r["flags"]]
-    result: dict[str, Any] = {"model": meta["id"], "source": meta["source"], "kernel": args.kernel,
+    result: dict[str, Any] = {"model": meta["id"], "source": meta["source"], "kernel": kernel,
                               "thresholds": dict(THRESHOLDS), "summary": summarize(rows), "layers": rows,
                               "warnings": warnings, "pictures": []}
 
-    filters = extract_filters(model, args.kernel)
+    filters = extract_filters(model, kernel)
     compare_rows: dict[str, list[dict[str, Any]]] = {meta["id"]: rows}
-    if args.compare:
+    if compare:
         from convforge.inspect.shift import shift_matrix
 
         groups = [(meta["id"], filters.filters)]
-        for spec in args.compare:
-            other, other_meta = load_source(spec, None, None, args.seed)
+        for spec in compare:
+            other, other_meta = load_source(spec, None, None, seed)
             name = other_meta["id"]
             while name in compare_rows:
                 name += "'"
-            other_rows = layer_metrics(other, args.kernel)
+            other_rows = layer_metrics(other, kernel)
             if not other_rows:
-                raise ConvforgeError(f"--compare {spec}: no 2-D convolution with a {args.kernel}x{args.kernel} kernel")
+                raise ConvforgeError(f"--compare {spec}: no 2-D convolution with a {kernel}x{kernel} kernel")
             compare_rows[name] = other_rows
-            groups.append((name, extract_filters(other, args.kernel).filters))
-        names, matrix = shift_matrix(groups, kernel=args.kernel)
+            groups.append((name, extract_filters(other, kernel).filters))
+        names, matrix = shift_matrix(groups, kernel=kernel)
         result["compare"] = {"names": names, "matrix": matrix,
                              "summaries": {n: summarize(r) for n, r in compare_rows.items()}}
 
-    out = Path(args.out) if args.out else Path("filters") / _safe(meta["id"])
-    if not args.no_pictures:
-        result["pictures"] = [str(p) for p in _pictures(model, filters, compare_rows, result, out, args)]
+    out = Path(out) if out else Path("filters") / _safe(meta["id"])
+    if pictures:
+        result["pictures"] = [str(p) for p in _pictures(model, filters, compare_rows, result, out, kernel, layers)]
     from convforge.fileio import atomic_write_json
 
     result["metrics_file"] = str(atomic_write_json(out / "metrics.json", {k: v for k, v in result.items()
                                                                             if k != "pictures"}))
-    if args.db:
+    if db:
         from convforge.inspect.db import FilterDB
 
-        with FilterDB(args.db, "a") as db:
-            row = db.append(filters, meta["id"], source=meta["source"],
-                            dataset=args.dataset if args.dataset is not None else meta["dataset"],
-                            task=args.task if args.task is not None else meta["task"],
+        with FilterDB(db, "a") as database:
+            row = database.append(filters, meta["id"], source=meta["source"],
+                            dataset=dataset if dataset is not None else meta["dataset"],
+                            task=task if task is not None else meta["task"],
                             architecture=meta["architecture"], metrics=rows)
-        result["db"] = {"path": str(args.db), "appended": row}
-        if not args.json:
+        result["db"] = {"path": str(db), "appended": row}
+        if not quiet:
             echo(f"appended {row['n_filters']:,} filters of {row['n_layers']} layers as {meta['id']!r} "
-                 f"to {args.db}")
-    if not args.json:
+                 f"to {db}")
+    if not quiet:
         _print_layers(result)
         if "compare" in result:
             _print_matrix(result["compare"]["names"], result["compare"]["matrix"])
         for p in result["pictures"]:
             echo(f"wrote {p}")
-    if args.summary:
-        result["db_summary"] = _summary(args)["db_summary"]
+    if summary and db:
+        result["db_summary"] = db_summary(db, quiet)["db_summary"]
     return result
 
 
 def _pictures(model: Any, filters: Any, compare_rows: dict[str, list[dict[str, Any]]], result: dict[str, Any],
-              out: Path, args: argparse.Namespace) -> list[Path]:
+              out: Path, kernel: int, layer_names: Sequence[str]) -> list[Path]:
     import torch
     from torch import nn
 
@@ -196,11 +157,11 @@ def _pictures(model: Any, filters: Any, compare_rows: dict[str, list[dict[str, A
     if first is not None:
         written.append(pictures.first_layer_rgb(layer_weight(first).numpy(), out / "first_layer_rgb.png",
                                                 f"{result['model']} first layer"))
-    layers = {info.name: conv for info, conv in conv_layers(model, args.kernel)}
-    wanted = args.layer or list(dict.fromkeys([next(iter(layers)), list(layers)[-1]]))
+    layers = {info.name: conv for info, conv in conv_layers(model, kernel)}
+    wanted = list(layer_names) or list(dict.fromkeys([next(iter(layers)), list(layers)[-1]]))
     for name in wanted:
         if name not in layers:
-            raise ConvforgeError(f"--layer {name!r}: no {args.kernel}x{args.kernel} convolution of that name; "
+            raise ConvforgeError(f"--layer {name!r}: no {kernel}x{kernel} convolution of that name; "
                                  f"the layers are: {', '.join(list(layers)[:12])}{' ...' if len(layers) > 12 else ''}")
         written.append(pictures.layer_grid(layer_weight(layers[name]).numpy(), out / f"layer_{_safe(name)}.png",
                                            f"{result['model']} {name}"))
@@ -216,12 +177,13 @@ def _pictures(model: Any, filters: Any, compare_rows: dict[str, list[dict[str, A
     return written
 
 
-def _summary(args: argparse.Namespace) -> dict[str, Any]:
+def db_summary(db: str, quiet: bool = False) -> dict[str, Any]:
+    """The summary of a filter database (read in chunks), printed unless ``quiet``."""
     from convforge.inspect.db import FilterDB
 
-    with FilterDB(args.db, "r") as db:
-        summary = db.summary()
-    if not args.json:
+    with FilterDB(db, "r") as database:
+        summary = database.summary()
+    if not quiet:
         _print_summary(summary)
     return {"db_summary": summary}
 

@@ -66,9 +66,12 @@ class RunData:
     @property
     def primary(self) -> str:
         """The metric that selects the best checkpoint: ``top1``, ``miou`` (segment) or ``psnr`` (super-resolve)."""
+        from convforge.train.tasks import get_task, task_names
+
         selected = self.summary.get("best_metric") or ""
-        return {"segment": "miou", "super-resolve": "psnr"}.get(self.summary.get("task") or "", None) or (
-            selected.rsplit("_", 1)[-1] if "_" in selected else "top1")
+        if self.summary.get("task") in task_names():
+            return get_task(self.summary["task"]).primary
+        return selected.rsplit("_", 1)[-1] if "_" in selected else "top1"
 
     @property
     def eval_splits(self) -> list[str]:
@@ -297,29 +300,29 @@ def table_rows(obj: Any) -> list[dict[str, Any]]:
 def _evaluate(run: RunData, wrong: int) -> None:
     import torch
 
-    from convforge.train import load_checkpoint
+    from convforge.train.inference import load_model
 
     try:
-        ckpt = load_checkpoint(run.checkpoint)
+        loaded = load_model(run.checkpoint)
     except Exception as exc:  # noqa: BLE001
         run.notes.append(f"the checkpoint could not be loaded ({str(exc)[:300]}); no evaluation")
         return
     torch.manual_seed(0)
     try:
-        run.stages = stage_summary(ckpt.model, tuple(ckpt.input_size))
+        run.stages = stage_summary(loaded.model, tuple(loaded.input_size))
     except Exception as exc:  # noqa: BLE001 - MAC counting can fail on exotic operators
         run.notes.append(f"per-stage summary failed ({type(exc).__name__}: {str(exc)[:200]})")
-    spec = (ckpt.meta.get("data") or {}).get("spec") or run.data_spec
+    spec = loaded.data_spec or run.data_spec
     if not spec:
         run.notes.append("the checkpoint names no data set; no evaluation")
         return
     try:
-        if ckpt.meta.get("task", "classify") != "classify":
+        if loaded.task != "classify":
             from convforge.report.dense import evaluate_dense_checkpoint
 
-            run.evaluation = evaluate_dense_checkpoint(ckpt, spec)
+            run.evaluation = evaluate_dense_checkpoint(loaded, spec)
         else:
-            run.evaluation = evaluate_checkpoint(ckpt, spec, (run.config or {}).get("image_size"), wrong)
+            run.evaluation = evaluate_checkpoint(loaded, spec, (run.config or {}).get("image_size"), wrong)
     except Exception as exc:  # noqa: BLE001 - e.g. the data set has moved since training
         run.notes.append(f"evaluation on {spec} failed: {str(exc)[:300]}")
 
@@ -359,26 +362,20 @@ def _module_macs(macs: dict[str, int], name: str, module: Any) -> int:
 
 
 def evaluate_checkpoint(ckpt: Any, spec: str, image_size: Any, wrong: int) -> dict[str, Any]:
-    """Confusion matrix, per-class accuracy and the ``wrong`` most confidently wrong test images."""
+    """Confusion matrix, per-class accuracy and the ``wrong`` most confidently wrong test images of a
+    LoadedModel (or Checkpoint), through :mod:`convforge.train.inference`."""
     import torch
 
-    from convforge.data import normalize
-    from convforge.data.spec import load
-    from convforge.predict import align_split
-    from convforge.train.evaluate import predict_logits
+    from convforge.train.inference import LoadedModel, aligned_split, class_probabilities, load_data
 
-    data = load(spec, image_size=image_size)
+    loaded = ckpt if isinstance(ckpt, LoadedModel) else LoadedModel(ckpt.model, dict(ckpt.meta), ckpt.path)
+    data = load_data(spec, image_size or loaded.trained_image_size)
     notes: list[str] = list(data.notes)
     split_name = "test"
-    split = align_split(data.split(split_name), data.classes, ckpt.classes, ckpt.input_size[0], notes)
-    classes = list(ckpt.classes)
+    split = aligned_split(loaded, data, split_name, notes)
+    classes = loaded.classes
     n = len(classes)
-    model = ckpt.model.eval()
-    probs_list = []
-    for start in range(0, len(split.labels), 256):
-        x = normalize(split.images[start:start + 256], ckpt.mean, ckpt.std)
-        probs_list.append(predict_logits(model, x).softmax(dim=1))
-    probs = torch.cat(probs_list) if probs_list else torch.zeros(0, n)
+    probs = class_probabilities(loaded, split.images)
     labels = split.labels.long()
     confidence, pred = probs.max(dim=1)
     confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n)

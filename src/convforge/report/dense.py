@@ -11,30 +11,33 @@ CROP = 96  # side of the super-resolution crops shown (HR pixels)
 
 
 def evaluate_dense_checkpoint(ckpt: Any, spec: str) -> dict[str, Any]:
-    """Scores on every evaluation split (or test set) and a few examples, as ``convforge eval`` computes them."""
-    from convforge.dense_cli import dense_data, evaluate_dense
+    """Scores on every evaluation split (or test set) and a few examples, as ``convforge eval`` computes them
+    (a LoadedModel or a Checkpoint)."""
+    from convforge.train.inference import LoadedModel, dense_data, evaluate
 
-    loaded = dense_data(ckpt, spec)
-    task, _, data = loaded
-    result = evaluate_dense(ckpt, spec, "test", 16, loaded)
+    loaded = ckpt if isinstance(ckpt, LoadedModel) else LoadedModel(ckpt.model, dict(ckpt.meta), ckpt.path)
+    prepared = dense_data(loaded, spec)
+    task, _, data = prepared
+    result = evaluate(loaded, prepared, "test", batch_size=16)
     scores = {name: value for name, value in result.items() if isinstance(value, dict)}
-    examples = (_segment_examples(ckpt, data, task.eval_splits(data)[-1]) if task.name == "segment"
-                else _superres_examples(ckpt, data))
-    return {"task": task.name, "data": result["data"], "scores": scores, "classes": list(ckpt.classes),
+    examples = (_segment_examples(loaded, data, task.eval_splits(data)[-1]) if task.name == "segment"
+                else _superres_examples(loaded, data))
+    return {"task": task.name, "data": result["data"], "scores": scores, "classes": list(loaded.classes),
             "examples": examples, "notes": list(getattr(data, "notes", []))}
 
 
-def _segment_examples(ckpt: Any, data: Any, split: str) -> list[dict[str, Any]]:
-    from convforge.inspect.segmentation import overlay, palette_for, segment_image
+def _segment_examples(loaded: Any, data: Any, split: str) -> list[dict[str, Any]]:
+    from convforge.inspect.segmentation import overlay, palette_for
     from convforge.report.collect import image_png
+    from convforge.train.inference import segment
 
     images = data.split(split)
-    palette = palette_for(ckpt.classes)
+    palette = palette_for(loaded.classes)
     ignore = data.ignore_index
     examples = []
     for index in range(min(EXAMPLES, len(images.labels))):
         image, truth = images.images[index], images.labels[index].long()
-        prediction = segment_image(ckpt.model, image, ckpt.mean, ckpt.std).long()
+        prediction = segment(loaded, image)["mask"].long()
         labelled = truth != ignore
         accuracy = float((prediction[labelled] == truth[labelled]).float().mean() * 100) if labelled.any() else None
         examples.append({"split": split, "index": index, "pixel_acc": accuracy,

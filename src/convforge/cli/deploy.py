@@ -1,0 +1,357 @@
+"""``convforge bench``, ``export``, ``quantize`` and ``prune``: measuring, deploying and compressing a model."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from convforge.cli.common import (
+    Command,
+    add_model_source,
+    add_runtime,
+    image_pair,
+    load_source,
+    print_table,
+    runtime_device,
+)
+from convforge.errors import ConfigError
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return sizes
+
+
+def _input_size(text: str) -> tuple[int, int, int]:
+    from convforge.measure.bench import parse_input
+
+    return parse_input(text)
+
+
+def _model_input(args: argparse.Namespace, device: str = "cpu"):
+    """The LoadedModel and its (C, H, W) input: --input CxHxW (old spelling), else --image-size, else its own."""
+    size = getattr(args, "input", None)
+    overrides: dict[str, Any] = {}
+    if size is not None:
+        if args.in_chans is None:
+            overrides["in_chans"] = size[0]
+        overrides["image_size"] = size[1:]
+    loaded = load_source(args, device, **overrides)
+    if size is None:
+        pair = image_pair(getattr(args, "image_size", None))
+        size = (loaded.input_size[0], *pair) if pair else loaded.input_size
+    return loaded, tuple(size)
+
+
+def _calibration_images(spec: str, loaded: Any, samples: int, input_size: tuple[int, ...]):
+    """``samples`` normalised images from the train split (or the first split) of ``spec``, seeded subset."""
+    import torch
+
+    from convforge.data import normalize
+    from convforge.data.dataset import convert_channels
+    from convforge.train.inference import load_data, normalization_for
+
+    if samples < 1:
+        raise ConfigError(f"--calib-samples must be >= 1, got {samples}")
+    data = load_data(spec, image_size=input_size[1] if input_size[1] == input_size[2] else None)
+    split = data.train if data.train is not None else data.first_split
+    pick = torch.randperm(len(split.images), generator=torch.Generator().manual_seed(0))[:samples]
+    images = convert_channels(split.images[pick], input_size[0])
+    mean, std = normalization_for(loaded, data, [])
+    return normalize(images, mean, std), data
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from convforge.export.bench import BACKENDS
+
+    add_model_source(parser)
+    parser.add_argument("--input", type=_input_size, help=argparse.SUPPRESS)  # old spelling: CxHxW
+    parser.add_argument("--backend", default="torch,onnxruntime",
+                        help=f"comma-separated backends from {','.join(BACKENDS)} (default: torch,onnxruntime)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default: 3)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per batch size (default: 10)")
+    parser.add_argument("--calib-data", help="data spec to calibrate onnxruntime-int8 (default: random inputs, "
+                                             "speed only)")
+    add_runtime(parser, batch_size="1,32,256", batch_type=_batch_sizes, tta=False,
+                batch_help="comma-separated batch sizes")
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """``convforge bench``: params, MACs, latency and throughput per backend and batch size."""
+    from convforge.export import benchmark
+    from convforge.export.bench import BACKENDS
+    from convforge.measure.bench import parse_list
+    from convforge.progress import echo
+
+    runtime_device(args)
+    loaded, size = _model_input(args)
+    batches = args.batch_size if isinstance(args.batch_size, list) else _batch_sizes(args.batch_size)
+    backends = parse_list(args.backend, "--backend", BACKENDS)
+    if args.warmup < 0 or args.repeats < 1:
+        raise ConfigError("--warmup must be >= 0 and --repeats >= 1")
+    calibration = None
+    if args.calib_data and "onnxruntime-int8" in backends:
+        calibration, _ = _calibration_images(args.calib_data, loaded, 256, size)
+    result = benchmark(loaded.model, size, batches, backends, threads=args.threads, warmup=args.warmup,
+                       repeats=args.repeats, calibration=calibration, log=echo)
+    result["target"] = loaded.label
+    if not args.json:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{loaded.label}: {result['params'] / 1e6:.3f} M params, {result['macs'] / 1e6:.1f} M "
+                            f"MACs, input {'x'.join(map(str, size))}, {result['threads']} threads")
+        for column in ("backend", "batch", "p50 ms", "p90 ms", "images/s"):
+            table.add_column(column, justify="left" if column == "backend" else "right")
+        for r in result["rows"]:
+            table.add_row(r["backend"], str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                          f"{r['images_per_s']:.0f}")
+        Console(soft_wrap=True).print(table)
+        for note in result["notes"]:
+            print(f"note: {note}")
+    return result
+
+
+def _default_out(loaded: Any, suffix: str) -> Path:
+    """Next to the checkpoint, or NAME+suffix in the current folder for a registry model or foreign weights."""
+    if loaded.path is not None:
+        return loaded.path.with_name(loaded.path.stem + suffix)
+    stem = Path(loaded.weights).stem if loaded.weights else loaded.name
+    return Path(stem + suffix)
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_source(parser)
+    parser.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default: onnx)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    parser.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
+    parser.add_argument("--out", help="output .onnx path (default: next to the checkpoint)")
+    add_runtime(parser, batch_size=1, tta=False, batch_help="batch size of the exported example input")
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    """``convforge export``: ONNX (plus a JSON sidecar), checked against PyTorch."""
+    from convforge.export import to_onnx
+
+    runtime_device(args)  # export and the parity check run on the CPU
+    loaded, size = _model_input(args)
+    out = Path(args.out) if args.out else _default_out(loaded, ".onnx")
+    report = to_onnx(loaded.model, out, size, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                     batch_size=args.batch_size, meta=dict(loaded.meta))
+    report["checkpoint"] = loaded.label
+    if not args.json:
+        print(f"wrote {report['onnx']} (opset {report['opset']}, {'dynamic' if report['dynamic_batch'] else 'fixed'} "
+              f"batch, {report['bytes'] / 1e6:.2f} MB) and {Path(report['onnx']).with_suffix('.json')}")
+        print(f"ONNX Runtime vs PyTorch: max absolute logit difference {report['max_abs_diff']:.3g} (limit 1e-4)")
+    return report
+
+
+def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_source(parser)
+    parser.add_argument("--calib-data", help="data spec whose train split calibrates the activation ranges (required)")
+    parser.add_argument("--calib-samples", type=int, default=512, help="calibration images (default: 512)")
+    parser.add_argument("--data", help="data spec to evaluate on (default: --calib-data)")
+    parser.add_argument("--split", default="test", choices=("test", "val", "train"),
+                        help="evaluation split (default: test)")
+    parser.add_argument("--eval-samples", type=int, help="evaluate on the first N images only (default: all)")
+    parser.add_argument("--out", help="output .onnx path (default: next to the checkpoint, *-int8.onnx)")
+    add_runtime(parser, tta=False, batch_help="evaluation batch size")
+
+
+def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    """``convforge quantize``: static int8 with ONNX Runtime; fp32 vs int8 top-1 and speed."""
+    from convforge.export import quantize_int8
+
+    if not args.calib_data:
+        raise ConfigError("static int8 quantization needs calibration data: pass --calib-data SPEC (e.g. "
+                          "cifar10:DIR or imagefolder:DIR); its images set the activation ranges")
+    runtime_device(args)  # ONNX Runtime runs on the CPU
+    loaded, size = _model_input(args)
+    calibration, calib_data = _calibration_images(args.calib_data, loaded, args.calib_samples, size)
+    out = Path(args.out) if args.out else _default_out(loaded, "-int8.onnx")
+    report = quantize_int8(loaded.model, out, size, calibration, meta=dict(loaded.meta))
+    if args.data and args.data != args.calib_data:
+        from convforge.train.inference import load_data
+
+        data = load_data(args.data)
+    else:
+        data = calib_data
+    scores, x = _quantized_top1(loaded, data, report, args)
+    report.update(scores)
+    report["images_per_s_batch256"] = speed = _quantized_speed(loaded, report, x, args.threads)
+    report["speedup_int8_vs_torch"] = speed["onnxruntime int8"] / speed["torch eager fp32"]
+    if not args.json:
+        print_table("int8 quantization (ONNX Runtime, QDQ)", [
+            ("int8 model", report["onnx"]),
+            ("calibration", f"{report['calibration_images']} images from {args.calib_data}"),
+            ("top-1 fp32 (ONNX)", f"{report['top1_fp32']:.2f}%  (PyTorch {report['top1_torch']:.2f}%)"),
+            ("top-1 int8", f"{report['top1_int8']:.2f}%  ({report['top1_int8'] - report['top1_fp32']:+.2f} points, "
+                           f"{report['eval']['images']} {args.split} images)"),
+            ("size", f"{report['bytes'] / 1e6:.2f} MB (fp32 {report['fp32_bytes'] / 1e6:.2f} MB)"),
+            *[(f"{k} (batch 256)", f"{v:.0f} img/s") for k, v in speed.items()],
+        ])
+    return report
+
+
+def _quantized_top1(loaded: Any, data: Any, report: dict[str, Any], args: argparse.Namespace) -> tuple[dict, Any]:
+    """Top-1 of the fp32 and int8 ONNX models and of PyTorch on the (first --eval-samples of the) split,
+    and the normalised images."""
+    from convforge.data import Split, normalize
+    from convforge.export import onnx_top1
+    from convforge.train.evaluate import evaluate as evaluate_split
+    from convforge.train.inference import aligned_split, normalization_for
+
+    notes: list[str] = []
+    split = aligned_split(loaded, data, args.split, notes)
+    if args.eval_samples:
+        split = Split(split.images[:args.eval_samples], split.labels[:args.eval_samples])
+    mean, std = normalization_for(loaded, data, notes)
+    x = normalize(split.images, mean, std)
+    torch_top1 = evaluate_split(loaded.model, split, mean, std, batch_size=args.batch_size,
+                                num_classes=len(loaded.classes), details=False)["top1"]
+    return {"eval": {"data": data.spec, "split": args.split, "images": len(split.labels)},
+            "top1_fp32": onnx_top1(report["fp32_onnx"], x, split.labels, args.batch_size, threads=args.threads),
+            "top1_int8": onnx_top1(report["onnx"], x, split.labels, args.batch_size, threads=args.threads),
+            "top1_torch": torch_top1}, x
+
+
+def _quantized_speed(loaded: Any, report: dict[str, Any], x: Any, threads: int | None) -> dict[str, float]:
+    """Images per second at batch 256: PyTorch eager fp32, ONNX Runtime fp32 and int8."""
+    import torch
+
+    from convforge.export.onnx import run_session, session
+    from convforge.measure.bench import time_fn
+
+    batch = x[:256] if len(x) >= 256 else x.repeat((256 + len(x) - 1) // len(x), 1, 1, 1)[:256]
+    speed = {}
+    for name, fn in (("torch eager fp32", lambda: loaded.model(batch)),
+                     ("onnxruntime fp32", (lambda s: lambda: run_session(s, batch))(session(report["fp32_onnx"], threads))),
+                     ("onnxruntime int8", (lambda s: lambda: run_session(s, batch))(session(report["onnx"], threads)))):
+        with torch.inference_mode():
+            times = time_fn(fn, warmup=2, repeats=5)
+        speed[name] = 256 / sorted(times)[len(times) // 2]
+    return speed
+
+
+def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    from convforge.compress.prune import METHODS
+
+    add_model_source(parser)
+    parser.add_argument("--method", required=True, choices=METHODS, help="pruning criterion")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-macs", type=float, help="fraction of the MACs to keep, e.g. 0.5 (structured methods)")
+    target.add_argument("--sparsity", type=float, help="share removed: of the channels of every group (structured) "
+                                                       "or of all weights (global-magnitude)")
+    parser.add_argument("--min-share", type=float, help="least share kept of every channel group / layer "
+                                                        "(default: 0.1 structured, 0.02 global-magnitude)")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="keep a multiple of N channels per group (8 suits vectorised CPU kernels; default: 1)")
+    parser.add_argument("--finetune-epochs", type=float, default=0, help="fine-tuning epochs after pruning (default: 0)")
+    parser.add_argument("--data", help="data spec for fine-tuning and evaluation (default: the checkpoint's own data)")
+    parser.add_argument("--steps", type=int, default=1, help="prune then fine-tune in K steps (default: 1)")
+    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate, cosine schedule "
+                                                              "(default: 0.01)")
+    parser.add_argument("--amp", action="store_true", help="fine-tune with bfloat16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="fine-tune in channels_last memory format")
+    parser.add_argument("--out", help="output checkpoint (default: CKPT-pruned-METHOD.safetensors next to CKPT)")
+    parser.add_argument("--dry-run", action="store_true", help="print the per-layer plan (old/new widths, MACs); "
+                                                               "change nothing")
+    parser.add_argument("--seed", type=int, default=0, help="seed (random method, fine-tuning order)")
+    add_runtime(parser, batch_size=128, tta=False, batch_help="fine-tuning batch size")
+
+
+def run_prune(args: argparse.Namespace) -> dict[str, Any]:
+    """``convforge prune``: :func:`convforge.compress.pipeline.prune_checkpoint` on any model source."""
+    import inspect
+
+    from convforge.compress.pipeline import prune_checkpoint
+    from convforge.train.inference import is_checkpoint_path
+
+    device = runtime_device(args)
+    options = {"target_macs": args.target_macs, "sparsity": args.sparsity, "min_share": args.min_share,
+               "round_to": args.round_to, "finetune_epochs": args.finetune_epochs, "data": args.data,
+               "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "out": args.out,
+               "dry_run": args.dry_run, "seed": args.seed, "amp": args.amp, "channels_last": args.channels_last,
+               "image_size": args.image_size, "device": device, "threads": args.threads}
+    accepted = inspect.signature(prune_checkpoint).parameters
+    options = {k: v for k, v in options.items() if k in accepted and (v is not None or k in ("target_macs",
+                                                                                               "sparsity"))}
+    with tempfile.TemporaryDirectory(prefix="convforge-prune-") as tmp:
+        checkpoint = args.source
+        if args.model or args.weights or not (args.source and is_checkpoint_path(args.source)):
+            checkpoint = _as_checkpoint(args, Path(tmp))
+            stem = Path(args.weights).stem if args.weights else args.model or args.source
+            options["out"] = options.get("out") or f"{stem}-pruned-{args.method}.safetensors"
+        report = prune_checkpoint(checkpoint, args.method, **options)
+    if not args.json:
+        _print_prune(report)
+    return report
+
+
+def _as_checkpoint(args: argparse.Namespace, folder: Path) -> Path:
+    """A registry model or foreign weights written as a temporary checkpoint (what `convforge import` writes)."""
+    from convforge.train.inference import load_data, save_loaded
+
+    data = load_data(args.data) if args.data else None
+    overrides = {"num_classes": args.num_classes or data.num_classes, "classes": list(data.classes)} if data else {}
+    loaded = load_source(args, **overrides)
+    return save_loaded(loaded, folder / "source.safetensors", data)
+
+
+def _print_prune(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    plan = report["plan"]
+    if report["method"] == "global-magnitude":
+        table = Table(title="global magnitude pruning: per-layer sparsity")
+        for column in ("layer", "weights", "kept", "sparsity"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for row in plan:
+            table.add_row(row["layer"], f"{row['weights']:,}", f"{row['kept']:,}", f"{100 * row['sparsity']:.1f}%")
+    else:
+        table = Table(title=f"{report['method']} plan: layer widths and MACs")
+        for column in ("layer", "kind", "in", "out", "MACs"):
+            table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+        for row in plan:
+            fmt = (lambda pair: "-" if pair[0] is None else (f"{pair[0]}" if pair[0] == pair[1] else f"{pair[0]} -> {pair[1]}"))
+            table.add_row(row["layer"], row["kind"], fmt(row["in"]), fmt(row["out"]),
+                          f"{row['macs'][0] / 1e6:.2f} -> {row['macs'][1] / 1e6:.2f} M")
+    console.print(table)
+    console.print(f"MACs {report['macs_before'] / 1e6:.2f} M -> {report['macs_after'] / 1e6:.2f} M "
+                  f"({100 * report['macs_after'] / report['macs_before']:.1f}%), params {report['params_before']:,} -> "
+                  f"{report['params_after']:,}", markup=False)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", markup=False)
+    if report.get("dry_run"):
+        console.print("dry run: no weights were changed and nothing was written", markup=False)
+        return
+    if "top1_before" in report:
+        console.print(f"top-1 {report['top1_before']:.2f}% -> {report.get('top1_after', float('nan')):.2f}%", markup=False)
+    console.print(f"wrote {report['output']}", markup=False)
+
+
+COMMANDS = [
+    Command("bench", "params, MACs, latency and throughput per backend and batch size", _add_bench_arguments,
+            run_bench, "Measure a model on this machine: params, MACs (torch.utils.flop_counter), latency p50/p90 "
+                       "over repeats after warm-up, and throughput, for each backend and batch size."),
+    Command("export", "export a model to ONNX, checked against PyTorch", _add_export_arguments, run_export,
+            "Write the model as ONNX (plus a JSON sidecar) and check ONNX Runtime against PyTorch: the largest "
+            "absolute logit difference must be <= 1e-4 (exit code 5 otherwise)."),
+    Command("quantize", "static int8 with ONNX Runtime (QDQ, per-channel weights)", _add_quantize_arguments,
+            run_quantize, "BatchNorm folded, exported to ONNX, quantized statically to int8 (QDQ, per-channel int8 "
+                          "weights, uint8 activations) with activation ranges calibrated on real images; reports "
+                          "fp32 vs int8 top-1 and speed on the evaluation split."),
+    Command("prune", "structured pruning (real speed-ups) or global magnitude pruning", _add_prune_arguments,
+            run_prune, "Structured methods remove filters and channels physically (consistent across residual "
+                       "additions, concatenations, depthwise convolutions and the classifier) and save a smaller "
+                       "checkpoint; global-magnitude zeroes weights (no dense speed-up)."),
+]

@@ -1,0 +1,223 @@
+"""``convforge train`` and ``convforge recipes``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from convforge.cli.common import Command, add_json, parse_model_args, print_table
+from convforge.errors import ConvforgeError
+
+# (option, config field, type or "flag", help). Every option is also a key of the YAML config.
+TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, "model name from `convforge models` (default: smallcnn)"),
+    ("--data", "data", str, "data spec: digits, synthetic[:k=v,...], mnist:DIR, cifar10:DIR, imagefolder:DIR; "
+                            "segfolder:DIR (--task segment); superres:DIR (--task super-resolve) (default: digits)"),
+    ("--task", "task", str, "classify (default), segment or super-resolve"),
+    ("--scale", "scale", int, "super-resolve: upscaling factor 2, 3 or 4 (default: 3)"),
+    ("--dice-weight", "dice_weight", float, "segment: weight of the soft Dice loss added to cross-entropy (default: 0)"),
+    ("--seg-crop", "seg_crop", "floats", "segment: training crop HEIGHT WIDTH (default: the image size)"),
+    ("--seg-scales", "seg_scales", "floats", "segment: random scale range LOW HIGH of scale-crop-flip (default: 0.5 2.0)"),
+    ("--epochs", "epochs", int, "number of epochs (default: 15)"),
+    ("--batch-size", "batch_size", int, "batch size per process (default: 64)"),
+    ("--lr", "lr", float, "peak learning rate (default: 0.1*batch/128 for sgd, 2e-3*batch/128 for adamw)"),
+    ("--optimizer", "optimizer", str, "sgd (Nesterov momentum) or adamw (default: sgd)"),
+    ("--momentum", "momentum", float, "SGD momentum (default: 0.9)"),
+    ("--schedule", "schedule", str, "onecycle, cosine, constant or step (/10 at 50%% and 75%%) (default: onecycle)"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear warm-up length (default: 15%% of epochs, at most 2)"),
+    ("--label-smoothing", "label_smoothing", float, "label smoothing (default: 0)"),
+    ("--weight-decay", "weight_decay", float, "weight decay, not applied to norm and bias parameters (default: 5e-4 sgd, 0.05 adamw)"),
+    ("--grad-clip", "grad_clip", float, "clip the gradient norm to this value (default: off)"),
+    ("--nan-policy", "nan_policy", str, "on a NaN/inf loss or gradient: stop (default) or skip-batch"),
+    ("--mixup", "mixup_alpha", float, "mixup with Beta(a, a) mixing weights (default: 0, off)"),
+    ("--cutmix", "cutmix_alpha", float, "CutMix with Beta(a, a) box areas (default: 0, off; with --mixup: one of the two per batch)"),
+    ("--random-erasing", "random_erasing", float, "probability of erasing a random rectangle per image (default: 0)"),
+    ("--drop-path", "drop_path", float, "stochastic depth rate of the last block, linear in depth (models with drop_path_rate)"),
+    ("--teacher", "teachers", "append", "distil from this convforge checkpoint (repeatable: soft targets averaged)"),
+    ("--teacher-model", "teacher_model", str, "distil from a foreign weight file: the teacher's model name"),
+    ("--teacher-weights", "teacher_weights", str, "distil from a foreign weight file: the file (.pth/.th, weights_only)"),
+    ("--teacher-mean", "teacher_mean", "floats", "normalisation mean of the foreign teacher (default: the data's)"),
+    ("--teacher-std", "teacher_std", "floats", "normalisation std of the foreign teacher (default: the data's)"),
+    ("--kd-alpha", "kd_alpha", float, "weight of the distillation loss (default: 0.5)"),
+    ("--kd-temperature", "kd_temperature", float, "distillation temperature (default: 4)"),
+    ("--kd-consistent", "kd_consistent", "flag", "teacher sees the student's augmented view (default: the clean image)"),
+    ("--eval-tta", "eval_tta", "flag", "evaluate with flip test-time augmentation (alias: --tta)"),
+    ("--filter-health", "filter_health", "flag", "per-epoch 3x3 filter metrics in metrics.jsonl; warn when a layer degenerates"),
+    ("--report", "report", "flag", "write RUN_DIR/report.html when training ends (see `convforge report`)"),
+    ("--tensorboard", "tensorboard", "flag", "also log epochs to RUN_DIR/tensorboard (needs the tensorboard package)"),
+    ("--recipe", "recipe", str, "start from a named recipe (`convforge recipes`); other options override it"),
+    ("--ema", "ema", "flag", "evaluate and save an exponential moving average of the weights"),
+    ("--ema-decay", "ema_decay", float, "EMA decay (default: 0.999)"),
+    ("--augment", "augment", str, "none, flip, crop or crop-flip; segment: also scale-crop-flip (default: per dataset)"),
+    ("--crop-padding", "crop_padding", int, "padding of the random crop (default: image size / 8)"),
+    ("--image-size", "image_size", int, "resize image folders to this size (default: their own size)"),
+    ("--skip-bad-images", "skip_bad_images", "flag", "skip undecodable images with a warning instead of stopping"),
+    ("--amp", "amp", "flag", "bfloat16 autocast (GPU; opt-in on CPU)"),
+    ("--channels-last", "channels_last", "flag", "channels_last memory format"),
+    ("--compile", "compile", "flag", "torch.compile the model"),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N (default: auto)"),
+    ("--threads", "threads", int, "CPU threads for PyTorch (default: PyTorch's choice)"),
+    ("--sync-bn", "sync_bn", "flag", "distributed runs: BatchNorm statistics over the global batch"),
+    ("--dist-timeout", "dist_timeout", float, "distributed runs: seconds a collective may wait (default: 1800)"),
+    ("--seed", "seed", int, "random seed (default: 0)"),
+    ("--eval-every", "eval_every", int, "evaluate every N epochs (default: 1)"),
+    ("--save-every-steps", "save_every_steps", int, "also save the resume state every N steps (default: 0, epoch ends only)"),
+    ("--out", "out", str, "run directory (default: runs/MODEL-DATA-TIME)"),
+    ("--resume", "resume", str, "resume the run in RUN_DIR from its last saved state"),
+    ("--keep-sparsity", "keep_sparsity", "flag", "with --init: hold the checkpoint's zero conv/linear weights at "
+                                                 "zero (fine-tuning a global-magnitude pruned model)"),
+    ("--init", "init", str, "start from this convforge checkpoint's weights (fine-tuning; model, widths and "
+                            "normalisation from it; a fresh head when the classes differ)"),
+    ("--cache-dir", "cache_dir", str, "decoded-image cache (default: $CONVFORGE_CACHE or ~/.cache/convforge)"),
+]
+
+ALIASES = {"--eval-tta": ("--tta",)}  # train's --eval-tta is the --tta of the other commands
+
+
+def add_train_arguments(train: argparse.ArgumentParser) -> None:
+    """The options of ``convforge train`` (each also a key of the YAML config)."""
+    train.add_argument("--config", help="YAML file of options (keys as below, with _ or -)")
+    for option, field, kind, help_text in TRAIN_OPTIONS:
+        names = (option, *ALIASES.get(option, ()))
+        if kind == "flag":
+            train.add_argument(*names, dest=field, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        elif kind == "append":
+            train.add_argument(*names, dest=field, action="append", default=argparse.SUPPRESS, help=help_text)
+        elif kind == "floats":
+            train.add_argument(*names, dest=field, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        else:
+            train.add_argument(*names, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
+    train.add_argument("--nproc-per-node", type=int, metavar="N",
+                       help="train with N processes on this machine (DistributedDataParallel via torch.distributed.run; "
+                            "for several machines use torchrun directly, see the README)")
+    train.add_argument("--model-arg", dest="model_args", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                       help="extra model argument (value parsed as YAML), repeatable")
+    add_json(train)
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of a parsed ``convforge train`` command line (--config file first, options over it)."""
+    from convforge.config import TrainConfig, coerce_fields, load_yaml
+
+    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+    explicit = {f: getattr(args, f) for _, f, _, _ in TRAIN_OPTIONS if hasattr(args, f)}
+    if hasattr(args, "model_args"):
+        explicit["model_args"] = {**values.get("model_args", {}), **parse_model_args(args.model_args)}
+    values.update(coerce_fields(explicit, "command line"))
+    config = TrainConfig(**values)
+    config.explicit_fields = set(values)  # type: ignore[attr-defined]  (a recipe fills only the others)
+    return config
+
+
+def launch_processes(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run this ``convforge train`` command as ``nproc`` processes under torch.distributed.run."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if nproc < 1:
+        raise ConvforgeError(f"--nproc-per-node must be >= 1, got {nproc}")
+    forwarded, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            forwarded.append(item)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    launcher = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", "convforge", *forwarded])
+    try:
+        run(launcher)
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        first_rank = min(codes)
+        code = codes[first_rank]
+        code = 128 - code if code < 0 else code  # killed by signal -k: report 128+k like a shell
+        print(f"convforge train: error: process(es) {sorted(codes)} of {nproc} failed "
+              f"(rank {first_rank} exit code {code}); see the messages above", file=sys.stderr)
+        return code or 1
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``convforge train``: :func:`convforge.api.fit` and a summary table of the task's metrics."""
+    from convforge.api import fit
+    from convforge.train.rundir import ProcessRole
+
+    summary = fit(train_config(args))
+    if not ProcessRole.from_env().is_main:
+        return None
+    if not args.json:
+        print_table("run summary", summary_rows(summary))
+    return summary
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows of the run summary table: the task's test metrics, the best epoch, size and time."""
+    task = summary.get("task") or "classify"
+    best_metric = summary.get("best_metric") or "test_top1"
+    primary = best_metric.rsplit("_", 1)[-1] if "_" in best_metric else "top1"
+    metrics = summary.get("metrics") or {}
+    rows: list[tuple[str, str]] = []
+    if task == "classify" and summary.get("test_top1") is not None:
+        rows += [("test top-1", f"{summary['test_top1']:.2f}%"), ("test top-5", f"{summary['test_top5']:.2f}%")]
+    else:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("train_"):
+                rows.append((key.replace("_", " "), _metric(key, value)))
+    best = summary.get("best_top1") if task == "classify" else summary.get("best_score")
+    if best is not None:
+        rows.append(("best", f"{_metric(primary, best)} at epoch {summary.get('best_epoch')} "
+                             f"(selected on {summary.get('best_selected_on')})"))
+    rows += [("params", f"{summary['params']:,}"), ("MACs", f"{summary['macs'] / 1e6:.2f} M"),
+             ("wall time", f"{summary['wall_time_s']:.1f} s (training {summary['train_time_s']:.1f} s, "
+                           f"{summary['images_per_s']:.0f} img/s)"),
+             ("run dir", summary["run_dir"])]
+    return rows
+
+
+def _metric(key: str, value: float) -> str:
+    if key.endswith(("top1", "top5", "miou", "pixel_acc", "mean_acc")):
+        return f"{value:.2f}%"
+    if key.endswith(("psnr",)):
+        return f"{value:.2f} dB"
+    return f"{value:.4f}"
+
+
+def run_recipes(args: argparse.Namespace) -> dict[str, Any]:
+    """``convforge recipes [NAME]``: the named training recipes, or one recipe's options."""
+    from convforge.recipes import list_recipes, recipe
+
+    chosen = [recipe(args.name)] if args.name else list_recipes()
+    if not args.json:
+        from rich.console import Console
+
+        console = Console(soft_wrap=True)
+        for item in chosen:
+            console.print(f"[bold]{item['name']}[/bold]: {item['description']}", highlight=False)
+            console.print(f"  source: {item['source']}", highlight=False, markup=False)
+            if item["notes"]:
+                console.print(f"  notes: {item['notes']}", highlight=False, markup=False)
+            if args.name:
+                for key, value in item["options"].items():
+                    console.print(f"  {key}: {value}", highlight=False, markup=False)
+    return {"recipes": chosen}
+
+
+def _add_recipes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="show this recipe's options")
+    add_json(parser)
+
+
+COMMANDS = [
+    Command("train", "train a model (no arguments: the small CNN on scikit-learn's digits)", add_train_arguments,
+            run_train, "Train a model. Options may also come from --config FILE.yaml; command-line options win "
+                       "over the file."),
+    Command("recipes", "list the named training recipes (--recipe NAME) with their sources", _add_recipes_arguments,
+            run_recipes, "List the training recipes shipped with convforge; `convforge recipes NAME` shows one "
+                         "recipe's options."),
+]

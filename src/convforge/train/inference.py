@@ -1,0 +1,443 @@
+"""One evaluation and inference API for every task: load a model from any source, evaluate it, predict images.
+
+A model source is a convforge checkpoint (file, ``.json`` sidecar or run directory), a registry
+name (fresh, untrained weights) or a registry name with a foreign weight file. :func:`load_model`
+turns any of them into a :class:`LoadedModel`; :func:`evaluate` scores it on data as
+``convforge eval`` prints it; :func:`predict` runs it on image files or uint8 images, per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from convforge.data import Dataset, Split
+from convforge.data.dataset import convert_channels
+from convforge.errors import ConfigError, ConvforgeError, DataError
+from convforge.train.checkpoint import load_checkpoint
+
+# The command that predicts with a model of each task.
+TASK_COMMANDS = {"classify": "predict", "segment": "segment", "super-resolve": "upscale"}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what is known about it (a checkpoint's metadata, or what was given).
+
+    ``meta`` has the shape of a checkpoint's metadata; ``normalization`` is absent when foreign
+    weights came without ``mean``/``std`` (:func:`evaluate` then uses the data's, with a note).
+    """
+
+    model: nn.Module
+    meta: dict[str, Any]
+    path: Path | None = None
+    source: str = "checkpoint"  # checkpoint | registry | weights
+    weights: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.meta["model"]["name"]
+
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "classify")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def mean(self) -> tuple[float, ...] | None:
+        norm = self.meta.get("normalization")
+        return tuple(norm["mean"]) if norm else None
+
+    @property
+    def std(self) -> tuple[float, ...] | None:
+        norm = self.meta.get("normalization")
+        return tuple(norm["std"]) if norm else None
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.meta["input_size"])  # type: ignore[return-value]
+
+    @property
+    def data_spec(self) -> str | None:
+        return (self.meta.get("data") or {}).get("spec") or None
+
+    @property
+    def trained_image_size(self) -> int | None:
+        """The ``--image-size`` the model was trained with (image folders resized to it), if any."""
+        return self.meta.get("image_size") or (self.meta.get("recipe") or {}).get("image_size")
+
+    @property
+    def label(self) -> str:
+        """The checkpoint path, the weight file or the registry name."""
+        return str(self.path) if self.path else (self.weights or self.name)
+
+
+def is_checkpoint_path(source: str | Path) -> bool:
+    """Whether ``source`` names a checkpoint (an existing path or a .safetensors/.json name), not a model name."""
+    return Path(source).exists() or str(source).endswith((".safetensors", ".json"))
+
+
+def load_model(
+    source: str | Path | None = None,
+    *,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    num_classes: int | None = None,
+    classes: Sequence[str] | None = None,
+    in_chans: int | None = None,
+    model_args: dict[str, Any] | None = None,
+    image_size: int | Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model from a checkpoint or registry name (``source``), or ``model=NAME, weights=FILE``.
+
+    ``mean``/``std`` override a checkpoint's normalisation and describe foreign weights; ``num_classes``,
+    ``classes``, ``in_chans``, ``model_args`` and ``image_size`` describe a registry model.
+    """
+    if source is not None and (model or weights):
+        raise ConfigError("give either CKPT or --model NAME --weights FILE, not both")
+    if weights and not model:
+        raise ConfigError(f"--weights {weights} needs --model NAME: the architecture the file was saved from")
+    if (mean is None) != (std is None):
+        raise ConfigError("give both --mean and --std, or neither")
+    if source is not None and is_checkpoint_path(source):
+        ckpt = load_checkpoint(source, device=device)
+        loaded = LoadedModel(ckpt.model, dict(ckpt.meta), ckpt.path)
+        if mean is not None:
+            _check_norm(mean, std, loaded.input_size[0])
+            loaded.meta["normalization"] = {"mean": list(mean), "std": list(std)}  # type: ignore[arg-type]
+        return loaded
+    name = model or (str(source) if source is not None else None)
+    if not name:
+        raise ConfigError("give a checkpoint (CKPT), or --model NAME and --weights FILE")
+    return _registry_model(name, weights, mean, std, num_classes, classes, in_chans, model_args or {}, image_size,
+                           device, seed)
+
+
+def _check_norm(mean: Sequence[float], std: Sequence[float] | None, channels: int) -> None:
+    if len(mean) != channels or std is None or len(std) != channels:
+        raise ConfigError(f"normalisation needs {channels} mean and std values, got mean={list(mean)} "
+                          f"std={list(std or [])}")
+
+
+def _registry_model(name: str, weights: str | Path | None, mean: Sequence[float] | None,
+                    std: Sequence[float] | None, num_classes: int | None, classes: Sequence[str] | None,
+                    in_chans: int | None, model_args: dict[str, Any], image_size: int | Sequence[int] | None,
+                    device: str | torch.device, seed: int) -> LoadedModel:
+    from convforge.models import create_model, list_models, load_foreign_weights, model_info
+
+    if name not in list_models():
+        raise ConvforgeError(f"{name!r} is neither a checkpoint file nor a model name; see `convforge models`")
+    info = model_info(name)
+    channels = in_chans or info.input_size[0]
+    count = num_classes or (len(classes) if classes else info.num_classes)
+    if classes is not None and len(classes) != count:
+        classes = None
+    with torch.random.fork_rng(devices=[]):  # a seeded init without touching the caller's random state
+        torch.manual_seed(seed)
+        net = create_model(name, num_classes=count, in_chans=channels, **model_args)
+    notes = []
+    if weights:
+        load_foreign_weights(net, weights)
+    else:
+        notes.append(f"{name}: fresh, untrained weights (seed {seed}); pass --weights FILE or a checkpoint "
+                     f"for a trained model")
+    height, width = _size_pair(image_size) or tuple(info.input_size[1:])
+    meta: dict[str, Any] = {
+        "task": getattr(net, "task", "classify"),
+        "model": {"name": name, "num_classes": count, "in_chans": channels, "args": dict(model_args)},
+        "classes": list(classes) if classes else [str(i) for i in range(count)],
+        "input_size": [channels, height, width],
+    }
+    if mean is not None:
+        _check_norm(mean, std, channels)
+        meta["normalization"] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std or ()]}
+    if meta["task"] == "super-resolve" and hasattr(net, "scale"):
+        meta["scale"] = int(net.scale)
+    return LoadedModel(net.to(device).eval(), meta, None, "weights" if weights else "registry",
+                       str(weights) if weights else None, notes)
+
+
+def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def classes_for(data: Dataset, num_classes: int | None) -> list[str]:
+    """The class names of a model for ``data``: the data's, or ``0..N-1`` when the model has another count."""
+    if not num_classes or num_classes == data.num_classes:
+        return list(data.classes)
+    return [str(i) for i in range(num_classes)]
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_data(spec: str, image_size: int | Sequence[int] | None = None, skip_bad_images: bool = False) -> Dataset:
+    """Load a classification data spec, with progress on stderr."""
+    from convforge.data import load
+    from convforge.progress import echo
+
+    size = tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size
+    return load(spec, image_size=size, skip_bad_images=skip_bad_images, log=echo)
+
+
+def align_split(split: Split, data_classes: Sequence[str], model_classes: Sequence[str], in_chans: int,
+                notes: list[str]) -> Split:
+    """Map the dataset's labels onto the model's class order and convert channels, noting what changed."""
+    labels = split.labels
+    if list(data_classes) != list(model_classes):
+        if sorted(data_classes) != sorted(model_classes):
+            raise DataError(
+                f"the data's classes ({', '.join(data_classes[:12])}) are not the model's "
+                f"({', '.join(model_classes[:12])}); evaluate on data with the same class folders"
+            )
+        position = {name: i for i, name in enumerate(model_classes)}
+        labels = torch.tensor([position[name] for name in data_classes])[labels]
+        notes.append("the data lists the model's classes in another order; labels were remapped by name")
+    images = split.images
+    if images.shape[1] != in_chans:
+        notes.append(f"converted {images.shape[1]}-channel images to the model's {in_chans} channels")
+        images = convert_channels(images, in_chans)
+    return Split(images, labels)
+
+
+def aligned_split(loaded: Any, data: Dataset, split: str = "test", notes: list[str] | None = None) -> Split:
+    """One split of ``data`` in ``loaded``'s class order and channel count (a Checkpoint or a LoadedModel)."""
+    if split not in ("train", "val", "test") or getattr(data, split, None) is None:
+        raise ConfigError(f"dataset {data.spec!r} has no {split!r} split")
+    return align_split(data.split(split), data.classes, loaded.classes, loaded.input_size[0],
+                       notes if notes is not None else [])
+
+
+def normalization_for(loaded: LoadedModel, data: Dataset, notes: list[str]) -> tuple[tuple, tuple]:
+    """``loaded``'s mean and std, else the data's (repeated to the model's channels) with a note."""
+    if loaded.mean is not None:
+        return loaded.mean, loaded.std  # type: ignore[return-value]
+    channels = loaded.input_size[0]
+    mean, std = tuple(data.mean), tuple(data.std)
+    if len(mean) != channels:
+        mean, std = (mean * channels)[:channels], (std * channels)[:channels]
+    notes.append("no --mean/--std given: using the statistics measured on this data's train split; "
+                 "foreign weights usually expect the normalisation they were trained with")
+    return mean, std
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    loaded: LoadedModel,
+    data: str | Dataset | None = None,
+    split: str = "test",
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    tta: bool = False,
+    image_size: int | Sequence[int] | None = None,
+    skip_bad_images: bool = False,
+) -> dict[str, Any]:
+    """Score ``loaded`` on ``data`` (a spec or a loaded dataset; default: the checkpoint's own data at its
+    trained image size). Classification: top-1/top-5/loss/per-class/confusion; other tasks: their metrics
+    per evaluation split (``split="test"``: every evaluation split of the task)."""
+    if loaded.task != "classify":
+        return _evaluate_dense(loaded, data, split, batch_size, device, tta)
+    if data is None:
+        data = loaded.data_spec
+        if not data:
+            raise ConfigError("the checkpoint names no data; pass --data SPEC")
+    if isinstance(data, str):
+        data = load_data(data, image_size or loaded.trained_image_size, skip_bad_images)
+    notes: list[str] = list(loaded.notes) + list(data.notes)
+    mean, std = normalization_for(loaded, data, notes)
+    part = aligned_split(loaded, data, split, notes)
+    from convforge.train.evaluate import evaluate as evaluate_split
+
+    result = evaluate_split(loaded.model, part, mean, std, batch_size=batch_size, device=device, tta=tta,
+                            num_classes=len(loaded.classes), details=True)
+    result.update({"data": data.spec, "split": split, "tta": tta, "classes": loaded.classes,
+                   "mean": list(mean), "std": list(std), "notes": notes, "model": loaded.name})
+    result["checkpoint" if loaded.path else "weights" if loaded.weights else "source"] = loaded.label
+    return result
+
+
+def dense_data(loaded: LoadedModel, spec: str | None = None, batch_size: int = 16,
+               image_size: int | None = None) -> tuple[Any, Any, Any]:
+    """(task, config, data) to evaluate a segmentation or super-resolution model on its own data (or ``spec``)."""
+    from convforge.config import TrainConfig
+    from convforge.train.tasks import get_task
+
+    task = get_task(loaded.task)
+    recipe = dict(loaded.meta.get("recipe") or {})
+    spec = spec or loaded.data_spec
+    if not spec:
+        raise ConfigError(f"{loaded.label} names no data; pass --data SPEC")
+    cfg = TrainConfig(task=task.name, data=spec, batch_size=batch_size,
+                      scale=int(loaded.meta.get("scale") or recipe.get("scale") or 3),
+                      image_size=image_size or recipe.get("image_size"))
+    return task, cfg, task.load_data(cfg, lambda message: None)
+
+
+def _evaluate_dense(loaded: LoadedModel, data: Any, split: str, batch_size: int, device: str | torch.device,
+                    tta: bool) -> dict[str, Any]:
+    if data is None or isinstance(data, str):
+        task, cfg, dataset = dense_data(loaded, data, batch_size)
+    elif isinstance(data, tuple):  # what dense_data returned, when the caller has it already
+        task, cfg, dataset = data
+    else:
+        from convforge.config import TrainConfig
+        from convforge.train.tasks import get_task
+
+        task, dataset = get_task(loaded.task), data
+        cfg = TrainConfig(task=task.name, data=data.spec, batch_size=batch_size, scale=getattr(data, "scale", 3))
+    splits = task.eval_splits(dataset) if split == "test" else [split]
+    result: dict[str, Any] = {"checkpoint": loaded.label, "model": loaded.name, "task": task.name,
+                              "data": cfg.data, "notes": list(loaded.notes)}
+    if tta:
+        result["notes"].append(f"flip TTA is not applied to {task.name} evaluation")
+    for name in splits:
+        try:
+            result[name] = task.evaluate(loaded.model, dataset, name, cfg, torch.device(device), 0, 1)
+        except KeyError:
+            raise ConvforgeError(f"{cfg.data} has no {name!r} split") from None
+    return result
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def load_images(paths: Sequence[str | Path], size: tuple[int, int] | None = None,
+                channels: int | None = None) -> list[torch.Tensor]:
+    """Decode image files into uint8 (C, H, W) tensors, resized to ``size`` and converted to ``channels``."""
+    from convforge.data.imagefolder import decode_image
+
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"image not found: {path}")
+        image = torch.from_numpy(decode_image(str(path), size)).permute(2, 0, 1).contiguous()
+        images.append(convert_channels(image[None], channels)[0] if channels else image)
+    return images
+
+
+def predict(loaded: LoadedModel, images: Sequence[str | Path | torch.Tensor], *, top_k: int = 5,
+            tta: bool = False, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """Per image: classify: ``top`` (k classes with probabilities); segment: ``mask`` (uint8 H x W class
+    indices) and ``class_shares`` (percent of pixels); super-resolve: ``output`` (uint8 upscaled image)."""
+    if loaded.mean is None and loaded.task != "super-resolve":
+        raise ConfigError(f"{loaded.label} has no normalisation: pass --mean and --std")
+    names = [str(i) if isinstance(i, (str, Path)) else f"#{n}" for n, i in enumerate(images)]
+    if loaded.task == "classify":
+        return _predict_classes(loaded, images, names, top_k, tta, device)
+    decoded = [i if isinstance(i, torch.Tensor) else load_images([i])[0] for i in images]
+    if loaded.task == "segment":
+        return [{"image": name, **segment(loaded, image, tta=tta, device=device)}
+                for name, image in zip(names, decoded)]
+    if loaded.task == "super-resolve":
+        from convforge.data.superres import upscale_rgb
+
+        scale = int(loaded.meta.get("scale") or getattr(loaded.model, "scale"))
+        upsampled = bool(getattr(loaded.model, "upsampled_input", False))
+        return [{"image": name, "scale": scale, "output": upscale_rgb(loaded.model, image, scale, upsampled, device)}
+                for name, image in zip(names, decoded)]
+    raise ConfigError(f"no prediction for task {loaded.task!r}; use `convforge eval`")
+
+
+def class_probabilities(loaded: LoadedModel, images: torch.Tensor, *, batch_size: int = 256, tta: bool = False,
+                        device: str | torch.device = "cpu") -> torch.Tensor:
+    """Softmax probabilities (N, classes) of uint8 (N, C, H, W) ``images`` (at the model's channel count)."""
+    from convforge.data import normalize
+    from convforge.train.evaluate import predict_logits
+
+    if loaded.mean is None:
+        raise ConfigError(f"{loaded.label} has no normalisation: pass --mean and --std")
+    parts = [predict_logits(loaded.model, normalize(images[i:i + batch_size], loaded.mean, loaded.std).to(device),
+                            tta=tta).softmax(dim=1).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, len(loaded.classes))
+
+
+def _predict_classes(loaded: LoadedModel, images: Sequence[Any], names: list[str], top_k: int, tta: bool,
+                     device: str | torch.device) -> list[dict[str, Any]]:
+    channels, height, width = loaded.input_size
+    paths = [i for i in images if not isinstance(i, torch.Tensor)]
+    decoded = iter(load_images(paths, (height, width), channels))
+    batch = torch.stack([convert_channels(i[None], channels)[0] if isinstance(i, torch.Tensor) else next(decoded)
+                         for i in images])
+    probs = class_probabilities(loaded, batch, tta=tta, device=device)
+    top = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    classes = loaded.classes
+    return [{"image": name, "top": [{"class": classes[int(i)], "index": int(i), "probability": float(p)}
+                                    for p, i in zip(top.values[row], top.indices[row])]}
+            for row, name in enumerate(names)]
+
+
+@torch.no_grad()
+def segment(loaded: LoadedModel, image: torch.Tensor, *, tta: bool = False,
+            device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The class mask (uint8 H x W) of one uint8 (C, H, W) image and each present class's share of pixels."""
+    from convforge.data import normalize
+
+    x = normalize(convert_channels(image[None], loaded.input_size[0]), loaded.mean, loaded.std).to(device)
+    was_training = loaded.model.training
+    loaded.model.eval()
+    try:
+        logits = loaded.model(x).float()
+        if tta:
+            logits = 0.5 * (logits + loaded.model(x.flip(3)).float().flip(3))
+    finally:
+        loaded.model.train(was_training)
+    if logits.ndim != 4 or logits.shape[1] > 256:
+        raise ConvforgeError(f"{loaded.label} returned {tuple(logits.shape)}, not (1, K <= 256, H, W) logits")
+    if logits.shape[-2:] != image.shape[-2:]:
+        logits = nn.functional.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    mask = logits.argmax(1)[0].to(torch.uint8).cpu()
+    counts = torch.bincount(mask.flatten().long(), minlength=len(loaded.classes))
+    shares = {name: round(100.0 * int(counts[i]) / mask.numel(), 2) for i, name in enumerate(loaded.classes)
+              if counts[i]}
+    return {"mask": mask, "class_shares": shares}
+
+
+def require_task(loaded: LoadedModel, task: str) -> None:
+    """A clear error when ``loaded`` is a model of another task, naming the command to use."""
+    if loaded.task != task:
+        command = TASK_COMMANDS.get(loaded.task, "eval")
+        raise ConvforgeError(f"{loaded.label} is a {loaded.task} checkpoint, not a {task} one: "
+                             f"use `convforge {command}`")
+
+
+# ---------------------------------------------------------------- import
+
+
+def save_loaded(loaded: LoadedModel, path: str | Path, data: Dataset | None = None) -> Path:
+    """Write ``loaded`` as a self-describing convforge checkpoint (safetensors + JSON sidecar): task, classes,
+    input size, normalisation (``data``'s when ``loaded`` has none), data spec and the source weight file."""
+    from convforge.train.checkpoint import save_checkpoint
+
+    meta = {key: value for key, value in loaded.meta.items() if key not in ("format", "format_version",
+                                                                            "convforge_version", "created")}
+    if "normalization" not in meta:
+        if data is None:
+            raise ConfigError(f"{loaded.label}: give --mean and --std (or --data SPEC to measure them): a "
+                              f"checkpoint records the normalisation its model expects")
+        notes: list[str] = []
+        mean, std = normalization_for(loaded, data, notes)
+        meta["normalization"] = {"mean": list(mean), "std": list(std)}
+        meta.setdefault("notes", []).extend(notes)
+    if data is not None:
+        meta["data"] = {"spec": data.spec, "train": len(data.train) if data.train is not None else 0,
+                        "test": len(data.test) if getattr(data, "test", None) is not None else 0}
+    meta["imported_from"] = loaded.weights or f"{loaded.name} (fresh, untrained weights)"
+    meta["weights"] = "imported" if loaded.weights else "untrained"
+    return save_checkpoint(path, loaded.model, meta)
