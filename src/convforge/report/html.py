@@ -7,7 +7,7 @@ import html
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from convforge.report import plots
 from convforge.report.collect import RunData
@@ -226,14 +226,76 @@ def curves_section(run: RunData) -> str:
     return "<h3>Learning curves</h3>" + img(picture, f"learning curves of {run.label}") + epochs
 
 
+REPORT_SECTIONS: dict[str, Callable[[RunData], str]] = {}
+
+
+def register_report_section(task: str, section: Callable[[RunData], str]) -> None:
+    """Make ``section(run) -> HTML`` the evaluation section of runs of ``task`` (a task name)."""
+    REPORT_SECTIONS[task] = section
+
+
+def _dense_section(run: RunData) -> str:
+    from convforge.report.dense import dense_section
+
+    return dense_section(run)
+
+
+register_report_section("segment", _dense_section)
+register_report_section("super-resolve", _dense_section)
+
+
+def run_task(run: RunData) -> str:
+    """The task a run trained: from summary.json, else the checkpoint, else classification."""
+    return str(run.summary.get("task") or (run.meta or {}).get("task") or "classify")
+
+
+def _task_section(name: str) -> Callable[[RunData], str] | None:
+    """A report section the task itself provides (``Task.report_section``), else a registered one."""
+    from convforge.train.tasks import get_task, task_names
+
+    own = getattr(get_task(name), "report_section", None) if name in task_names() else None
+    return own or REPORT_SECTIONS.get(name)
+
+
 def evaluation_section(run: RunData) -> str:
-    ev = run.evaluation
+    """Classification: confusion matrix, per-class accuracy and wrong images; another task: its own
+    section when it has one, else a table of the last epoch's metrics per evaluated split."""
+    task, ev = run_task(run), run.evaluation
+    if task != "classify":
+        section = _task_section(task)
+        if section is not None and ev:
+            return section(run)
+        return metrics_section(run)
     if not ev:
         return ""
-    if ev.get("task", "classify") != "classify":
-        from convforge.report.dense import dense_section
+    return classify_section(run, ev)
 
-        return dense_section(run)
+
+def metrics_section(run: RunData) -> str:
+    """The last epoch's metrics of each evaluated split (from metrics.jsonl), primary metric first."""
+    final = run.records[-1] if run.records else {}
+    splits = run.eval_splits
+    if not splits:
+        return ""
+    names: list[str] = [run.primary]
+    for split in splits:
+        names += [k[len(split) + 1:] for k, v in final.items() if k.startswith(f"{split}_") and _plain_number(v)
+                  and k[len(split) + 1:] not in names]
+    label, kind = PRIMARY.get(run.primary, (run.primary, ""))
+    headers = ("split", *(label if n == run.primary else n for n in names))
+    rows = [(split, *(fmt(final.get(f"{split}_{n}"), kind if n == run.primary else "") for n in names))
+            for split in splits]
+    return (f"<h3>Evaluation: {esc(label)} and other metrics per split</h3>"
+            f'<p class="sub">Epoch {esc(final.get("epoch", "?"))} of metrics.jsonl; {esc(label)} selects the best '
+            "checkpoint.</p>" + table(headers, rows, numeric=range(1, len(headers))))
+
+
+def _plain_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def classify_section(run: RunData, ev: dict[str, Any]) -> str:
+    """Confusion matrix, per-class accuracy and the most confidently wrong test images."""
     classes = ev["classes"]
     out = [f"<h3>Test set: confusion matrix and per-class accuracy</h3>"
            f'<p class="sub">{esc(run.checkpoint.name if run.checkpoint else "")} evaluated on the {esc(ev["split"])} '

@@ -56,6 +56,9 @@ class Task:
     unit: str = ""
     outputs_are_classes: bool = True  # the model's outputs are classes (a head sized by the class count)
     stat_keys: tuple[str, ...] = ()  # per-step sums (besides loss and images) that step_stats returns
+    # A method ``report_section(self, run_data) -> HTML`` gives the report's evaluation section of this
+    # task's runs (see convforge.report.html); None: a registered section, else a metrics table.
+    report_section: Callable[[Any], str] | None = None
 
     def __init__(self, name: str | None = None, primary: str | None = None) -> None:
         self.name = name or self.name
