@@ -12,6 +12,7 @@ def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
+@torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Multiply each named parameter by its mask (False/0 sets the weight to zero), in place."""
     for name, mask in masks.items():
