@@ -371,7 +371,6 @@ def magnitude_masks(model: nn.Module, sparsity: float, min_share: float) -> dict
     return masks
 
 
-@torch.no_grad()
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
     layers = {}
     zeros = total = 0
