@@ -28,8 +28,8 @@ from convforge.train.callbacks import Callback, CallbackList, EpochEndHook
 from convforge.train.checkpoint import save_checkpoint
 from convforge.train.distributed import all_ranks_agree, all_reduce_sum, shutdown_distributed
 from convforge.train.optim import lr_at
-from convforge.train.rundir import ProcessRole, RunDir
-from convforge.train.setup import config_for_resume, resolve_device, set_up  # noqa: F401 - public here too
+from convforge.train.rundir import ProcessRole
+from convforge.train.setup import set_up
 from convforge.train.state import TrainingState
 from convforge.train.tasks import Step, Task, get_task
 

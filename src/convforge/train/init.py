@@ -112,6 +112,27 @@ def load_foreign_init(path: str, model: str, task: str, data: Any, model_args: d
     return InitWeights(built, model, dict(model_args), tuple(data.mean), tuple(data.std), carried, notes)
 
 
+def _carried_state(source: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                   heads: dict[str, tuple[int, ...]], same: bool, order: torch.Tensor | None, where: str,
+                   args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` with the checkpoint's tensors ``source``: a head of other classes stays as built, unless
+    ``order`` maps the new classes to the old rows (the same classes in another order)."""
+    for key, tensor in state.items():
+        if key in heads and not same:
+            if order is not None:
+                moved = source[key]
+                for dim in heads[key]:
+                    moved = moved.index_select(dim, order)
+                state[key] = moved
+            continue  # new classes: the freshly initialised head stays
+        if key not in source or source[key].shape != tensor.shape:
+            raise ConfigError(f"{where}: tensor {key} has shape {tuple(source.get(key, torch.empty(0)).shape)} "
+                              f"in the checkpoint and {tuple(tensor.shape)} in the model built from it "
+                              f"(model arguments {args}); give the checkpoint's own model arguments")
+        state[key] = source[key]
+    return state
+
+
 def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any]) -> InitWeights:
     """The model of a run started from checkpoint ``path`` on ``data`` (see the module docstring).
 
@@ -159,23 +180,9 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
                 module = built.get_submodule(owner)
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-    source = ckpt.model.state_dict()
-    state = built.state_dict()
-    if reordered:
-        order = torch.tensor([old_classes.index(c) for c in new_classes])
-    for key, tensor in state.items():
-        if key in heads and not same:
-            if reordered:
-                moved = source[key]
-                for dim in heads[key]:
-                    moved = moved.index_select(dim, order)
-                state[key] = moved
-            continue  # new classes: the freshly initialised head stays
-        if key not in source or source[key].shape != tensor.shape:
-            raise ConfigError(f"--init {shown}: tensor {key} has shape {tuple(source.get(key, torch.empty(0)).shape)} "
-                              f"in the checkpoint and {tuple(tensor.shape)} in the model built from it "
-                              f"(model arguments {args}); give the checkpoint's own model arguments")
-        state[key] = source[key]
+    order = torch.tensor([old_classes.index(c) for c in new_classes]) if reordered else None
+    state = _carried_state(ckpt.model.state_dict(), built.state_dict(), heads, same, order,
+                           f"--init {shown}", args)
     built.load_state_dict(state)
     head = "kept" if same else "reordered" if reordered else "reinitialised"
     notes = [f"--init: weights from {shown} ({spec['name']}, epoch {meta.get('epoch', '?')})"]
