@@ -18,6 +18,7 @@ import torch.nn as nn
 from convforge.data import Dataset, Split
 from convforge.data.dataset import convert_channels
 from convforge.errors import ConfigError, ConvforgeError, DataError
+from convforge.models import list_models
 from convforge.train.checkpoint import load_checkpoint
 
 # The command that predicts with a model of each task.
@@ -121,6 +122,8 @@ def load_model(
     name = model or (str(source) if source is not None else None)
     if not name:
         raise ConfigError("give a checkpoint (CKPT), or --model NAME and --weights FILE")
+    if model is None and name not in list_models():
+        raise ConvforgeError(f"{name!r} is neither a checkpoint file nor a model name; see `convforge models`")
     return _registry_model(name, weights, mean, std, num_classes, classes, in_chans, model_args or {}, image_size,
                            device, seed)
 
@@ -135,11 +138,9 @@ def _registry_model(name: str, weights: str | Path | None, mean: Sequence[float]
                     std: Sequence[float] | None, num_classes: int | None, classes: Sequence[str] | None,
                     in_chans: int | None, model_args: dict[str, Any], image_size: int | Sequence[int] | None,
                     device: str | torch.device, seed: int) -> LoadedModel:
-    from convforge.models import create_model, list_models, load_foreign_weights, model_info
+    from convforge.models import create_model, load_foreign_weights, model_info
 
-    if name not in list_models():
-        raise ConvforgeError(f"{name!r} is neither a checkpoint file nor a model name; see `convforge models`")
-    info = model_info(name)
+    info = model_info(name)  # an unknown name: an error that suggests the closest ones
     channels = in_chans or info.input_size[0]
     count = num_classes or (len(classes) if classes else info.num_classes)
     if classes is not None and len(classes) != count:
