@@ -28,7 +28,7 @@ def evaluate_dense_checkpoint(ckpt: Any, spec: str) -> dict[str, Any]:
 
 def _segment_examples(loaded: Any, data: Any, split: str) -> list[dict[str, Any]]:
     from convforge.inspect.segmentation import overlay, palette_for
-    from convforge.report.collect import image_png
+    from convforge.report.pictures import image_png
     from convforge.train.inference import segment
 
     images = data.split(split)
@@ -51,7 +51,7 @@ def _superres_examples(ckpt: Any, data: Any) -> list[dict[str, Any]]:
     """The centre crop of the first image of each test set: high resolution, bicubic, the model."""
     from convforge.data.superres import bicubic_pair, run_model, to_uint8
     from convforge.measure.quality import psnr
-    from convforge.report.collect import image_png
+    from convforge.report.pictures import image_png
 
     scale = data.scale
     upsampled_input = bool(getattr(ckpt.model, "upsampled_input", False))
