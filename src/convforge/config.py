@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Callable, get_type_hints
 
 import yaml
 
@@ -156,6 +156,17 @@ _MODEL_ARGS_MAX_DEPTH = 16
 _MODEL_ARGS_MAX_ITEMS = 10_000
 
 
+# Checks that know the tasks: that ``cfg.task`` exists and the options it cannot use. convforge.train
+# installs the task registry's check here (this module must not import convforge.train, which imports it).
+TASK_CHECKS: list[Callable[[TrainConfig], None]] = []
+
+
+def add_task_check(check: Callable[[TrainConfig], None]) -> None:
+    """Have ``TrainConfig.validate`` call ``check(cfg)`` (see ``TASK_CHECKS``); each function once."""
+    if check not in TASK_CHECKS:
+        TASK_CHECKS.append(check)
+
+
 def _check_types_and_limits(cfg: TrainConfig) -> None:
     """The checks ``validate`` adds to the per-field ones: types (for a TrainConfig built directly),
     ranges that would otherwise fail deep inside training, and characters no path may hold."""
@@ -169,10 +180,6 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
         raise ConfigError(f"momentum must be in [0, 1], got {cfg.momentum}")
     if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,4}", cfg.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {_short(cfg.device)}")
-    from convforge.train.tasks import get_task, task_names
-
-    if cfg.task not in task_names():
-        raise ConfigError(f"unknown task {_short(cfg.task)}: use one of {', '.join(task_names())}")
     if cfg.scale not in (2, 3, 4):
         raise ConfigError(f"scale must be 2, 3 or 4, got {cfg.scale}")
     if cfg.dice_weight < 0:
@@ -181,7 +188,8 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
         raise ConfigError(f"seg_crop must be two whole numbers HEIGHT,WIDTH >= 1, got {_short(cfg.seg_crop)}")
     if len(cfg.seg_scales) != 2 or not 0 < cfg.seg_scales[0] <= cfg.seg_scales[1] <= 8:
         raise ConfigError(f"seg_scales must be LOW,HIGH with 0 < LOW <= HIGH <= 8, got {_short(cfg.seg_scales)}")
-    get_task(cfg.task).check_config(cfg)  # the options this task cannot use (augment names, classification-only)
+    for check in TASK_CHECKS:  # the task exists; the options it cannot use (augment names, classification-only)
+        check(cfg)
     for name in ("model", "data", "out", "resume", "cache_dir"):
         value = getattr(cfg, name)
         if value is not None and "\0" in value:

@@ -74,7 +74,7 @@ def _superres_examples(ckpt: Any, data: Any) -> list[dict[str, Any]]:
 
 def dense_section(run: Any) -> str:
     """HTML of a dense run's evaluation (``run.evaluation`` from :func:`evaluate_dense_checkpoint`)."""
-    from convforge.report.html import esc, fmt, img, notes, table
+    from convforge.report.markup import esc, fmt, img, notes, table
 
     ev = run.evaluation
     name = run.checkpoint.name if run.checkpoint else ""

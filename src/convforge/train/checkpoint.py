@@ -25,6 +25,9 @@ from convforge.fileio import atomic_write_bytes, atomic_write_json
 FORMAT = "convforge-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "convforge"
+# Tasks whose model outputs are not classes (e.g. super-resolution: image channels), so their checkpoints
+# name no classes; register_task (convforge.train.tasks) keeps this up to date.
+CLASSLESS_TASKS: set[str] = set()
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,10 +133,8 @@ def validate_meta(meta: Any, source: str) -> None:
             raise CheckpointError(f"{source}: 'model.{key}' must be an int >= 1, got {_short(model.get(key))}: {damaged}")
     if not isinstance(model.get("args"), dict) or not all(isinstance(k, str) for k in model["args"]):
         raise CheckpointError(f"{source}: 'model.args' must be dict of named arguments, got {_short(model.get('args'))}")
-    from convforge.train.tasks.base import outputs_are_classes
-
     classes = meta.get("classes")
-    named = outputs_are_classes(meta.get("task", "classify"))  # e.g. a super-resolution model's outputs are channels
+    named = meta.get("task", "classify") not in CLASSLESS_TASKS
     if (not isinstance(classes, list) or (named and len(classes) != model["num_classes"])
             or not all(isinstance(c, str) for c in classes)):
         raise CheckpointError(f"{source}: 'classes' must list {model['num_classes']} class names: {damaged}")

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from convforge.errors import ConfigError
 from convforge.models import create_model
+from convforge.train.checkpoint import CLASSLESS_TASKS
 
 # Options that only mean something for classification (mixing, smoothing, distillation, flip TTA).
 CLASSIFY_ONLY = ("mixup_alpha", "cutmix_alpha", "random_erasing", "teachers", "teacher_model", "eval_tta",
@@ -196,6 +197,10 @@ def register_task(task: Task, *, replace: bool = False) -> Task:
         raise ConfigError(f"a task named {task.name!r} is already registered ({_REGISTRY[task.name]!r}); "
                           "choose another name or pass replace=True")
     _REGISTRY[task.name] = task
+    if task.outputs_are_classes:
+        CLASSLESS_TASKS.discard(task.name)
+    else:
+        CLASSLESS_TASKS.add(task.name)
     return task
 
 
@@ -212,7 +217,8 @@ def task_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def outputs_are_classes(name: str) -> bool:
-    """Whether a model of task ``name`` has class outputs (True for a task not registered here)."""
-    task = _REGISTRY.get(name)
-    return task.outputs_are_classes if task is not None else True
+def check_task_options(cfg: Any) -> None:
+    """``cfg.task`` is registered and ``cfg`` sets no option that task cannot use (TrainConfig.validate)."""
+    if cfg.task not in _REGISTRY:
+        raise ConfigError(f"unknown task {short_repr(cfg.task)}: use one of {', '.join(task_names())}")
+    _REGISTRY[cfg.task].check_config(cfg)
