@@ -15,9 +15,9 @@ import convforge.fileio as fileio
 from convforge import load_checkpoint
 from convforge.data import load
 from convforge.errors import CheckpointError
-from convforge.predict import predict_images
 from convforge.train import read_checkpoint_meta, save_checkpoint
 from convforge.train.checkpoint import validate_meta
+from convforge.train.inference import load_model, predict
 from convforge.models import load_foreign_weights
 from helpers import save_image
 
@@ -86,10 +86,10 @@ def test_load_by_dir_json_and_safetensors_paths(digits_run):
 
 
 def test_predict_images_matches_model(digits_run, tmp_path):
-    ckpt = load_checkpoint(digits_run["run_dir"])
+    ckpt = load_model(digits_run["run_dir"])
     data = load("digits")
     paths = [save_image(tmp_path / f"d{i}.png", data.test.images[i, 0].numpy()) for i in range(5)]
-    predictions = predict_images(ckpt, paths, top_k=3)
+    predictions = predict(ckpt, paths, top_k=3)
     x = convforge.data.normalize(data.test.images[:5], ckpt.mean, ckpt.std)
     with torch.no_grad():
         probs = ckpt.model(x).softmax(1)
@@ -101,7 +101,7 @@ def test_predict_images_matches_model(digits_run, tmp_path):
         assert item["top"][0]["probability"] == pytest.approx(float(probs[i].max()), abs=1e-6)
         values = [t["probability"] for t in item["top"]]
         assert values == sorted(values, reverse=True) and sum(values) <= 1 + 1e-6
-    everything = predict_images(ckpt, paths[:1], top_k=50)
+    everything = predict(ckpt, paths[:1], top_k=50)
     assert len(everything[0]["top"]) == 10
     assert sum(t["probability"] for t in everything[0]["top"]) == pytest.approx(1.0, abs=1e-5)
 

@@ -21,6 +21,7 @@ from convforge.models.widths import changed_shapes
 from convforge.errors import ConfigError, DataError
 from convforge.fileio import atomic_write_json
 from convforge.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from convforge.train.inference import aligned_split
 
 Log = Callable[[str], None]
 SAFETENSORS = ".safetensors"
@@ -30,15 +31,6 @@ def _echo(message: str) -> None:
     from convforge.progress import echo
 
     echo(message)
-
-
-def aligned_split(ckpt: Checkpoint, data, split: str):
-    """A split of ``data`` with labels in the checkpoint's class order and its channel count."""
-    from convforge.predict import align_split
-
-    if getattr(data, split, None) is None:
-        raise ConfigError(f"dataset {data.spec!r} has no {split!r} split")
-    return align_split(data.split(split), data.classes, ckpt.classes, ckpt.input_size[0], [])
 
 
 def top1(model: nn.Module, ckpt: Checkpoint, data, split: str = "test", batch_size: int = 256) -> float:
@@ -204,13 +196,13 @@ def _pruned_meta(ckpt: Checkpoint, model: nn.Module, method: str, classes: list[
 
 def _load_data(spec: str | None, ckpt: Checkpoint, needed: bool):
     """The data for fine-tuning and evaluation, loaded at the checkpoint's input size."""
-    from convforge.predict import load_data_for
+    from convforge.train.inference import load_data
 
     if not needed:
         return None
     if not spec:
         raise ConfigError("fine-tuning needs data: pass --data SPEC (the checkpoint names none)")
-    data = load_data_for(spec, image_size=tuple(ckpt.input_size[1:]))  # type: ignore[arg-type]
+    data = load_data(spec, image_size=tuple(ckpt.input_size[1:]))  # type: ignore[arg-type]
     if sorted(data.classes) != sorted(ckpt.classes):
         raise DataError(f"the classes of {spec} ({', '.join(data.classes[:12])}) are not those of {ckpt.path} "
                         f"({', '.join(ckpt.classes[:12])}): fine-tune and evaluate on data with the same classes")
