@@ -363,9 +363,7 @@ def _flatten(node, src, start: int, end: int, info, fix_all) -> None:
 
 
 def _function_rule(g: ChannelGraph, node, info, attrs, fresh, fix_all, passthrough, unknown) -> None:
-    uf = g.uf
     name = _name_of(node)
-    out = _meta(node)
     args = list(node.args)
     first = args[0] if args else None
     if name in _PASS_NAMES and isinstance(first, torch.fx.Node) and first in info:
@@ -377,136 +375,150 @@ def _function_rule(g: ChannelGraph, node, info, attrs, fresh, fix_all, passthrou
         _elementwise(g, node, info, attrs, fix_all)
         return
     if name == "cat":
-        tensors = args[0] if args else node.kwargs.get("tensors")
-        dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) and t in info for t in tensors):
+        if not _cat_rule(g, node, args, info):
             unknown(node)
-            return
-        parts = [info[t] for t in tensors]
-        nd = len(out.shape)
-        dim = dim % nd
-        if any(p[0] is None for p in parts) or len({p[1] for p in parts}) != 1:
-            if dim == (parts[0][1] if parts[0][1] is not None else -1):
-                unknown(node)
-                return
-            unknown(node)
-            return
-        cdim = parts[0][1]
-        if dim == cdim:
-            info[node] = ([i for p in parts for i in p[0]], cdim)
-        else:
-            for p in parts[1:]:
-                for a, b in zip(parts[0][0], p[0]):
-                    uf.union(a, b)
-            info[node] = (parts[0][0], cdim)
         return
-    if name == "pad" and isinstance(first, torch.fx.Node) and first in info:
-        ids, cdim = info[first]
-        pad = args[1] if len(args) > 1 else node.kwargs.get("pad")
-        in_meta = _meta(first)
-        if ids is None or not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
-            unknown(node)
-            return
-        nd = len(in_meta.shape)
-        axis = nd - 1 - cdim  # pad pairs run from the last dimension backwards
-        if 2 * axis + 1 < len(pad):
-            before, after = pad[2 * axis], pad[2 * axis + 1]
-            if before < 0 or after < 0:
-                unknown(node)
-                return
-            info[node] = (fresh(before, fixed=True) + ids + fresh(after, fixed=True), cdim)
-        else:
-            info[node] = (ids, cdim)
-        return
-    if name == "getitem" and isinstance(first, torch.fx.Node) and first in info:
-        ids, cdim = info[first]
-        index = args[1]
-        if ids is None:
-            info[node] = (None, None)
-            return
-        index = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis or i is None or isinstance(i, torch.fx.Node) for i in index):
-            unknown(node)
-            return
-        if cdim < len(index):
-            item = index[cdim]
-            if not (isinstance(item, slice) and item == slice(None)):
-                unknown(node)
-                return
-        dropped = sum(1 for i in index[:cdim] if isinstance(i, int))
-        info[node] = (ids, cdim - dropped)
-        return
-    if name == "flatten" and isinstance(first, torch.fx.Node) and first in info:
-        start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
-        end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
-        _flatten(node, first, start, end, info, fix_all)
-        return
-    if name in ("permute", "transpose") and isinstance(first, torch.fx.Node) and first in info:
-        ids, cdim = info[first]
-        if ids is None:
-            info[node] = (None, None)
-            return
-        nd = len(out.shape)
-        if name == "permute":
-            dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
-            dims = [d % nd for d in dims]
-            info[node] = (ids, dims.index(cdim))
-        else:
-            a, b = args[1] % nd, args[2] % nd
-            info[node] = (ids, b if cdim == a else a if cdim == b else cdim)
-        return
-    if name in ("view", "reshape") and isinstance(first, torch.fx.Node) and first in info:
-        ids, cdim = info[first]
-        in_meta = _meta(first)
-        if ids is None:
-            info[node] = (None, None)
-            return
-        ishape, oshape = list(in_meta.shape), list(out.shape)
-        prefix = math.prod(ishape[:cdim])
-        rest = math.prod(ishape[cdim + 1:])
-        for j in range(len(oshape)):
-            if math.prod(oshape[:j]) == prefix:
-                if oshape[j] == len(ids) and math.prod(oshape[j + 1:]) == rest:
-                    info[node] = (ids, j)
-                    return
-                if j == len(oshape) - 1 and oshape[j] == len(ids) * rest:
-                    info[node] = ([i for i in ids for _ in range(rest)], j)
-                    return
+    rule = _SHAPE_RULES.get(name)
+    if rule is None or not (isinstance(first, torch.fx.Node) and first in info):
         unknown(node)
         return
-    if name in ("mean", "sum", "amax", "amin") and isinstance(first, torch.fx.Node) and first in info:
-        ids, cdim = info[first]
-        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
-        keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
-        if ids is None or dims is None:
-            unknown(node)
-            return
-        nd = len(_meta(first).shape)
-        dims = [d % nd for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-        if cdim in dims:
-            unknown(node)
-            return
-        info[node] = (ids, cdim if keepdim else cdim - sum(1 for d in dims if d < cdim))
+    if info[first][0] is None and name in _UNTRACKED_STAYS_UNTRACKED:
+        info[node] = (None, None)
         return
-    if name == "layer_norm" and isinstance(first, torch.fx.Node) and first in info:
-        ids, cdim = info[first]
-        shape = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
-        weight = args[2] if len(args) > 2 else node.kwargs.get("weight")
-        bias = args[3] if len(args) > 3 else node.kwargs.get("bias")
-        if ids is not None and len(shape) == 1 and cdim == len(out.shape) - 1:
-            for p in (weight, bias):
-                if p is not None:
-                    if p not in attrs:
-                        unknown(node)
-                        return
-                    g.add_param(attrs[p], 0, ids)
-            owner = attrs[weight].rpartition(".")[0] if weight in attrs else None
-            if owner is not None:
-                g.norms[owner] = ids
-                g.module_channels[owner] = (ids, ids)
-            info[node] = (ids, cdim)
-            return
-    unknown(node)
+    if not rule(g, node, name, args, info, attrs, fresh, fix_all):
+        unknown(node)
+
+
+def _cat_rule(g: ChannelGraph, node, args, info) -> bool:
+    """Concatenation: along the channel axis the ids are joined, along another axis they are unified."""
+    tensors = args[0] if args else node.kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) and t in info for t in tensors):
+        return False
+    parts = [info[t] for t in tensors]
+    dim = dim % len(_meta(node).shape)
+    if any(p[0] is None for p in parts) or len({p[1] for p in parts}) != 1:
+        return False
+    cdim = parts[0][1]
+    if dim == cdim:
+        info[node] = ([i for p in parts for i in p[0]], cdim)
+    else:
+        for p in parts[1:]:
+            for a, b in zip(parts[0][0], p[0]):
+                g.uf.union(a, b)
+        info[node] = (parts[0][0], cdim)
+    return True
+
+
+def _pad_rule(g, node, name, args, info, attrs, fresh, fix_all) -> bool:
+    """Padding the channel axis adds fixed (unprunable) channels before and after."""
+    first = args[0]
+    ids, cdim = info[first]
+    pad = args[1] if len(args) > 1 else node.kwargs.get("pad")
+    if ids is None or not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
+        return False
+    axis = len(_meta(first).shape) - 1 - cdim  # pad pairs run from the last dimension backwards
+    if 2 * axis + 1 < len(pad):
+        before, after = pad[2 * axis], pad[2 * axis + 1]
+        if before < 0 or after < 0:
+            return False
+        info[node] = (fresh(before, fixed=True) + ids + fresh(after, fixed=True), cdim)
+    else:
+        info[node] = (ids, cdim)
+    return True
+
+
+def _getitem_rule(g, node, name, args, info, attrs, fresh, fix_all) -> bool:
+    """Indexing that keeps the whole channel axis (integers before it shift its position)."""
+    ids, cdim = info[args[0]]
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    if any(i is Ellipsis or i is None or isinstance(i, torch.fx.Node) for i in index):
+        return False
+    if cdim < len(index) and not (isinstance(index[cdim], slice) and index[cdim] == slice(None)):
+        return False
+    info[node] = (ids, cdim - sum(1 for i in index[:cdim] if isinstance(i, int)))
+    return True
+
+
+def _flatten_rule(g, node, name, args, info, attrs, fresh, fix_all) -> bool:
+    start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+    end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+    _flatten(node, args[0], start, end, info, fix_all)
+    return True
+
+
+def _permute_rule(g, node, name, args, info, attrs, fresh, fix_all) -> bool:
+    """permute/transpose move the channel axis."""
+    ids, cdim = info[args[0]]
+    nd = len(_meta(node).shape)
+    if name == "permute":
+        dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
+        dims = [d % nd for d in dims]
+        info[node] = (ids, dims.index(cdim))
+    else:
+        a, b = args[1] % nd, args[2] % nd
+        info[node] = (ids, b if cdim == a else a if cdim == b else cdim)
+    return True
+
+
+def _view_rule(g, node, name, args, info, attrs, fresh, fix_all) -> bool:
+    """view/reshape that keep the channel axis whole, or fold it channel-major into the last axis."""
+    ids, cdim = info[args[0]]
+    ishape, oshape = list(_meta(args[0]).shape), list(_meta(node).shape)
+    prefix = math.prod(ishape[:cdim])
+    rest = math.prod(ishape[cdim + 1:])
+    for j in range(len(oshape)):
+        if math.prod(oshape[:j]) == prefix:
+            if oshape[j] == len(ids) and math.prod(oshape[j + 1:]) == rest:
+                info[node] = (ids, j)
+                return True
+            if j == len(oshape) - 1 and oshape[j] == len(ids) * rest:
+                info[node] = ([i for i in ids for _ in range(rest)], j)
+                return True
+    return False
+
+
+def _reduce_rule(g, node, name, args, info, attrs, fresh, fix_all) -> bool:
+    """Reductions over axes other than the channel axis."""
+    ids, cdim = info[args[0]]
+    dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+    if ids is None or dims is None:
+        return False
+    nd = len(_meta(args[0]).shape)
+    dims = [d % nd for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if cdim in dims:
+        return False
+    info[node] = (ids, cdim if keepdim else cdim - sum(1 for d in dims if d < cdim))
+    return True
+
+
+def _layer_norm_rule(g, node, name, args, info, attrs, fresh, fix_all) -> bool:
+    """LayerNorm over the (last) channel axis: its weight and bias follow the channels."""
+    ids, cdim = info[args[0]]
+    shape = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
+    weight = args[2] if len(args) > 2 else node.kwargs.get("weight")
+    bias = args[3] if len(args) > 3 else node.kwargs.get("bias")
+    if ids is None or len(shape) != 1 or cdim != len(_meta(node).shape) - 1:
+        return False
+    for param in (weight, bias):
+        if param is not None:
+            if param not in attrs:
+                return False
+            g.add_param(attrs[param], 0, ids)
+    owner = attrs[weight].rpartition(".")[0] if weight in attrs else None
+    if owner is not None:
+        g.norms[owner] = ids
+        g.module_channels[owner] = (ids, ids)
+    info[node] = (ids, cdim)
+    return True
+
+
+_SHAPE_RULES = {"pad": _pad_rule, "getitem": _getitem_rule, "flatten": _flatten_rule, "permute": _permute_rule,
+                "transpose": _permute_rule, "view": _view_rule, "reshape": _view_rule, "mean": _reduce_rule,
+                "sum": _reduce_rule, "amax": _reduce_rule, "amin": _reduce_rule, "layer_norm": _layer_norm_rule}
+# Shape ops whose output has untracked channels when their input has (the others then mark the node unknown).
+_UNTRACKED_STAYS_UNTRACKED = {"getitem", "flatten", "permute", "transpose", "view", "reshape"}
 
 
 def _elementwise(g: ChannelGraph, node, info, attrs, fix_all) -> None:
