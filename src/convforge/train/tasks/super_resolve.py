@@ -53,7 +53,7 @@ class SuperResolveTask(Task):
         return list(data.test_sets)
 
     def evaluate(self, model, data, split, cfg, device, rank, world_size):
-        from convforge.data.superres import evaluate_superres
+        from convforge.measure.superres import evaluate_superres
 
         result = evaluate_superres(model, data.test_sets[split], data.scale,
                                    upsampled_input=bool(getattr(model, "upsampled_input", False)), device=device)
