@@ -185,6 +185,7 @@ def test_registered_task_trains_resumes_evaluates_and_reports(tmp_path):
 
     page = write_report([tmp_path / "whole"], tmp_path / "report.html").read_text()
     assert "snr" in page and "toy-denoiser" in page
+    assert "Evaluation: snr" in page and "evaluation on toy:noise failed" not in page
 
 
 class Recorder(Callback):

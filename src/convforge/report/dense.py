@@ -21,7 +21,7 @@ def evaluate_dense_checkpoint(ckpt: Any, spec: str) -> dict[str, Any]:
     result = evaluate(loaded, prepared, "test", batch_size=16)
     scores = {name: value for name, value in result.items() if isinstance(value, dict)}
     examples = (_segment_examples(loaded, data, task.eval_splits(data)[-1]) if task.name == "segment"
-                else _superres_examples(loaded, data))
+                else _superres_examples(loaded, data) if task.name == "super-resolve" else [])
     return {"task": task.name, "data": result["data"], "scores": scores, "classes": list(loaded.classes),
             "examples": examples, "notes": list(getattr(data, "notes", []))}
 
