@@ -150,7 +150,7 @@ def test_foreign_weight_files_initialise_the_named_model(digits_run, tmp_path):
 
 
 def test_keep_sparsity_holds_the_pruned_zeros_through_fine_tuning(digits_run, tmp_path):
-    from convforge.compress.prune import prunable_weights
+    from convforge.compress.pruning import prunable_weights
 
     sparse = tmp_path / "sparse.safetensors"
     prune_checkpoint(digits_run["run_dir"], "global-magnitude", sparsity=0.6, out=sparse, evaluate_split=None,

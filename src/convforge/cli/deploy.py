@@ -241,7 +241,7 @@ def _quantized_speed(loaded: Any, report: dict[str, Any], x: Any, threads: int |
 
 
 def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    from convforge.compress.prune import METHODS
+    from convforge.compress.pruning import METHODS
 
     add_model_source(parser)
     parser.add_argument("--method", required=True, choices=METHODS, help="pruning criterion")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from convforge.compress.prune import PruneResult, prune, sparsity_report
+from convforge.compress.pruning import PruneResult, prune, sparsity_report
 from convforge.config import TrainConfig
 from convforge.models.widths import changed_shapes
 from convforge.errors import ConfigError, DataError

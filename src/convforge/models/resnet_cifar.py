@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convforge.layers.drop_path import DropPath, linear_drop_path_rates
+from convforge.layers.stochastic_depth import DropPath, linear_drop_path_rates
 from convforge.models.base import Classifier
 from convforge.models.registry import register_model
 
