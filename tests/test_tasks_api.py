@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from convforge import TrainConfig, fit
 from convforge.errors import ConfigError
 from convforge.models import create_model
-from convforge.models.registry import list_models, register_model
+from convforge.models.registry import register_model, unregister_model
 from convforge.train import TrainingInterrupted, load_checkpoint
 from convforge.train.callbacks import Callback
-from convforge.train.tasks import Task, get_task, register_task, task_names
+from convforge.train.tasks import Task, get_task, register_task, task_names, unregister_task
 
 SIDE = 8
 
@@ -38,8 +38,6 @@ class TinyDenoiser(nn.Module):
         return x - self.body(x)
 
 
-if "toy-denoiser" not in list_models():
-    register_model("toy-denoiser", family="test", input_size=(1, SIDE, SIDE), num_classes=1)(TinyDenoiser)
 
 
 @dataclass
@@ -136,7 +134,14 @@ class ToyDenoiseTask(Task):
         return {"noise": 0.2}
 
 
-register_task(ToyDenoiseTask(), replace=True)
+@pytest.fixture(autouse=True, scope="module")
+def _toy_registered():
+    """The toy model and task exist for this module's tests only (other tests list every model and task)."""
+    register_model("toy-denoiser", family="test", input_size=(1, SIDE, SIDE), num_classes=1)(TinyDenoiser)
+    register_task(ToyDenoiseTask())
+    yield
+    unregister_model("toy-denoiser")
+    unregister_task("toy-denoise")
 
 
 def _config(run, **changes) -> TrainConfig:

@@ -8,7 +8,14 @@ import importlib
 import pkgutil
 
 from convforge.models.base import Classifier
-from convforge.models.registry import ModelInfo, create_model, list_models, model_info, register_model
+from convforge.models.registry import (
+    ModelInfo,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+    unregister_model,
+)
 from convforge.models.weights import load_foreign_weights
 
 _INFRASTRUCTURE = {"base", "registry", "weights"}
@@ -23,5 +30,6 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
+    "unregister_model",
     "load_foreign_weights",
 ]

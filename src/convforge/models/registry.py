@@ -84,6 +84,11 @@ def register_model(
     return decorate
 
 
+def unregister_model(name: str) -> None:
+    """Remove a registered model (a plugin's or a test's); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+
+
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names, sorted; ``pattern`` is a shell-style wildcard (``resnet*``) or a substring."""
     names = sorted(_REGISTRY)

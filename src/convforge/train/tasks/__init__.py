@@ -4,7 +4,7 @@ One engine trains every task (``--task classify|segment|super-resolve``); a task
 differs (see :class:`Task`). A new task subclasses :class:`Task` and calls :func:`register_task`.
 """
 
-from convforge.train.tasks.base import CLASSIFY_ONLY, Step, Task, get_task, register_task, task_names
+from convforge.train.tasks.base import CLASSIFY_ONLY, Step, Task, get_task, register_task, task_names, unregister_task
 from convforge.train.tasks.classify import ClassifyTask
 from convforge.train.tasks.segment import SegmentTask
 from convforge.train.tasks.super_resolve import SUPERRES_KINDS, SuperResolveTask
@@ -15,4 +15,4 @@ for _task in (ClassifyTask(), SegmentTask(), SuperResolveTask()):
 TASKS = tuple(task_names())  # the built-in tasks
 
 __all__ = ["CLASSIFY_ONLY", "ClassifyTask", "SUPERRES_KINDS", "SegmentTask", "Step", "SuperResolveTask", "TASKS",
-           "Task", "get_task", "register_task", "task_names"]
+           "Task", "get_task", "register_task", "task_names", "unregister_task"]

@@ -204,6 +204,12 @@ def register_task(task: Task, *, replace: bool = False) -> Task:
     return task
 
 
+def unregister_task(name: str) -> None:
+    """Remove a registered task (a plugin's or a test's); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+    CLASSLESS_TASKS.discard(name)
+
+
 def get_task(name: str) -> Task:
     """The registered task called ``name``."""
     try:
