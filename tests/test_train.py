@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from convforge import TrainConfig, fit
-from convforge.cli import _train_config, build_parser
+from convforge.cli import build_parser
+from convforge.cli.train import train_config as _train_config
 from convforge.config import coerce_fields, dump_yaml, load_yaml
 from convforge.errors import ConfigError, DataError
 from convforge.train.optim import build_optimizer, lr_at, param_groups

@@ -44,13 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args: argparse.Namespace):
-    """The TrainConfig of a parsed ``convforge train`` command line (kept for callers of the old module)."""
-    from convforge.cli.train import train_config
-
-    return train_config(args)
-
-
 def _raise_interrupt(signum: int, frame: Any) -> None:
     from convforge.train.engine import TrainingInterrupted
 

@@ -100,20 +100,20 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
 
 
 def runtime_device(args: argparse.Namespace) -> str:
-    """Apply --threads and resolve --device (``auto``: CUDA when available, else CPU)."""
+    """Apply --threads and resolve --device (``auto``: CUDA when available, else CPU), as ``train`` does."""
     import torch
+
+    from convforge.train.setup import resolve_device
 
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    device = getattr(args, "device", None) or "auto"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
+    try:
+        return str(resolve_device(getattr(args, "device", None) or "auto"))
+    except RuntimeError:  # torch.device() of a malformed name
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
 
 
 def source_kwargs(args: argparse.Namespace) -> dict[str, Any]:

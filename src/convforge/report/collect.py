@@ -367,9 +367,9 @@ def evaluate_checkpoint(ckpt: Any, spec: str, image_size: Any, wrong: int) -> di
     LoadedModel (or Checkpoint), through :mod:`convforge.train.inference`."""
     import torch
 
-    from convforge.train.inference import LoadedModel, aligned_split, class_probabilities, load_data
+    from convforge.train.inference import aligned_split, as_loaded, class_probabilities, load_data
 
-    loaded = ckpt if isinstance(ckpt, LoadedModel) else LoadedModel(ckpt.model, dict(ckpt.meta), ckpt.path)
+    loaded = as_loaded(ckpt)
     data = load_data(spec, image_size or loaded.trained_image_size)
     notes: list[str] = list(data.notes)
     split_name = "test"

@@ -13,9 +13,9 @@ CROP = 96  # side of the super-resolution crops shown (HR pixels)
 def evaluate_dense_checkpoint(ckpt: Any, spec: str) -> dict[str, Any]:
     """Scores on every evaluation split (or test set) and a few examples, as ``convforge eval`` computes them
     (a LoadedModel or a Checkpoint)."""
-    from convforge.train.inference import LoadedModel, dense_data, evaluate
+    from convforge.train.inference import as_loaded, dense_data, evaluate
 
-    loaded = ckpt if isinstance(ckpt, LoadedModel) else LoadedModel(ckpt.model, dict(ckpt.meta), ckpt.path)
+    loaded = as_loaded(ckpt)
     prepared = dense_data(loaded, spec)
     task, _, data = prepared
     result = evaluate(loaded, prepared, "test", batch_size=16)

@@ -166,11 +166,12 @@ def _short(value: Any, limit: int = 80) -> str:
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model (in eval mode) and what it says about itself."""
+    """A loaded checkpoint: the model (in eval mode) and what it says about itself (``path`` is None only for
+    :class:`convforge.train.inference.LoadedModel`'s registry models, which have no file)."""
 
     model: nn.Module
     meta: dict[str, Any]
-    path: Path
+    path: Path | None
 
     @property
     def classes(self) -> list[str]:

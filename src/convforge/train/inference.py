@@ -19,23 +19,21 @@ from convforge.data import Dataset, Split
 from convforge.data.dataset import convert_channels
 from convforge.errors import ConfigError, ConvforgeError, DataError
 from convforge.models import list_models
-from convforge.train.checkpoint import load_checkpoint
+from convforge.train.checkpoint import Checkpoint, load_checkpoint
 
 # The command that predicts with a model of each task.
 TASK_COMMANDS = {"classify": "predict", "segment": "segment", "super-resolve": "upscale"}
 
 
 @dataclass
-class LoadedModel:
-    """A model ready for inference and what is known about it (a checkpoint's metadata, or what was given).
+class LoadedModel(Checkpoint):
+    """A model ready for inference and what is known about it: a loaded checkpoint, or a registry model
+    (``path`` None) with fresh or foreign weights, described in the shape of a checkpoint's metadata.
 
-    ``meta`` has the shape of a checkpoint's metadata; ``normalization`` is absent when foreign
-    weights came without ``mean``/``std`` (:func:`evaluate` then uses the data's, with a note).
+    ``normalization`` is absent when foreign weights came without ``mean``/``std`` (``mean``/``std``
+    are then None and :func:`evaluate` uses the data's, with a note).
     """
 
-    model: nn.Module
-    meta: dict[str, Any]
-    path: Path | None = None
     source: str = "checkpoint"  # checkpoint | registry | weights
     weights: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -49,22 +47,14 @@ class LoadedModel:
         return self.meta.get("task", "classify")
 
     @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def mean(self) -> tuple[float, ...] | None:
+    def mean(self) -> tuple[float, ...] | None:  # type: ignore[override]
         norm = self.meta.get("normalization")
         return tuple(norm["mean"]) if norm else None
 
     @property
-    def std(self) -> tuple[float, ...] | None:
+    def std(self) -> tuple[float, ...] | None:  # type: ignore[override]
         norm = self.meta.get("normalization")
         return tuple(norm["std"]) if norm else None
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return tuple(self.meta["input_size"])  # type: ignore[return-value]
 
     @property
     def data_spec(self) -> str | None:
@@ -79,6 +69,11 @@ class LoadedModel:
     def label(self) -> str:
         """The checkpoint path, the weight file or the registry name."""
         return str(self.path) if self.path else (self.weights or self.name)
+
+
+def as_loaded(ckpt: Checkpoint) -> LoadedModel:
+    """``ckpt`` as a LoadedModel (itself when it is one already); the metadata is copied, not shared."""
+    return ckpt if isinstance(ckpt, LoadedModel) else LoadedModel(ckpt.model, dict(ckpt.meta), ckpt.path)
 
 
 def is_checkpoint_path(source: str | Path) -> bool:
@@ -114,7 +109,7 @@ def load_model(
         raise ConfigError("give both --mean and --std, or neither")
     if source is not None and is_checkpoint_path(source):
         ckpt = load_checkpoint(source, device=device)
-        loaded = LoadedModel(ckpt.model, dict(ckpt.meta), ckpt.path)
+        loaded = as_loaded(ckpt)
         if mean is not None:
             _check_norm(mean, std, loaded.input_size[0])
             loaded.meta["normalization"] = {"mean": list(mean), "std": list(std)}  # type: ignore[arg-type]
