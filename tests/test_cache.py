@@ -101,6 +101,17 @@ def test_added_file_and_options_are_misses(tmp_path, cache_dir):
     assert len(_entries(cache_dir)) == 3
 
 
+def test_asking_for_the_images_own_size_reuses_their_entry(tmp_path, cache_dir, monkeypatch):
+    """--image-size equal to the size every image has (e.g. a checkpoint's input size) is the native entry."""
+    root = tmp_path / "pets"
+    make_image_folder(root, {"train": 3, "test": 2}, classes=("a", "b"), size=(8, 8))
+    native = load(f"imagefolder:{root}")
+    monkeypatch.setattr(imagefolder, "decode_files", lambda *a, **k: pytest.fail("decoded again"))
+    sized = load(f"imagefolder:{root}", image_size=(8, 8))
+    assert len(_entries(cache_dir)) == 1 and sized.image_size == (8, 8)
+    assert torch.equal(sized.train.images, native.train.images)
+
+
 def test_failed_decode_writes_no_entry(tmp_path, cache_dir):
     root = tmp_path / "pets"
     make_image_folder(root, {"train": 2, "test": 1}, classes=("a", "b"))

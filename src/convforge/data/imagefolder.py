@@ -292,17 +292,22 @@ def load_image_folder(
     if listing.ignored:
         notes.append(f"ignored {listing.ignored} entries in {printable(root)} that are not {'/'.join(IMAGE_EXTENSIONS)} files")
     size = image_size
-    if size is None:
-        sample = [p for split in listing.files.values() for p, _ in split[:: max(1, len(split) // 200)]]
-        sizes = Counter(s for s in map(_probe_size, sample) if s is not None)
-        if len(sizes) > 1:
-            size = sizes.most_common(1)[0][0]
-            notes.append(f"images differ in size; resizing all to {size[0]}x{size[1]} (the most common); set --image-size to choose")
-    options = {"size": list(size) if size else None, "skip_bad": skip_bad_images}
-    key = _fingerprint(listing, root, options)
+    sample = [p for split in listing.files.values() for p, _ in split[:: max(1, len(split) // 200)]]
+    sizes = Counter(s for s in map(_probe_size, sample) if s is not None)
+    if size is None and len(sizes) > 1:
+        size = sizes.most_common(1)[0][0]
+        notes.append(f"images differ in size; resizing all to {size[0]}x{size[1]} (the most common); set --image-size to choose")
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    entry = cache_root / "imagefolder" / f"{root.name}-{key}"
+
+    def cache_entry(target: tuple[int, int] | None) -> Path:
+        options = {"size": list(target) if target else None, "skip_bad": skip_bad_images}
+        return cache_root / "imagefolder" / f"{root.name}-{_fingerprint(listing, root, options)}"
+
+    entry = cache_entry(size)
     meta = read_meta(entry)
+    if meta is None and size is not None and list(sizes) == [tuple(size)] and read_meta(cache_entry(None)) is not None:
+        entry = cache_entry(None)  # decoded at their own size already, which is the size asked for
+        meta = read_meta(entry)
     if meta is not None:
         splits = {name: open_split(entry, name) for name in meta["splits"]}
         return [printable(c) for c in meta["classes"]], splits, notes + [printable(n) for n in meta.get("notes", [])]
