@@ -1,0 +1,203 @@
+"""Batches from a variable-size image store, prepared ahead of the training step by background threads.
+
+The sample order and per-rank sharding are ``ShardedLoader``'s. Each global batch's random draws
+(crop boxes, flips, TrivialAugment ops) come from a generator seeded by (seed, epoch, global batch
+index) and each rank applies the draws of its own positions, so the result does not depend on thread
+timing, on where a resumed run starts, or on how many ranks share the global batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+from convforge.data.loader import ShardedLoader, epoch_permutation, flip_where, normalize
+from convforge.data.views import (
+    apply_trivial_augment,
+    crop_resize,
+    flip_params,
+    random_resized_crop_params,
+    resize_center_crop_batch,
+    trivial_augment_params,
+)
+from convforge.errors import ConfigError
+
+STORE_AUGMENTS = ("trivialaugment",)
+
+
+class ImageSource(Protocol):
+    """What the loader needs of an image store (``convforge.data.store.ImageStore`` has it)."""
+
+    labels: torch.Tensor
+    sizes: torch.Tensor
+    channels: int
+
+    def __len__(self) -> int: ...
+
+    def image(self, i: int) -> torch.Tensor: ...
+
+
+def batch_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
+    """The generator of one global batch's random draws: a function of (seed, epoch, batch) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + batch_index + 12_345)
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ConfigError(f"{name} must be a positive size or (height, width), got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class StoreLoader(ShardedLoader):
+    """Iterates over an image store in batches ``(x, y)``: x float normalised (N, C, h, w) on ``device``,
+    y int64. Training views are RandomResizedCrop (+ flip, + TrivialAugment); evaluation views
+    (``train=False``) are resize + centre crop, in store order, with the last partial batch kept.
+
+    ``prefetch`` batches are prepared by as many background threads (0: on the consumer's thread);
+    memory is bounded by ``prefetch + 1`` batches. On CUDA, batches are pinned and copied per batch
+    with ``non_blocking``; normalisation then runs on the device.
+    """
+
+    def __init__(
+        self,
+        store: ImageSource,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        train: bool,
+        image_size: int | Sequence[int],
+        crop_pct: float = 0.875,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        flip: bool = True,
+        augment: str | None = None,
+        shuffle: bool | None = None,
+        drop_last: bool | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if augment not in (None, *STORE_AUGMENTS):
+            raise ConfigError(f"unknown store augment {augment!r}: use None or one of {', '.join(STORE_AUGMENTS)}")
+        if prefetch < 0:
+            raise ConfigError(f"prefetch must be >= 0 batches, got {prefetch}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world size {world_size}")
+        if not train and (shuffle or drop_last):
+            raise ConfigError("an evaluation loader (train=False) keeps the store order and every sample: "
+                              "leave shuffle and drop_last unset")
+        if len(mean) != store.channels or len(std) != store.channels:
+            raise ConfigError(f"mean/std have {len(mean)}/{len(std)} values for a {store.channels}-channel "
+                              "store: give one per channel")
+        self.store = store
+        self.batch_size, self.mean, self.std = batch_size, tuple(mean), tuple(std)
+        self.train, self.image_size, self.crop_pct = train, _pair(image_size, "image_size"), crop_pct
+        self.scale, self.ratio, self.flip, self.augment = tuple(scale), tuple(ratio), flip, augment
+        self.shuffle = train if shuffle is None else shuffle
+        self.drop_last = train if drop_last is None else drop_last
+        self.seed, self.device, self.channels_last = seed, torch.device(device), channels_last
+        self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.epoch = 0
+        self.last_indices = torch.empty(0, dtype=torch.long)
+        if train:  # fail now, not in a worker thread, on a bad scale or ratio
+            random_resized_crop_params(torch.ones(1, 2, dtype=torch.long), self.scale, self.ratio)
+
+    def _global_batches(self) -> list[torch.Tensor]:
+        """The epoch's global batches (``batch_size * world_size`` samples), as ``shard`` cuts them."""
+        n = len(self.store)
+        order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
+        global_batch = self.batch_size * self.world_size
+        if self.drop_last and self.shuffle:
+            order = order[: n // global_batch * global_batch]
+        return [order[s:s + global_batch] for s in range(0, n, global_batch) if len(order[s:s + global_batch])]
+
+    def _batches(self) -> list[torch.Tensor]:
+        return [g[self.rank::self.world_size] for g in self._global_batches() if len(g[self.rank::self.world_size])]
+
+    def clean_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """The evaluation view (resize + centre crop), normalised, of the samples at ``indices``."""
+        x = resize_center_crop_batch([self.store.image(int(i)) for i in indices], self.image_size, self.crop_pct)
+        return self._finish(x.to(self.device))
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def make_batch(self, batch_index: int, global_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``batch_index`` of this rank on the host: uint8 (N, C, h, w) views and int64 labels
+        (normalised float instead when the device is the CPU; pinned when it is CUDA)."""
+        positions = slice(self.rank, None, self.world_size)
+        indices = global_indices[positions]
+        images = [self.store.image(int(i)) for i in indices]
+        if self.train:
+            gen = batch_generator(self.seed, self.epoch, batch_index)
+            boxes = random_resized_crop_params(self.store.sizes[global_indices], self.scale, self.ratio, gen)
+            flips = flip_params(len(global_indices), gen)
+            ops, magnitudes = trivial_augment_params(len(global_indices), gen)
+            x = crop_resize(images, boxes[positions], self.image_size)
+            if self.flip:
+                x = flip_where(x, flips[positions])
+            if self.augment == "trivialaugment":
+                x = apply_trivial_augment(x, ops[positions], magnitudes[positions])
+        else:
+            x = resize_center_crop_batch(images, self.image_size, self.crop_pct)
+        y = self.store.labels[indices].to(torch.int64)
+        if self.device.type == "cpu":
+            return self._finish(x), y
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cpu":
+            return x, y
+        return self._finish(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from ``start_batch`` on (earlier ones are skipped, not computed).
+
+        ``last_indices`` holds the sample indices of the batch last yielded. An error while preparing a
+        batch is raised here, in the consumer; leaving the loop early stops the threads."""
+        jobs = list(enumerate(self._global_batches()))[start_batch:]
+        jobs = [(k, g) for k, g in jobs if len(g[self.rank::self.world_size])]
+        if self.prefetch == 0:
+            for k, g in jobs:
+                x, y = self.make_batch(k, g)
+                self.last_indices = g[self.rank::self.world_size]
+                yield self._to_device(x, y)
+            return
+        yield from self._prefetched(jobs)
+
+    def _prefetched(self, jobs: list[tuple[int, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="convforge-store-loader")
+        pending: deque[tuple[torch.Tensor, Future]] = deque()
+        remaining = iter(jobs)
+
+        def submit_next() -> None:
+            job = next(remaining, None)
+            if job is not None:
+                pending.append((job[1], pool.submit(self.make_batch, *job)))
+
+        try:
+            for _ in range(self.prefetch):
+                submit_next()
+            while pending:
+                g, future = pending.popleft()
+                x, y = future.result()
+                submit_next()
+                self.last_indices = g[self.rank::self.world_size]
+                yield self._to_device(x, y)
+        finally:
+            for _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
