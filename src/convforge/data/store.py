@@ -1,0 +1,501 @@
+"""The variable-size image store: every image decoded once, at its own aspect ratio, into one memory-mapped file.
+
+A store is a directory holding ``images.u8`` (the pixels of every image, uint8 C x H x W each, one after
+another), ``index.npy`` (int64 N x 3: byte offset, height, width), ``labels.npy`` (int64 N) and
+``meta.json`` (classes, channels, the build key; written last). Images are shrunk so that their shorter
+side is at most ``store_size`` (never enlarged), upright (EXIF orientation applied), with transparency
+composited on white.
+
+A build works in ``.<name>.partial`` next to the store: the image sizes are read from the file headers
+first, so ``images.u8`` is allocated in full before anything is decoded; worker processes then decode
+chunks of images straight into it, and the parent records each finished chunk in ``progress.jsonl``.
+A killed build resumes from that record when run again with the same files; the store appears only
+by a rename once complete, so a reader never sees half of one. The fault point ``store:chunk`` (see
+``convforge.faults``) is reached after each recorded chunk.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from convforge.data.cache import map_in_processes
+from convforge.data.imagefolder import MAX_IMAGE_PIXELS, image_problem
+from convforge.data.paths import printable
+from convforge.errors import DataError, DiskFullError
+from convforge.faults import fault_point
+from convforge.fileio import atomic_write_json
+
+STORE_FORMAT = 1
+STORE_KIND = "convforge-image-store"
+CHUNK_IMAGES = 256  # images per decoding job, and the unit a killed build resumes from
+PROBE_CHUNK = 1024  # file headers read per job
+GRAY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
+ORIENTATION_TAG = 0x0112
+
+
+class ImageStore:
+    """A built store, opened read-only (copy-on-write) as one memory map; ``image(i)`` is a zero-copy view."""
+
+    def __init__(self, path: Path, meta: dict, index: np.ndarray, labels: np.ndarray, data: np.ndarray) -> None:
+        self.path = path
+        self.classes: list[str] = list(meta["classes"])
+        self.channels: int = int(meta["channels"])
+        self.store_size: int = int(meta["store_size"])
+        self.skipped: list[list[str]] = list(meta.get("skipped", []))
+        self._index = index
+        self.labels = torch.from_numpy(labels)
+        self.sizes = torch.from_numpy(np.ascontiguousarray(index[:, 1:3]))
+        self._data = torch.from_numpy(data)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 (C, H, W), a view of the memory map (copy it before writing to it)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"image {i} is out of range for the store {printable(self.path)} of {len(self)} images")
+        offset, height, width = self._index[i].tolist()
+        return self._data[offset:offset + self.channels * height * width].view(self.channels, height, width)
+
+    def __reduce__(self):  # pickled as its path: a worker process maps the file itself instead of copying it
+        return open_store, (self.path,)
+
+    def __repr__(self) -> str:
+        return f"ImageStore({printable(self.path)!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def open_store(out: Path) -> ImageStore:
+    """Open the store built at ``out``; a missing, partial or damaged one raises a DataError saying so."""
+    out = Path(out)
+    meta = _read_store_meta(out)
+    if meta is None:
+        raise DataError(f"{printable(out)} is not a built image store (no meta.json): build it with build_store")
+    if meta.get("format") != STORE_FORMAT:
+        raise DataError(
+            f"the image store {printable(out)} has format {meta.get('format')}, this convforge reads format "
+            f"{STORE_FORMAT}: build it again (build_store replaces it)"
+        )
+    damaged = f"the image store {printable(out)} is damaged"
+    try:
+        index = np.load(out / "index.npy", allow_pickle=False)
+        labels = np.load(out / "labels.npy", allow_pickle=False)
+        size = (out / "images.u8").stat().st_size
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{damaged} ({exc}): delete it and build it again") from None
+    count, nbytes, channels = meta["count"], meta["bytes"], meta["channels"]
+    ends = index[:, 0] + channels * index[:, 1] * index[:, 2] if index.ndim == 2 and len(index) else np.zeros(0)
+    problem = (
+        f"index.npy has shape {index.shape}, expected ({count}, 3)" if index.shape != (count, 3)
+        else f"labels.npy has shape {labels.shape}, expected ({count},)" if labels.shape != (count,)
+        else f"images.u8 holds {size} bytes, expected {nbytes}" if size != nbytes
+        else "index.npy points outside images.u8" if len(ends) and (ends.max() > nbytes or index.min() < 0)
+        else None
+    )
+    if problem:
+        raise DataError(f"{damaged}: {problem}; delete it and build it again")
+    data = np.memmap(out / "images.u8", dtype=np.uint8, mode="c", shape=(nbytes,)) if nbytes else np.zeros(0, np.uint8)
+    return ImageStore(out, meta, index, labels, data)
+
+
+def _read_store_meta(out: Path) -> dict | None:
+    path = out / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {printable(path)} ({exc}): delete {printable(out)} and build it again") from None
+    if not isinstance(meta, dict) or meta.get("kind") != STORE_KIND:
+        raise DataError(f"{printable(out)} is not a convforge image store: choose another path")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where every image goes: ``rows`` (N x 3 int64 offset, height, width; height 0 = unreadable header)."""
+
+    rows: np.ndarray
+    channels: int
+    nbytes: int
+    failures: dict[int, str]  # index -> why its header could not be used
+
+
+def build_store(
+    files: Sequence[tuple[str, int]],
+    classes: Sequence[str],
+    out: Path,
+    *,
+    store_size: int,
+    workers: int | None = None,
+    skip_bad_images: bool = False,
+    log: Callable[[str], None] = print,
+) -> ImageStore:
+    """Decode ``files`` ((path, class index) pairs) into a store at ``out``, or open it if already built.
+
+    Each image is decoded once, in ``workers`` processes, with its shorter side shrunk to at most
+    ``store_size``. A store built from the same files (paths, sizes, modification times), labels,
+    classes and ``store_size`` is reused; otherwise it is rebuilt, resuming a killed build of the same
+    inputs. Unreadable images raise a DataError naming them, or are skipped (and listed in
+    ``ImageStore.skipped``) with ``skip_bad_images``.
+    """
+    out = Path(out)
+    if isinstance(store_size, bool) or not isinstance(store_size, int) or store_size < 1:
+        raise DataError(f"store_size must be a positive whole number of pixels, not {store_size!r}")
+    files = [(os.fspath(path), int(label)) for path, label in files]
+    classes = [str(name) for name in classes]
+    if not files:
+        raise DataError(f"no image files given for the image store {printable(out)}")
+    wrong = [(path, label) for path, label in files if not 0 <= label < len(classes)]
+    if wrong:
+        raise DataError(
+            f"{printable(wrong[0][0])} has class index {wrong[0][1]}, but there are {len(classes)} classes "
+            f"(indices 0 to {len(classes) - 1}): fix the file list"
+        )
+    key = _build_key(files, classes, store_size)
+    workers = max(1, workers or min(8, os.cpu_count() or 1))
+    with _build_lock(out):
+        meta = _read_store_meta(out)
+        if meta is None or meta.get("key") != key:
+            _check_replaceable(out)
+            _build(files, classes, out, key, store_size, workers, skip_bad_images, log)
+        store = open_store(out)
+    if store.skipped and not skip_bad_images:
+        raise _bad_images_error([(path, why) for path, why in store.skipped], len(files))
+    if store.skipped:
+        log(f"the image store {printable(out)} skipped {len(store.skipped)} unreadable image(s)")
+    return store
+
+
+def _build(files: list[tuple[str, int]], classes: list[str], out: Path, key: str, store_size: int,
+           workers: int, skip_bad_images: bool, log: Callable[[str], None]) -> None:
+    partial = out.parent / f".{out.name}.partial"
+    finished = _read_store_meta(partial) if partial.is_dir() else None
+    if finished is not None and finished.get("key") == key:  # killed between finishing and moving into place
+        _move_into_place(partial, out)
+        return
+    plan = _load_plan(partial, key)
+    if plan is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        log(f"reading the headers of {len(files)} images for the image store {printable(out)}")
+        plan = _make_plan([path for path, _ in files], store_size, workers)
+        if plan.nbytes == 0:
+            raise _bad_images_error([(files[i][0], why) for i, why in sorted(plan.failures.items())], len(files))
+        _write_plan(partial, key, plan)
+    chunks = [range(start, min(start + CHUNK_IMAGES, len(files))) for start in range(0, len(files), CHUNK_IMAGES)]
+    failures = dict(plan.failures)
+    done = _read_progress(partial)
+    for chunk_failures in done.values():
+        failures.update(chunk_failures)
+    todo = [k for k in range(len(chunks)) if k not in done]
+    if done:
+        log(f"resuming the image store build in {printable(partial)}: {len(done)} of {len(chunks)} chunks done")
+    jobs = [(str(partial / "images.u8"), k, [(i, files[i][0], *plan.rows[i].tolist()) for i in chunks[k]
+                                             if plan.rows[i, 1] > 0], plan.channels, store_size) for k in todo]
+    log(f"decoding {sum(len(job[2]) for job in jobs)} images into {printable(partial)} ({workers} processes)")
+    with open(partial / "progress.jsonl", "a") as progress:
+        for chunk, chunk_failures in map_in_processes(_store_chunk, jobs, workers, "build image store"):
+            progress.write(json.dumps({"chunk": chunk, "failed": chunk_failures}) + "\n")
+            progress.flush()
+            os.fsync(progress.fileno())
+            failures.update(dict(chunk_failures))
+            fault_point("store:chunk")
+    if failures and not skip_bad_images:  # the finished chunks stay: a run with skip_bad_images completes at once
+        raise _bad_images_error([(files[i][0], why) for i, why in sorted(failures.items())], len(files))
+    _finish(partial, out, files, classes, key, store_size, plan, failures)
+
+
+def _build_key(files: list[tuple[str, int]], classes: list[str], store_size: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": STORE_FORMAT, "size": store_size, "classes": classes}).encode())
+    for path, label in files:
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # reported (or skipped) when its header is read
+            size, mtime = -1, -1
+        digest.update(f"{os.path.abspath(path)}\0{label}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
+@contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<name>.lock`` next to ``out``: a second build of it waits for the first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is absent, an empty folder or an image store."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise DataError(f"{printable(out)} exists and is not a folder: choose another path for the image store")
+    if any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise DataError(
+            f"{printable(out)} is a folder that is not an image store and is not empty: choose another path "
+            f"for the image store, or empty it"
+        )
+
+
+def _load_plan(partial: Path, key: str) -> _Plan | None:
+    """The plan of an unfinished build of the same inputs in ``partial``, or None (start afresh)."""
+    try:
+        saved = json.loads((partial / "plan.json").read_text())
+        rows = np.load(partial / "rows.npy", allow_pickle=False)
+        allocated = (partial / "images.u8").stat().st_size
+    except (OSError, ValueError):
+        return None
+    if saved.get("key") != key or allocated != saved.get("bytes"):
+        return None
+    failures = {int(i): str(why) for i, why in saved["failures"]}
+    return _Plan(rows=rows, channels=int(saved["channels"]), nbytes=int(saved["bytes"]), failures=failures)
+
+
+def _make_plan(paths: list[str], store_size: int, workers: int) -> _Plan:
+    """Read every header (in processes) and lay the images out one after another."""
+    jobs = [(paths[start:start + PROBE_CHUNK], store_size) for start in range(0, len(paths), PROBE_CHUNK)]
+    heights = np.zeros(len(paths), dtype=np.int64)
+    widths = np.zeros(len(paths), dtype=np.int64)
+    gray = np.zeros(len(paths), dtype=bool)
+    failures: dict[int, str] = {}
+    i = 0
+    for probed in map_in_processes(_probe_chunk, jobs, workers, "read image headers"):
+        for item in probed:
+            if isinstance(item, str):
+                failures[i] = item
+            else:
+                heights[i], widths[i], gray[i] = item
+            i += 1
+    readable = heights > 0
+    channels = 1 if gray[readable].all() else 3
+    nbytes = channels * heights * widths
+    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)
+    rows = np.stack([offsets, heights, widths], axis=1)
+    return _Plan(rows=rows, channels=channels, nbytes=int(nbytes.sum()), failures=failures)
+
+
+def _write_plan(partial: Path, key: str, plan: _Plan) -> None:
+    """Allocate ``images.u8`` in full (so a full disk fails now, not as a SIGBUS mid-build), then the plan."""
+    with open(partial / "images.u8", "wb") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, plan.nbytes)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"no space for the image store in {printable(partial.parent)}: it needs "
+                    f"{plan.nbytes / 1e9:.2f} GB; free space or build the store elsewhere (or with a smaller "
+                    f"store_size)"
+                ) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            handle.truncate(plan.nbytes)  # file systems without fallocate: a sparse file
+    np.save(partial / "rows.npy", plan.rows)
+    failures = [[i, why] for i, why in sorted(plan.failures.items())]
+    atomic_write_json(partial / "plan.json", {"key": key, "channels": plan.channels, "bytes": plan.nbytes,
+                                               "failures": failures})
+
+
+
+def _read_progress(partial: Path) -> dict[int, list[tuple[int, str]]]:
+    """Finished chunks -> their failed images, from ``progress.jsonl`` (a line cut short by a kill is ignored)."""
+    done: dict[int, list[tuple[int, str]]] = {}
+    try:
+        lines = (partial / "progress.jsonl").read_text().splitlines()
+    except OSError:
+        return done
+    for line in lines:
+        try:
+            record = json.loads(line)
+            done[int(record["chunk"])] = [(int(i), str(why)) for i, why in record["failed"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
+def _finish(partial: Path, out: Path, files: list[tuple[str, int]], classes: list[str], key: str,
+            store_size: int, plan: _Plan, failures: dict[int, str]) -> None:
+    """Write the index, labels and (last) meta.json of the kept images, then move the store into place."""
+    kept = np.array([i for i in range(len(files)) if i not in failures], dtype=np.int64)
+    if len(kept) == 0:
+        raise _bad_images_error([(files[i][0], why) for i, why in sorted(failures.items())], len(files))
+    np.save(partial / "index.npy", np.ascontiguousarray(plan.rows[kept]))
+    np.save(partial / "labels.npy", np.array([files[i][1] for i in kept], dtype=np.int64))
+    skipped = [[printable(files[i][0]), why] for i, why in sorted(failures.items())]
+    for name in ("progress.jsonl", "rows.npy", "plan.json"):
+        (partial / name).unlink()
+    meta = {"kind": STORE_KIND, "format": STORE_FORMAT, "key": key, "classes": classes, "channels": plan.channels,
+            "store_size": store_size, "count": len(kept), "bytes": plan.nbytes, "skipped": skipped}
+    atomic_write_json(partial / "meta.json", meta)
+    _move_into_place(partial, out)
+
+
+def _move_into_place(partial: Path, out: Path) -> None:
+    """Replace ``out`` (absent, empty, or an older store) by the finished ``partial`` folder."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _bad_images_error(bad: list[tuple[str, str]], total: int) -> DataError:
+    shown = "; ".join(f"{printable(path)} ({why})" for path, why in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    if len(bad) == total:
+        return DataError(f"none of the {total} image file(s) could be decoded: {shown}")
+    return DataError(
+        f"{len(bad)} image file(s) could not be decoded: {shown}. "
+        f"Remove or fix them, or pass --skip-bad-images to skip them."
+    )
+
+
+# ------------------------------------------------------------------------------- in the worker processes
+
+
+class _Refused(Exception):
+    """An image this store will not decode; the message is the reason."""
+
+
+def _problem(path: str, exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, _Refused) else image_problem(path, exc)
+
+
+def _probe_chunk(job: tuple[list[str], int]) -> list[tuple[int, int, bool] | str]:
+    """(height, width, grayscale) each image will have in the store, read from its header; or why not."""
+    paths, store_size = job
+    out: list[tuple[int, int, bool] | str] = []
+    for path in paths:
+        try:
+            with _image_warnings(), Image.open(path) as img:
+                height, width = _target_size(img, store_size)
+                out.append((height, width, img.mode in GRAY_MODES))
+        except Exception as exc:  # noqa: BLE001 - any failure is a per-file message
+            out.append(_problem(path, exc))
+    return out
+
+
+@contextmanager
+def _image_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PIL's "Corrupt EXIF data" etc.: a file either decodes or not
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation stored in the header (1 when there is none), without decoding pixels."""
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    value = exif.get(ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _target_size(img: Image.Image, store_size: int) -> tuple[int, int]:
+    """The upright (height, width) of ``img`` in the store: shorter side at most ``store_size``, never enlarged."""
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise _Refused(f"its header claims {width}x{height} pixels")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _Refused(
+            f"its header claims {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel decompression-bomb limit"
+        )
+    if _orientation(img) in SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    shorter = min(width, height)
+    if shorter <= store_size:
+        return height, width
+    scale = store_size / shorter
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _store_chunk(job: tuple[str, int, list[tuple[int, str, int, int, int]], int, int]) -> tuple[int, list[tuple[int, str]]]:
+    """Decode one chunk into the store file at the planned offsets; returns (chunk, [(index, why failed)])."""
+    data_path, chunk, items, channels, store_size = job
+    if not items:
+        return chunk, []
+    start = items[0][2]
+    end = max(offset + channels * height * width for _, _, offset, height, width in items)
+    data = np.memmap(data_path, dtype=np.uint8, mode="r+", offset=start, shape=(end - start,))
+    failed: list[tuple[int, str]] = []
+    for i, path, offset, height, width in items:
+        slot = data[offset - start:offset - start + channels * height * width].reshape(channels, height, width)
+        try:
+            slot[...] = _decode_upright(path, (height, width), channels, store_size).transpose(2, 0, 1)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a per-file message
+            slot[...] = 0  # a retried chunk must leave the same bytes as a first try
+            failed.append((i, _problem(path, exc)))
+    data.flush()
+    del data
+    return chunk, failed
+
+
+def _decode_upright(path: str, size: tuple[int, int], channels: int, store_size: int) -> np.ndarray:
+    """Decode ``path`` to uint8 (H, W, channels) of exactly ``size``, upright, alpha composited on white."""
+    height, width = size
+    with _image_warnings(), Image.open(path) as img:
+        if _target_size(img, store_size) != size:
+            raise _Refused(f"it changed while the store was being built (now {img.width}x{img.height}): build again")
+        swapped = _orientation(img) in SWAPPING_ORIENTATIONS
+        # JPEG only (a no-op elsewhere): decode at the smallest 1/2, 1/4 or 1/8 scale still >= the target.
+        img.draft("RGB", (height, width) if swapped else (width, height))
+        drafted = img.size
+        upright = ImageOps.exif_transpose(img)
+    if upright.size != (drafted[::-1] if swapped else drafted):
+        raise _Refused("its EXIF orientation is stored after the image data, where the header read missed it")
+    upright = _flatten_alpha(_to_8bit(upright)).convert("L" if channels == 1 else "RGB")
+    if upright.size != (width, height):
+        # Lanczos is the sharpest of PIL's antialiasing filters for shrinking photos; reducing_gap=3 first
+        # box-shrinks by a whole factor to within 3x of the target (fast), which looks the same.
+        upright = upright.resize((width, height), Image.LANCZOS, reducing_gap=3.0)
+    array = np.asarray(upright, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit grayscale to 8-bit by scaling (65535 -> 255), not clipping; float images are clipped."""
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    high = np.asarray(img, dtype=np.float64)
+    scale = 1.0 if img.mode == "F" else 256.0
+    return Image.fromarray(np.clip(np.nan_to_num(high / scale), 0, 255).astype(np.uint8), "L")
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite transparent images on white (under transparent pixels lie arbitrary colours, often black)."""
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
+        img = img.convert("LA" if img.mode == "L" else "RGBA")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode not in ("LA", "RGBA"):
+        return img
+    base = img.mode[:-1]
+    flat = Image.new(base, img.size, "white")
+    flat.paste(img.convert(base), mask=img.getchannel("A"))
+    return flat
