@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from convforge.data.loader import normalize, shard
+from convforge.data.store import build_store
 from convforge.data.store_loader import StoreLoader
 from convforge.data.views import (
     TRIVIAL_AUGMENT_OPS,
@@ -29,6 +30,7 @@ from convforge.data.views import (
     trivial_augment_params,
 )
 from convforge.errors import ConfigError
+from helpers import save_image
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -390,3 +392,22 @@ def test_store_loader_rejects_bad_options():
         StoreLoader(store, 2, MEAN, STD, train=True, image_size=8, scale=(1.0, 0.5))
     with pytest.raises(ConfigError, match="prefetch"):
         StoreLoader(store, 2, MEAN, STD, train=True, image_size=8, prefetch=-1)
+
+
+def test_store_loader_on_a_built_image_store(tmp_path):
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (h, w) in enumerate([(12, 20), (20, 12), (16, 16), (9, 30), (25, 14), (14, 14), (18, 10)]):
+        path = save_image(tmp_path / "photos" / f"img{i}.png", rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        files.append((str(path), i % 2))
+    store = build_store(files, ["a", "b"], tmp_path / "store", store_size=16, workers=1, log=lambda _: None)
+    assert len(store) == 7 and store.sizes.min() >= 9
+    runs = [list(StoreLoader(store, 3, MEAN, STD, train=True, image_size=(8, 8), augment="trivialaugment",
+                             drop_last=False, seed=5, prefetch=p)) for p in (0, 2)]
+    for (xa, ya), (xb, yb) in zip(*runs):
+        assert xa.shape[1:] == (3, 8, 8) and torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert sorted(torch.cat([y for _, y in runs[0]]).tolist()) == sorted(store.labels.tolist())
+    evaluation = StoreLoader(store, 4, MEAN, STD, train=False, image_size=(8, 8))
+    (x, y), _ = list(evaluation)
+    views = resize_center_crop_batch([store.image(i) for i in range(4)], (8, 8))
+    assert torch.allclose(x, normalize(views, MEAN, STD)) and torch.equal(y, store.labels[:4])
