@@ -302,6 +302,11 @@ def test_iter_from_equals_the_tail_of_a_full_pass():
     for (xa, ya), (xb, yb) in zip(full[3:], tail):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert torch.equal(loader.last_indices, tail[-1][1])
+    running = loader.iter_from(0)
+    first = next(running)
+    loader.set_epoch(3)  # too late for the pass under way: its batches were drawn for epoch 2
+    for (xa, ya), (xb, yb) in zip(full, [first, *running]):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_ranks_partition_each_global_batch_with_identical_views():

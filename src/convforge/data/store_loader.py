@@ -133,14 +133,15 @@ class StoreLoader(ShardedLoader):
         x = normalize(x, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def make_batch(self, batch_index: int, global_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``batch_index`` of this rank on the host: uint8 (N, C, h, w) views and int64 labels
-        (normalised float instead when the device is the CPU; pinned when it is CUDA)."""
+    def make_batch(self, epoch: int, batch_index: int,
+                   global_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of global batch ``batch_index`` of ``epoch`` on the host: uint8 (N, C, h, w)
+        views and int64 labels (normalised float instead when the device is the CPU; pinned on CUDA)."""
         positions = slice(self.rank, None, self.world_size)
         indices = global_indices[positions]
         images = [self.store.image(int(i)) for i in indices]
         if self.train:
-            gen = batch_generator(self.seed, self.epoch, batch_index)
+            gen = batch_generator(self.seed, epoch, batch_index)
             boxes = random_resized_crop_params(self.store.sizes[global_indices], self.scale, self.ratio, gen)
             flips = flip_params(len(global_indices), gen)
             ops, magnitudes = trivial_augment_params(len(global_indices), gen)
@@ -167,18 +168,19 @@ class StoreLoader(ShardedLoader):
         """The epoch's batches from ``start_batch`` on (earlier ones are skipped, not computed).
 
         ``last_indices`` holds the sample indices of the batch last yielded. An error while preparing a
-        batch is raised here, in the consumer; leaving the loop early stops the threads."""
+        batch is raised here, in the consumer; leaving the loop early stops the threads. The epoch is
+        read now: a later ``set_epoch`` does not reach the batches of this pass."""
         jobs = list(enumerate(self._global_batches()))[start_batch:]
-        jobs = [(k, g) for k, g in jobs if len(g[self.rank::self.world_size])]
-        if self.prefetch == 0:
-            for k, g in jobs:
-                x, y = self.make_batch(k, g)
-                self.last_indices = g[self.rank::self.world_size]
-                yield self._to_device(x, y)
-            return
-        yield from self._prefetched(jobs)
+        jobs = [(self.epoch, k, g) for k, g in jobs if len(g[self.rank::self.world_size])]
+        return self._prefetched(jobs) if self.prefetch > 0 else self._in_turn(jobs)
 
-    def _prefetched(self, jobs: list[tuple[int, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _in_turn(self, jobs: list[tuple[int, int, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for epoch, k, g in jobs:
+            x, y = self.make_batch(epoch, k, g)
+            self.last_indices = g[self.rank::self.world_size]
+            yield self._to_device(x, y)
+
+    def _prefetched(self, jobs: list[tuple[int, int, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="convforge-store-loader")
         pending: deque[tuple[torch.Tensor, Future]] = deque()
         remaining = iter(jobs)
@@ -186,7 +188,7 @@ class StoreLoader(ShardedLoader):
         def submit_next() -> None:
             job = next(remaining, None)
             if job is not None:
-                pending.append((job[1], pool.submit(self.make_batch, *job)))
+                pending.append((job[2], pool.submit(self.make_batch, *job)))
 
         try:
             for _ in range(self.prefetch):
