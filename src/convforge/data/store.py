@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -208,9 +209,11 @@ def _build(files: list[tuple[str, int]], classes: list[str], out: Path, key: str
     todo = [k for k in range(len(chunks)) if k not in done]
     if done:
         log(f"resuming the image store build in {printable(partial)}: {len(done)} of {len(chunks)} chunks done")
-    jobs = [(str(partial / "images.u8"), k, [(i, files[i][0], *plan.rows[i].tolist()) for i in chunks[k]
-                                             if plan.rows[i, 1] > 0], plan.channels, store_size) for k in todo]
-    log(f"decoding {sum(len(job[2]) for job in jobs)} images into {printable(partial)} ({workers} processes)")
+    paths = [path for path, _ in files]
+    jobs = [_ChunkJob(str(partial / "images.u8"), k, chunks[k].start, paths[chunks[k].start:chunks[k].stop],
+                      plan.rows[chunks[k].start:chunks[k].stop], plan.channels, store_size) for k in todo]
+    if jobs:
+        log(f"decoding {sum(len(job.paths) for job in jobs)} images into {printable(partial)} ({workers} processes)")
     with open(partial / "progress.jsonl", "a") as progress:
         for chunk, chunk_failures in map_in_processes(_store_chunk, jobs, workers, "build image store"):
             progress.write(json.dumps({"chunk": chunk, "failed": chunk_failures}) + "\n")
@@ -252,8 +255,9 @@ def _check_replaceable(out: Path) -> None:
     """Refuse to replace ``out`` unless it is absent, an empty folder or an image store."""
     if not out.exists() and not out.is_symlink():
         return
-    if not out.is_dir() or out.is_symlink():
-        raise DataError(f"{printable(out)} exists and is not a folder: choose another path for the image store")
+    if out.is_symlink() or not out.is_dir():
+        what = "a symbolic link" if out.is_symlink() else "not a folder"
+        raise DataError(f"{printable(out)} exists and is {what}: choose another path for the image store")
     if any(out.iterdir()) and not (out / "meta.json").is_file():
         raise DataError(
             f"{printable(out)} is a folder that is not an image store and is not empty: choose another path "
@@ -345,8 +349,6 @@ def _finish(partial: Path, out: Path, files: list[tuple[str, int]], classes: lis
     np.save(partial / "index.npy", np.ascontiguousarray(plan.rows[kept]))
     np.save(partial / "labels.npy", np.array([files[i][1] for i in kept], dtype=np.int64))
     skipped = [[printable(files[i][0]), why] for i, why in sorted(failures.items())]
-    for name in ("progress.jsonl", "rows.npy", "plan.json"):
-        (partial / name).unlink()
     meta = {"kind": STORE_KIND, "format": STORE_FORMAT, "key": key, "classes": classes, "channels": plan.channels,
             "store_size": store_size, "count": len(kept), "bytes": plan.nbytes, "skipped": skipped}
     atomic_write_json(partial / "meta.json", meta)
@@ -355,6 +357,8 @@ def _finish(partial: Path, out: Path, files: list[tuple[str, int]], classes: lis
 
 def _move_into_place(partial: Path, out: Path) -> None:
     """Replace ``out`` (absent, empty, or an older store) by the finished ``partial`` folder."""
+    for name in ("progress.jsonl", "rows.npy", "plan.json"):  # the build's own records
+        (partial / name).unlink(missing_ok=True)
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -435,25 +439,39 @@ def _target_size(img: Image.Image, store_size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _store_chunk(job: tuple[str, int, list[tuple[int, str, int, int, int]], int, int]) -> tuple[int, list[tuple[int, str]]]:
+class _ChunkJob(NamedTuple):
+    """One decoding job: images ``first`` to ``first + len(paths) - 1`` and their plan rows."""
+
+    data_path: str
+    chunk: int
+    first: int
+    paths: list[str]
+    rows: np.ndarray  # offset, height, width (height 0: its header was unreadable, nothing to decode)
+    channels: int
+    store_size: int
+
+
+def _store_chunk(job: _ChunkJob) -> tuple[int, list[tuple[int, str]]]:
     """Decode one chunk into the store file at the planned offsets; returns (chunk, [(index, why failed)])."""
-    data_path, chunk, items, channels, store_size = job
-    if not items:
-        return chunk, []
-    start = items[0][2]
-    end = max(offset + channels * height * width for _, _, offset, height, width in items)
-    data = np.memmap(data_path, dtype=np.uint8, mode="r+", offset=start, shape=(end - start,))
+    channels = job.channels
+    ends = job.rows[:, 0] + channels * job.rows[:, 1] * job.rows[:, 2]
+    start, end = int(job.rows[0, 0]), int(ends.max())
+    if end == start:
+        return job.chunk, []
+    data = np.memmap(job.data_path, dtype=np.uint8, mode="r+", offset=start, shape=(end - start,))
     failed: list[tuple[int, str]] = []
-    for i, path, offset, height, width in items:
+    for i, (path, (offset, height, width)) in enumerate(zip(job.paths, job.rows.tolist()), start=job.first):
+        if height == 0:
+            continue
         slot = data[offset - start:offset - start + channels * height * width].reshape(channels, height, width)
         try:
-            slot[...] = _decode_upright(path, (height, width), channels, store_size).transpose(2, 0, 1)
+            slot[...] = _decode_upright(path, (height, width), channels, job.store_size).transpose(2, 0, 1)
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a per-file message
             slot[...] = 0  # a retried chunk must leave the same bytes as a first try
             failed.append((i, _problem(path, exc)))
     data.flush()
     del data
-    return chunk, failed
+    return job.chunk, failed
 
 
 def _decode_upright(path: str, size: tuple[int, int], channels: int, store_size: int) -> np.ndarray:
