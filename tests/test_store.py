@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +321,37 @@ def test_bad_arguments_and_damaged_stores_are_explained(tmp_path):
         handle.truncate(10)
     with pytest.raises(DataError, match=r"store .*store is damaged: images.u8 holds 10 bytes, expected 192"):
         open_store(tmp_path / "store")
+
+
+def test_unreadable_headers_are_reported_before_any_decoding(tmp_path, monkeypatch):
+    files = make_files(tmp_path / "img", [(10, 10)] * 3)
+    (tmp_path / "img" / "junk.png").write_bytes(b"not a picture")
+    (tmp_path / "img" / "empty.png").write_bytes(b"")
+    files += [(str(tmp_path / "img" / "junk.png"), 1), (str(tmp_path / "img" / "empty.png"), 0)]
+    decoded: list[int] = []
+    original = store_module._store_chunk
+    monkeypatch.setattr(store_module, "_store_chunk", lambda job: decoded.append(job.chunk) or original(job))
+    with pytest.raises(DataError, match=r"2 image file\(s\) could not be decoded: .*junk\.png \(not an image in a "
+                                        r"known format.*empty\.png \(the file is empty"):
+        build_store(files, CLASSES, tmp_path / "store", store_size=8, workers=1, log=lambda _: None)
+    assert decoded == []
+    store = build_store(files, CLASSES, tmp_path / "store", store_size=8, workers=1, skip_bad_images=True,
+                        log=lambda _: None)
+    assert len(store) == 3 and len(store.skipped) == 2 and decoded == [0]
+
+
+def test_two_builds_of_one_store_at_once_decode_it_once(tmp_path):
+    files = make_files(tmp_path / "img", [(12, 12)] * 8)
+    messages: list[str] = []
+    stores: list[ImageStore] = []
+
+    def build() -> None:
+        stores.append(build_store(files, CLASSES, tmp_path / "store", store_size=8, workers=1, log=messages.append))
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(stores) == 2 and all(len(store) == 8 for store in stores)
+    assert sum("decoding 8 images" in m for m in messages) == 1

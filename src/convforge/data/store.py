@@ -11,7 +11,8 @@ first, so ``images.u8`` is allocated in full before anything is decoded; worker 
 chunks of images straight into it, and the parent records each finished chunk in ``progress.jsonl``.
 A killed build resumes from that record when run again with the same files; the store appears only
 by a rename once complete, so a reader never sees half of one. The fault point ``store:chunk`` (see
-``convforge.faults``) is reached after each recorded chunk.
+``convforge.faults``) is reached after each recorded chunk. A lock on ``.<name>.lock`` makes a second
+build of the same store (another process, e.g. another rank) wait for the first and then reuse it.
 """
 
 from __future__ import annotations
@@ -92,25 +93,36 @@ def open_store(out: Path) -> ImageStore:
             f"{STORE_FORMAT}: build it again (build_store replaces it)"
         )
     damaged = f"the image store {printable(out)} is damaged"
+    missing = [name for name in ("classes", "channels", "store_size", "count", "bytes") if name not in meta]
+    if missing:
+        raise DataError(f"{damaged}: meta.json lacks {', '.join(missing)}; delete it and build it again")
     try:
         index = np.load(out / "index.npy", allow_pickle=False)
         labels = np.load(out / "labels.npy", allow_pickle=False)
         size = (out / "images.u8").stat().st_size
     except (OSError, ValueError) as exc:
         raise DataError(f"{damaged} ({exc}): delete it and build it again") from None
-    count, nbytes, channels = meta["count"], meta["bytes"], meta["channels"]
-    ends = index[:, 0] + channels * index[:, 1] * index[:, 2] if index.ndim == 2 and len(index) else np.zeros(0)
-    problem = (
-        f"index.npy has shape {index.shape}, expected ({count}, 3)" if index.shape != (count, 3)
-        else f"labels.npy has shape {labels.shape}, expected ({count},)" if labels.shape != (count,)
-        else f"images.u8 holds {size} bytes, expected {nbytes}" if size != nbytes
-        else "index.npy points outside images.u8" if len(ends) and (ends.max() > nbytes or index.min() < 0)
-        else None
-    )
+    problem = _layout_problem(meta, index, labels, size)
     if problem:
         raise DataError(f"{damaged}: {problem}; delete it and build it again")
+    nbytes = meta["bytes"]
     data = np.memmap(out / "images.u8", dtype=np.uint8, mode="c", shape=(nbytes,)) if nbytes else np.zeros(0, np.uint8)
     return ImageStore(out, meta, index, labels, data)
+
+
+def _layout_problem(meta: dict, index: np.ndarray, labels: np.ndarray, size: int) -> str | None:
+    """What does not fit together in a store's files, or None."""
+    count, nbytes = meta["count"], meta["bytes"]
+    if index.shape != (count, 3) or index.dtype != np.int64:
+        return f"index.npy holds {index.dtype} {index.shape}, expected int64 ({count}, 3)"
+    if labels.shape != (count,) or labels.dtype != np.int64:
+        return f"labels.npy holds {labels.dtype} {labels.shape}, expected int64 ({count},)"
+    if size != nbytes:
+        return f"images.u8 holds {size} bytes, expected {nbytes}"
+    ends = index[:, 0] + meta["channels"] * index[:, 1] * index[:, 2]
+    if count and (index.min() < 0 or ends.max() > nbytes):
+        return "index.npy points outside images.u8"
+    return None
 
 
 def _read_store_meta(out: Path) -> dict | None:
@@ -172,7 +184,7 @@ def build_store(
         )
     key = _build_key(files, classes, store_size)
     workers = max(1, workers or min(8, os.cpu_count() or 1))
-    with _build_lock(out):
+    with _build_lock(out, log):
         meta = _read_store_meta(out)
         if meta is None or meta.get("key") != key:
             _check_replaceable(out)
@@ -201,6 +213,8 @@ def _build(files: list[tuple[str, int]], classes: list[str], out: Path, key: str
         if plan.nbytes == 0:
             raise _bad_images_error([(files[i][0], why) for i, why in sorted(plan.failures.items())], len(files))
         _write_plan(partial, key, plan)
+    if plan.failures and not skip_bad_images:  # before hours of decoding; the plan stays for a run that skips
+        raise _bad_images_error([(files[i][0], why) for i, why in sorted(plan.failures.items())], len(files))
     chunks = [range(start, min(start + CHUNK_IMAGES, len(files))) for start in range(0, len(files), CHUNK_IMAGES)]
     failures = dict(plan.failures)
     done = _read_progress(partial)
@@ -240,11 +254,15 @@ def _build_key(files: list[tuple[str, int]], classes: list[str], store_size: int
 
 
 @contextmanager
-def _build_lock(out: Path) -> Iterator[None]:
+def _build_lock(out: Path, log: Callable[[str], None]) -> Iterator[None]:
     """Hold an exclusive lock on ``.<name>.lock`` next to ``out``: a second build of it waits for the first."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that is building the image store {printable(out)}")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
