@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,7 @@ def test_a_second_build_reuses_the_store_and_a_changed_file_rebuilds_it(tmp_path
 
 
 def test_the_parent_receives_no_pixels(tmp_path, monkeypatch):
-    files = make_files(tmp_path / "img", [(24 + i % 7, 20 + i % 5) for i in range(300)])
+    files = make_files(tmp_path / "img", [(56 + i % 7, 52 + i % 5) for i in range(300)])
     results: list = []
     original = store_module.map_in_processes
 
@@ -91,8 +92,15 @@ def test_the_parent_receives_no_pixels(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_module, "map_in_processes", spy)
     monkeypatch.setattr(store_module, "CHUNK_IMAGES", 32)
-    store = build_store(files, CLASSES, tmp_path / "store", store_size=16, workers=2, log=lambda _: None)
+    tracemalloc.start()
+    try:
+        store = build_store(files, CLASSES, tmp_path / "store", store_size=48, workers=2, log=lambda _: None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert len(store) == 300 and len(results) == 1 + 10  # one header job, ten decoding chunks
+    pixel_bytes = int((3 * store.sizes[:, 0] * store.sizes[:, 1]).sum())
+    assert pixel_bytes > 2_000_000 and peak < pixel_bytes / 4  # this process held no image's pixels
 
     def plain(value) -> bool:
         if isinstance(value, (tuple, list)):
