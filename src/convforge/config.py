@@ -64,6 +64,9 @@ class TrainConfig:
     seg_scales: list[float] = field(default_factory=lambda: [0.5, 2.0])
     crop_padding: int | None = None
     image_size: int | None = None
+    store_size: int | None = None
+    crop_pct: float = 0.875
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     skip_bad_images: bool = False
     amp: bool = False
     channels_last: bool = False
@@ -151,7 +154,7 @@ class TrainConfig:
 
 # Upper limits, so that an absurd value is a clear error here instead of an overflow deep in training.
 LIMITS = {"epochs": 1_000_000, "batch_size": 1 << 24, "eval_every": 1_000_000, "threads": 4096,
-          "crop_padding": 4096, "image_size": 8192, "seed": 2**32 - 1}
+          "crop_padding": 4096, "image_size": 8192, "store_size": 65536, "seed": 2**32 - 1}
 _MODEL_ARGS_MAX_DEPTH = 16
 _MODEL_ARGS_MAX_ITEMS = 10_000
 
@@ -188,12 +191,33 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
         raise ConfigError(f"seg_crop must be two whole numbers HEIGHT,WIDTH >= 1, got {_short(cfg.seg_crop)}")
     if len(cfg.seg_scales) != 2 or not 0 < cfg.seg_scales[0] <= cfg.seg_scales[1] <= 8:
         raise ConfigError(f"seg_scales must be LOW,HIGH with 0 < LOW <= HIGH <= 8, got {_short(cfg.seg_scales)}")
+    _check_store_options(cfg)
     for check in TASK_CHECKS:  # the task exists; the options it cannot use (augment names, classification-only)
         check(cfg)
     for name in ("model", "data", "out", "resume", "cache_dir"):
         value = getattr(cfg, name)
         if value is not None and "\0" in value:
             raise ConfigError(f"{name} must not contain NUL characters, got {_short(value)}")
+
+
+def _check_store_options(cfg: TrainConfig) -> None:
+    """--store-size, --crop-pct and --rrc-scale: their ranges, and the data they apply to."""
+    if not 0 < cfg.crop_pct <= 1:
+        raise ConfigError(f"crop_pct must be in (0, 1], got {cfg.crop_pct}: e.g. 0.875 resizes 224 to 256 "
+                          "before the centre crop")
+    if len(cfg.rrc_scale) != 2 or not 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1:
+        raise ConfigError(f"rrc_scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
+                          f"got {_short(cfg.rrc_scale)}")
+    if cfg.store_size is None:
+        changed = [name for name, default in (("crop_pct", 0.875), ("rrc_scale", [0.08, 1.0]))
+                   if getattr(cfg, name) != default]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)}: only for image-store data: add --store-size N "
+                              "(with --data imagefolder:DIR)")
+        return
+    if not cfg.data.strip().lower().startswith("imagefolder:"):
+        raise ConfigError(f"--store-size needs --data imagefolder:DIR (an image folder of any image sizes), "
+                          f"got {_short(cfg.data)}")
 
 
 def coerce_fields(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -50,9 +50,16 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--recipe", "recipe", str, "start from a named recipe (`convforge recipes`); other options override it"),
     ("--ema", "ema", "flag", "evaluate and save an exponential moving average of the weights"),
     ("--ema-decay", "ema_decay", float, "EMA decay (default: 0.999)"),
-    ("--augment", "augment", str, "none, flip, crop or crop-flip; segment: also scale-crop-flip (default: per dataset)"),
+    ("--augment", "augment", str, "none, flip, crop or crop-flip; store data (--store-size): rrc-flip, rrc-flip-ta "
+                                   "(TrivialAugment) or center; segment: also scale-crop-flip (default: per dataset)"),
     ("--crop-padding", "crop_padding", int, "padding of the random crop (default: image size / 8)"),
-    ("--image-size", "image_size", int, "resize image folders to this size (default: their own size)"),
+    ("--image-size", "image_size", int, "resize image folders to this size (default: their own size); "
+                                         "with --store-size: the crop size (default: 128)"),
+    ("--store-size", "store_size", int, "imagefolder:DIR of any image sizes: keep the images (shorter side <= N) "
+                                        "in an image store; --image-size is then the training/evaluation crop"),
+    ("--crop-pct", "crop_pct", float, "store data: evaluation resizes to image size / F, then centre-crops "
+                                      "(default: 0.875)"),
+    ("--rrc-scale", "rrc_scale", "floats", "store data: RandomResizedCrop area range LOW HIGH (default: 0.08 1.0)"),
     ("--skip-bad-images", "skip_bad_images", "flag", "skip undecodable images with a warning instead of stopping"),
     ("--amp", "amp", "flag", "bfloat16 autocast (GPU; opt-in on CPU)"),
     ("--channels-last", "channels_last", "flag", "channels_last memory format"),

@@ -46,17 +46,28 @@ def load(
     skip_bad_images: bool = False,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] = lambda message: None,
+    store_size: int | None = None,
+    crop_pct: float = 0.875,
 ) -> Dataset:
     """Load a dataset from its spec, e.g. ``load("digits")`` or ``load("imagefolder:data/cifar10-jpeg")``.
 
     Image folders are decoded once into a memory-mapped uint8 cache (``$CONVFORGE_CACHE``, by
     default ``~/.cache/convforge``) keyed by the file list, sizes and modification times.
     ``segfolder:DIR`` returns a :class:`~convforge.data.segfolder.SegDataset` (masks as labels).
+    ``imagefolder:DIR`` with ``store_size`` keeps images of any size in image stores and returns a
+    :class:`~convforge.data.photos.PhotoDataset` (``image_size``: the crop; ``crop_pct``: evaluation).
     """
     if not isinstance(spec, str):
         raise DataError(f"a data spec must be a string such as 'digits' or 'imagefolder:DIR', got {spec!r}")
     kind, arg = parse_spec(spec)
     size = _image_size(image_size)
+    if store_size is not None:
+        if kind != "imagefolder":
+            raise DataError(f"--store-size is for imagefolder:DIR data, not {spec!r}")
+        from convforge.data.photos import load_photo_folder
+
+        return load_photo_folder(_existing_dir(arg), spec, image_size=size, store_size=store_size,  # type: ignore[return-value]
+                                 crop_pct=crop_pct, skip_bad_images=skip_bad_images, cache_dir=_path(cache_dir), log=log)
     notes: list[str] = []
     augment = "crop-flip"
     if kind == "digits":

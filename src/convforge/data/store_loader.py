@@ -59,7 +59,8 @@ class StoreLoader(ShardedLoader):
 
     ``prefetch`` batches are prepared by as many background threads (0: on the consumer's thread);
     memory is bounded by ``prefetch + 1`` batches. On CUDA, batches are pinned and copied per batch
-    with ``non_blocking``; normalisation then runs on the device.
+    with ``non_blocking``; normalisation then runs on the device. ``center``: training order (shuffled,
+    last partial batch dropped) with evaluation views, no random crop, flip or augmentation.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class StoreLoader(ShardedLoader):
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         flip: bool = True,
         augment: str | None = None,
+        center: bool = False,
         shuffle: bool | None = None,
         drop_last: bool | None = None,
         seed: int = 0,
@@ -103,6 +105,7 @@ class StoreLoader(ShardedLoader):
         self.batch_size, self.mean, self.std = batch_size, tuple(mean), tuple(std)
         self.train, self.image_size, self.crop_pct = train, _pair(image_size, "image_size"), crop_pct
         self.scale, self.ratio, self.flip, self.augment = tuple(scale), tuple(ratio), flip, augment
+        self.center = center
         self.shuffle = train if shuffle is None else shuffle
         self.drop_last = train if drop_last is None else drop_last
         self.seed, self.device, self.channels_last = seed, torch.device(device), channels_last
@@ -140,7 +143,7 @@ class StoreLoader(ShardedLoader):
         positions = slice(self.rank, None, self.world_size)
         indices = global_indices[positions]
         images = [self.store.image(int(i)) for i in indices]
-        if self.train:
+        if self.train and not self.center:
             gen = batch_generator(self.seed, epoch, batch_index)
             boxes = random_resized_crop_params(self.store.sizes[global_indices], self.scale, self.ratio, gen)
             flips = flip_params(len(global_indices), gen)

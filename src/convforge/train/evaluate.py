@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,14 +44,58 @@ def evaluate(
 
     With ``world_size`` > 1 each process evaluates its share of the images and the counts are summed.
     """
-    was_training = model.training
-    model.eval()
     loader = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last,
                          rank=rank, world_size=world_size)
-    num_classes = num_classes or int(split.labels.max()) + 1
+    return evaluate_batches(model, loader, num_classes or int(split.labels.max()) + 1, tta=tta, amp=amp,
+                            details=details, world_size=world_size)
+
+
+@torch.no_grad()
+def evaluate_store(
+    model: nn.Module,
+    store: Any,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    image_size: Sequence[int],
+    crop_pct: float,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    tta: bool = False,
+    amp: bool = False,
+    channels_last: bool = False,
+    num_classes: int | None = None,
+    details: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """:func:`evaluate` on an image store: each image resized to ``image_size / crop_pct`` and centre-cropped."""
+    from convforge.data.store_loader import StoreLoader
+
+    loader = StoreLoader(store, batch_size, mean, std, train=False, image_size=tuple(image_size), crop_pct=crop_pct,
+                         device=device, channels_last=channels_last, rank=rank, world_size=world_size)
+    return evaluate_batches(model, loader, num_classes or int(store.labels.max()) + 1, tta=tta, amp=amp,
+                            details=details, world_size=world_size)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    *,
+    tta: bool = False,
+    amp: bool = False,
+    details: bool = True,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Top-1, top-5, mean loss and image count (``details``: also per-class accuracy and the confusion
+    matrix) of ``model`` over normalised ``(x, y)`` batches; counts are summed over ``world_size`` processes."""
+    was_training = model.training
+    model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5_hits, count = 0.0, 0, 0
-    for x, y in loader:
+    for x, y in batches:
         logits = predict_logits(model, x, tta=tta, amp=amp)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         k = min(5, logits.shape[1])

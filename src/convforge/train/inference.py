@@ -254,19 +254,55 @@ def evaluate(
         data = loaded.data_spec
         if not data:
             raise ConfigError("the checkpoint names no data; pass --data SPEC")
+    preprocess = loaded.meta.get("preprocess")
     if isinstance(data, str):
-        data = load_data(data, image_size or loaded.trained_image_size, skip_bad_images)
+        if preprocess:
+            data = load_store_data(data, preprocess, image_size, skip_bad_images)
+        else:
+            data = load_data(data, image_size or loaded.trained_image_size, skip_bad_images)
     notes: list[str] = list(loaded.notes) + list(data.notes)
     mean, std = normalization_for(loaded, data, notes)
-    part = aligned_split(loaded, data, split, notes)
-    from convforge.train.evaluate import evaluate as evaluate_split
+    if getattr(data, "is_store", False):
+        result = _evaluate_store(loaded, data, split, mean, std, notes, batch_size, device, tta)
+    else:
+        from convforge.train.evaluate import evaluate as evaluate_split
 
-    result = evaluate_split(loaded.model, part, mean, std, batch_size=batch_size, device=device, tta=tta,
-                            num_classes=len(loaded.classes), details=True)
+        part = aligned_split(loaded, data, split, notes)
+        result = evaluate_split(loaded.model, part, mean, std, batch_size=batch_size, device=device, tta=tta,
+                                num_classes=len(loaded.classes), details=True)
     result.update({"data": data.spec, "split": split, "tta": tta, "classes": loaded.classes,
                    "mean": list(mean), "std": list(std), "notes": notes, "model": loaded.name})
     result["checkpoint" if loaded.path else "weights" if loaded.weights else "source"] = loaded.label
     return result
+
+
+def load_store_data(spec: str, preprocess: dict[str, Any], image_size: int | Sequence[int] | None = None,
+                    skip_bad_images: bool = False) -> Any:
+    """``spec`` as image stores, evaluated as a checkpoint's ``preprocess`` records (``image_size``: another crop)."""
+    from convforge.data import load
+    from convforge.progress import echo
+
+    crop = _size_pair(image_size) or tuple(preprocess["crop"])
+    return load(spec, image_size=crop, skip_bad_images=skip_bad_images, log=echo,
+                store_size=int(preprocess["store_size"]), crop_pct=float(preprocess["crop_pct"]))
+
+
+def _evaluate_store(loaded: LoadedModel, data: Any, split: str, mean: Sequence[float], std: Sequence[float],
+                    notes: list[str], batch_size: int, device: str | torch.device, tta: bool) -> dict[str, Any]:
+    """Classification metrics of ``loaded`` on one split of image-store data (resize + centre crop views)."""
+    from convforge.train.evaluate import evaluate_store
+
+    if split not in ("train", "val", "test") or getattr(data, split, None) is None:
+        raise ConfigError(f"dataset {data.spec!r} has no {split!r} split")
+    if list(data.classes) != list(loaded.classes):
+        raise DataError(f"the data's classes ({', '.join(data.classes[:12])}) are not the model's "
+                        f"({', '.join(loaded.classes[:12])}) in the same order; evaluate on data with the same "
+                        "class folders")
+    if data.channels != loaded.input_size[0]:
+        raise DataError(f"the data has {data.channels}-channel images, the model takes {loaded.input_size[0]}")
+    return evaluate_store(loaded.model, data.split(split), mean, std, image_size=data.image_size,
+                          crop_pct=data.crop_pct, batch_size=batch_size, device=device, tta=tta,
+                          num_classes=len(loaded.classes), details=True)
 
 
 def dense_data(loaded: LoadedModel, spec: str | None = None, batch_size: int = 16,
@@ -368,7 +404,13 @@ def _predict_classes(loaded: LoadedModel, images: Sequence[Any], names: list[str
                      device: str | torch.device) -> list[dict[str, Any]]:
     channels, height, width = loaded.input_size
     paths = [i for i in images if not isinstance(i, torch.Tensor)]
-    decoded = iter(load_images(paths, (height, width), channels))
+    preprocess = loaded.meta.get("preprocess")
+    if preprocess:  # trained on image stores: the evaluation view (aspect kept, resize + centre crop)
+        from convforge.data.photos import photo_view
+
+        decoded = iter([photo_view(path, preprocess, channels) for path in paths])
+    else:
+        decoded = iter(load_images(paths, (height, width), channels))
     batch = torch.stack([convert_channels(i[None], channels)[0] if isinstance(i, torch.Tensor) else next(decoded)
                          for i in images])
     probs = class_probabilities(loaded, batch, tta=tta, device=device)

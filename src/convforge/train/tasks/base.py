@@ -21,7 +21,7 @@ from convforge.train.checkpoint import CLASSLESS_TASKS
 
 # Options that only mean something for classification (mixing, smoothing, distillation, flip TTA).
 CLASSIFY_ONLY = ("mixup_alpha", "cutmix_alpha", "random_erasing", "teachers", "teacher_model", "eval_tta",
-                 "label_smoothing")
+                 "label_smoothing", "store_size")
 
 
 @dataclass
@@ -93,7 +93,8 @@ class Task:
         from convforge.data import load
 
         return load(cfg.data, image_size=cfg.image_size, skip_bad_images=cfg.skip_bad_images,
-                    cache_dir=cfg.cache_dir, log=log)
+                    cache_dir=cfg.cache_dir, log=log, store_size=getattr(cfg, "store_size", None),
+                    crop_pct=getattr(cfg, "crop_pct", 0.875))
 
     def model_args(self, cfg: Any, data: Any) -> dict[str, Any]:
         """The keyword arguments the model is built with (and that checkpoints record)."""

@@ -23,15 +23,31 @@ class ClassifyTask(Task):
     unit = "%"
     stat_keys = ("correct",)
 
+    def augments(self) -> tuple[str, ...]:
+        from convforge.data.loader import AUGMENTS
+        from convforge.data.photos import PHOTO_AUGMENTS
+
+        return (*AUGMENTS, *PHOTO_AUGMENTS)
+
     def check_config(self, cfg: Any) -> None:
         from convforge.data.loader import AUGMENTS
+        from convforge.data.photos import PHOTO_AUGMENTS
 
-        if cfg.augment is not None and cfg.augment not in AUGMENTS:
-            raise ConfigError(f"unknown augment {short_repr(cfg.augment)} for --task {cfg.task}: "
-                                f"use one of {', '.join(AUGMENTS)}")
+        store = getattr(cfg, "store_size", None) is not None
+        if cfg.augment is None or cfg.augment in (PHOTO_AUGMENTS if store else AUGMENTS):
+            return
+        if cfg.augment in PHOTO_AUGMENTS:
+            raise ConfigError(f"--augment {cfg.augment} is for image-store data: add --store-size N "
+                              f"(with --data imagefolder:DIR), or use one of {', '.join(AUGMENTS)}")
+        if store and cfg.augment in AUGMENTS:
+            raise ConfigError(f"--augment {cfg.augment} is for fixed-size data; with --store-size use one of "
+                              f"{', '.join(PHOTO_AUGMENTS)}")
+        raise ConfigError(f"unknown augment {short_repr(cfg.augment)} for --task {cfg.task}: "
+                          f"use one of {', '.join(PHOTO_AUGMENTS if store else AUGMENTS)}")
 
     def prepare_model(self, model: nn.Module, data: Any, cfg: Any, from_init: bool) -> None:
-        """Data-dependent initialisation (e.g. SpeedNet's whitening stem) from a seeded sample of train images.
+        """Data-dependent initialisation (e.g. SpeedNet's whitening stem) from a seeded sample of train images
+        (for store data, their evaluation views).
 
         Every rank draws the same sample, so all processes start from the same weights; a resumed run
         overwrites them with the saved ones.
@@ -40,11 +56,25 @@ class ClassifyTask(Task):
             return
         from convforge.data import normalize
         from convforge.data.loader import epoch_permutation
+        from convforge.data.views import resize_center_crop_batch
 
         indices = epoch_permutation(len(data.train), cfg.seed, -1)[:DATA_INIT_IMAGES]
-        model.init_from_data(normalize(data.train.images[indices], data.mean, data.std))
+        if getattr(data, "is_store", False):
+            images = resize_center_crop_batch([data.train.image(int(i)) for i in indices], data.image_size,
+                                              data.crop_pct)
+        else:
+            images = data.train.images[indices]
+        model.init_from_data(normalize(images, data.mean, data.std))
 
     def train_loader(self, data, cfg, model, device, rank, world_size):
+        if getattr(data, "is_store", False):
+            from convforge.data.store_loader import StoreLoader
+
+            return StoreLoader(data.train, cfg.batch_size, data.mean, data.std, train=True, image_size=data.image_size,
+                               crop_pct=data.crop_pct, scale=tuple(cfg.rrc_scale), center=cfg.augment == "center",
+                               augment="trivialaugment" if cfg.augment == "rrc-flip-ta" else None,
+                               seed=cfg.seed, device=device, channels_last=cfg.channels_last, rank=rank,
+                               world_size=world_size)
         from convforge.data import BatchLoader
 
         return BatchLoader(data.train, cfg.batch_size, data.mean, data.std, shuffle=True, augment=cfg.augment,
@@ -92,12 +122,20 @@ class ClassifyTask(Task):
         return 100 * sums["correct"] / sums["seen"]
 
     def evaluate(self, model, data, split, cfg, device, rank, world_size):
-        from convforge.train.evaluate import evaluate
+        from convforge.train.evaluate import evaluate, evaluate_store
 
-        result = evaluate(model, data.split(split), data.mean, data.std, batch_size=max(256, cfg.batch_size),
-                          device=device, amp=cfg.amp, tta=cfg.eval_tta, channels_last=cfg.channels_last,
-                          num_classes=data.num_classes, details=False, rank=rank, world_size=world_size)
+        common = dict(batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp, tta=cfg.eval_tta,
+                      channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
+                      world_size=world_size)
+        if getattr(data, "is_store", False):
+            result = evaluate_store(model, data.split(split), data.mean, data.std, image_size=data.image_size,
+                                    crop_pct=data.crop_pct, **common)
+        else:
+            result = evaluate(model, data.split(split), data.mean, data.std, **common)
         return {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
+
+    def meta(self, data: Any) -> dict[str, Any]:
+        return {"preprocess": data.preprocess()} if getattr(data, "is_store", False) else {}
 
     def epoch_text(self, record: dict[str, Any], eval_splits: list[str]) -> list[str]:
         train = [f"train {record['train_top1']:.2f}%"] if "train_top1" in record else []
