@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from convforge import TrainConfig, fit
+from convforge.cli import main
 from convforge.data import load, normalize
 from convforge.data.photos import decode_photo
 from convforge.data.views import resize_center_crop
@@ -18,6 +20,7 @@ from convforge.errors import ConfigError, DataError
 from convforge.train import TrainingInterrupted
 from convforge.train.checkpoint import load_checkpoint
 from convforge.train.inference import as_loaded, evaluate, predict
+
 from helpers import save_image
 
 SIZES = [(24, 40), (40, 24), (32, 32)]
@@ -67,7 +70,7 @@ def test_load_gives_stores_and_crop_size(photos):
     assert default.image_size == (128, 128) and any("128x128" in n for n in default.notes)
 
 
-def test_train_evaluate_and_predict(tmp_path, photos):
+def test_train_evaluate_and_predict(tmp_path, photos, capsys):
     run = tmp_path / "run"
     summary = fit(_config(photos, run), quiet=True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -82,6 +85,10 @@ def test_train_evaluate_and_predict(tmp_path, photos):
     assert result["top1"] == records[-1]["test_top1"] and result["images"] == 9
     assert result["loss"] == pytest.approx(records[-1]["test_loss"], rel=1e-6)
     assert summary["test_top1"] == records[-1]["test_top1"]
+
+    assert main(["eval", str(run), "--json"]) == 0  # best.safetensors: the best epoch's test top-1
+    best = json.loads(capsys.readouterr().out)
+    assert best["top1"] == max(r["test_top1"] for r in records)
 
     path = photos / "test" / "red" / "1.png"  # 40x24
     got = predict(loaded, [path], top_k=3)[0]["top"]
@@ -155,3 +162,14 @@ def test_cli_options(tmp_path, photos):
 def test_store_size_is_for_image_folders_only():
     with pytest.raises(DataError, match="imagefolder"):
         load("digits", store_size=24)
+
+
+def test_decode_photo_applies_exif_orientation_and_store_size(tmp_path):
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees
+    Image.new("RGB", (40, 24), (200, 40, 40)).save(path, exif=exif)
+    assert tuple(decode_photo(path, 3).shape) == (3, 40, 24)
+    assert tuple(decode_photo(path, 3, store_size=12).shape) == (3, 20, 12)
+    with pytest.raises(DataError, match="cannot read image"):
+        decode_photo(tmp_path / "missing.jpg", 3)

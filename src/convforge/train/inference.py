@@ -256,10 +256,11 @@ def evaluate(
             raise ConfigError("the checkpoint names no data; pass --data SPEC")
     preprocess = loaded.meta.get("preprocess")
     if isinstance(data, str):
-        if preprocess:
+        if preprocess and data.strip().lower().startswith("imagefolder:"):
             data = load_store_data(data, preprocess, image_size, skip_bad_images)
         else:
-            data = load_data(data, image_size or loaded.trained_image_size, skip_bad_images)
+            crop = preprocess["crop"] if preprocess else loaded.trained_image_size
+            data = load_data(data, image_size or crop, skip_bad_images)
     notes: list[str] = list(loaded.notes) + list(data.notes)
     mean, std = normalization_for(loaded, data, notes)
     if getattr(data, "is_store", False):
