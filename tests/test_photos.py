@@ -173,3 +173,18 @@ def test_decode_photo_applies_exif_orientation_and_store_size(tmp_path):
     assert tuple(decode_photo(path, 3, store_size=12).shape) == (3, 20, 12)
     with pytest.raises(DataError, match="cannot read image"):
         decode_photo(tmp_path / "missing.jpg", 3)
+
+
+def test_store_decoding_helpers_are_public_and_match_decode_photo(tmp_path):
+    from convforge.data.store import decode_problem, decode_upright, image_warnings, stored_size
+
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 24), (200, 40, 40)).save(path, exif=exif)
+    with image_warnings(), Image.open(path) as img:
+        assert stored_size(img, None) == (40, 24) and stored_size(img, 12) == (20, 12)
+    array = decode_upright(str(path), (20, 12), 3, 12)
+    assert array.shape == (20, 12, 3)
+    assert torch.equal(decode_photo(path, 3, store_size=12), torch.from_numpy(array.copy()).permute(2, 0, 1))
+    assert decode_problem(str(tmp_path / "missing.jpg"), FileNotFoundError(2, "no such file")) == "file not found"

@@ -22,7 +22,14 @@ from convforge.data.dataset import channel_stats
 from convforge.data.imagefolder import list_image_folder
 from convforge.data.loader import epoch_permutation
 from convforge.data.paths import printable
-from convforge.data.store import ImageStore, _decode_upright, _image_warnings, _problem, _target_size, build_store
+from convforge.data.store import (
+    ImageStore,
+    build_store,
+    decode_problem,
+    decode_upright,
+    image_warnings,
+    stored_size,
+)
 from convforge.data.views import eval_resize_size, resize_center_crop, resize_center_crop_batch
 from convforge.errors import DataError
 
@@ -132,11 +139,11 @@ def decode_photo(path: str | Path, channels: int, store_size: int | None = None)
     """One image file as the store keeps it: uint8 (C, H, W), upright (EXIF orientation), alpha on white,
     shorter side shrunk to ``store_size`` (None: full size)."""
     try:
-        with _image_warnings(), Image.open(path) as img:
-            size = _target_size(img, store_size or max(img.size))
-        array = _decode_upright(str(path), size, channels, store_size or max(size))
+        with image_warnings(), Image.open(path) as img:
+            size = stored_size(img, store_size)
+        array = decode_upright(str(path), size, channels, store_size)
     except Exception as exc:  # noqa: BLE001 - any decoder failure becomes one clear message
-        raise DataError(f"cannot read image {printable(str(path))}: {_problem(str(path), exc)}") from None
+        raise DataError(f"cannot read image {printable(str(path))}: {decode_problem(str(path), exc)}") from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 

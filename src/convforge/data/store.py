@@ -37,6 +37,7 @@ from PIL import Image, ImageOps
 from convforge.data.cache import map_in_processes
 from convforge.data.imagefolder import MAX_IMAGE_PIXELS, image_problem
 from convforge.data.paths import printable
+from convforge.data.pixels import SWAPPING_ORIENTATIONS, flatten_alpha, header_orientation, to_8bit
 from convforge.errors import DataError, DiskFullError
 from convforge.faults import fault_point
 from convforge.fileio import atomic_write_json
@@ -46,8 +47,6 @@ STORE_KIND = "convforge-image-store"
 CHUNK_IMAGES = 256  # images per decoding job, and the unit a killed build resumes from
 PROBE_CHUNK = 1024  # file headers read per job
 GRAY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
-SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
-ORIENTATION_TAG = 0x0112
 
 
 class ImageStore:
@@ -402,7 +401,8 @@ class _Refused(Exception):
     """An image this store will not decode; the message is the reason."""
 
 
-def _problem(path: str, exc: BaseException) -> str:
+def decode_problem(path: str, exc: BaseException) -> str:
+    """Why decoding ``path`` for a store failed with ``exc``, in words (a refusal's own reason, or the file's)."""
     return str(exc) if isinstance(exc, _Refused) else image_problem(path, exc)
 
 
@@ -412,35 +412,27 @@ def _probe_chunk(job: tuple[list[str], int]) -> list[tuple[int, int, bool] | str
     out: list[tuple[int, int, bool] | str] = []
     for path in paths:
         try:
-            with _image_warnings(), Image.open(path) as img:
-                height, width = _target_size(img, store_size)
+            with image_warnings(), Image.open(path) as img:
+                height, width = stored_size(img, store_size)
                 out.append((height, width, img.mode in GRAY_MODES))
         except Exception as exc:  # noqa: BLE001 - any failure is a per-file message
-            out.append(_problem(path, exc))
+            out.append(decode_problem(path, exc))
     return out
 
 
 @contextmanager
-def _image_warnings() -> Iterator[None]:
+def image_warnings() -> Iterator[None]:
+    """Around PIL calls on untrusted files: harmless warnings silenced, decompression-bomb warnings raised."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # PIL's "Corrupt EXIF data" etc.: a file either decodes or not
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         yield
 
 
-def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation stored in the header (1 when there is none), without decoding pixels."""
-    raw = img.info.get("exif")
-    if not raw:
-        return 1
-    exif = Image.Exif()
-    exif.load(raw)
-    value = exif.get(ORIENTATION_TAG, 1)
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
-def _target_size(img: Image.Image, store_size: int) -> tuple[int, int]:
-    """The upright (height, width) of ``img`` in the store: shorter side at most ``store_size``, never enlarged."""
+def stored_size(img: Image.Image, store_size: int | None) -> tuple[int, int]:
+    """The upright (height, width) of an opened ``img`` in a store: shorter side at most ``store_size`` (None:
+    full size), never enlarged; read from the header only. An image a store refuses (no pixels, a
+    decompression bomb) raises an exception whose reason :func:`decode_problem` gives."""
     width, height = img.size
     if width < 1 or height < 1:
         raise _Refused(f"its header claims {width}x{height} pixels")
@@ -448,10 +440,10 @@ def _target_size(img: Image.Image, store_size: int) -> tuple[int, int]:
         raise _Refused(
             f"its header claims {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel decompression-bomb limit"
         )
-    if _orientation(img) in SWAPPING_ORIENTATIONS:
+    if header_orientation(img) in SWAPPING_ORIENTATIONS:
         width, height = height, width
     shorter = min(width, height)
-    if shorter <= store_size:
+    if store_size is None or shorter <= store_size:
         return height, width
     scale = store_size / shorter
     return max(1, round(height * scale)), max(1, round(width * scale))
@@ -483,55 +475,34 @@ def _store_chunk(job: _ChunkJob) -> tuple[int, list[tuple[int, str]]]:
             continue
         slot = data[offset - start:offset - start + channels * height * width].reshape(channels, height, width)
         try:
-            slot[...] = _decode_upright(path, (height, width), channels, job.store_size).transpose(2, 0, 1)
+            slot[...] = decode_upright(path, (height, width), channels, job.store_size).transpose(2, 0, 1)
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a per-file message
             slot[...] = 0  # a retried chunk must leave the same bytes as a first try
-            failed.append((i, _problem(path, exc)))
+            failed.append((i, decode_problem(path, exc)))
     data.flush()
     del data
     return job.chunk, failed
 
 
-def _decode_upright(path: str, size: tuple[int, int], channels: int, store_size: int) -> np.ndarray:
-    """Decode ``path`` to uint8 (H, W, channels) of exactly ``size``, upright, alpha composited on white."""
+def decode_upright(path: str, size: tuple[int, int], channels: int, store_size: int | None) -> np.ndarray:
+    """Decode ``path`` to uint8 (H, W, channels) of exactly ``size`` (what :func:`stored_size` gave for this
+    ``store_size``), upright (EXIF orientation), 16-bit scaled to 8, transparency composited on white.
+    Failures raise; :func:`decode_problem` says why in words."""
     height, width = size
-    with _image_warnings(), Image.open(path) as img:
-        if _target_size(img, store_size) != size:
+    with image_warnings(), Image.open(path) as img:
+        if stored_size(img, store_size) != size:
             raise _Refused(f"it changed while the store was being built (now {img.width}x{img.height}): build again")
-        swapped = _orientation(img) in SWAPPING_ORIENTATIONS
+        swapped = header_orientation(img) in SWAPPING_ORIENTATIONS
         # JPEG only (a no-op elsewhere): decode at the smallest 1/2, 1/4 or 1/8 scale still >= the target.
         img.draft("RGB", (height, width) if swapped else (width, height))
         drafted = img.size
         upright = ImageOps.exif_transpose(img)
     if upright.size != (drafted[::-1] if swapped else drafted):
         raise _Refused("its EXIF orientation is stored after the image data, where the header read missed it")
-    upright = _flatten_alpha(_to_8bit(upright)).convert("L" if channels == 1 else "RGB")
+    upright = flatten_alpha(to_8bit(upright)).convert("L" if channels == 1 else "RGB")
     if upright.size != (width, height):
         # Lanczos is the sharpest of PIL's antialiasing filters for shrinking photos; reducing_gap=3 first
         # box-shrinks by a whole factor to within 3x of the target (fast), which looks the same.
         upright = upright.resize((width, height), Image.LANCZOS, reducing_gap=3.0)
     array = np.asarray(upright, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16- and 32-bit grayscale to 8-bit by scaling (65535 -> 255), not clipping; float images are clipped."""
-    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
-        return img
-    high = np.asarray(img, dtype=np.float64)
-    scale = 1.0 if img.mode == "F" else 256.0
-    return Image.fromarray(np.clip(np.nan_to_num(high / scale), 0, 255).astype(np.uint8), "L")
-
-
-def _flatten_alpha(img: Image.Image) -> Image.Image:
-    """Composite transparent images on white (under transparent pixels lie arbitrary colours, often black)."""
-    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
-        img = img.convert("LA" if img.mode == "L" else "RGBA")
-    elif img.mode == "PA":
-        img = img.convert("RGBA")
-    if img.mode not in ("LA", "RGBA"):
-        return img
-    base = img.mode[:-1]
-    flat = Image.new(base, img.size, "white")
-    flat.paste(img.convert(base), mask=img.getchannel("A"))
-    return flat
