@@ -441,3 +441,35 @@ def test_synthetic_options_out_of_range(spec, match):
 def test_bad_image_size(tmp_path, size):
     with pytest.raises(DataError, match="image size must be an integer"):
         load(f"imagefolder:{_folder(tmp_path / 'pets')}", image_size=size)
+
+
+# ---------------------------------------------------------------- EXIF orientation, as image stores decode
+
+
+def _rotated_jpeg(path, array, orientation):
+    """``array`` saved as a JPEG whose EXIF says to show it turned (orientation 6: 90 degrees clockwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_exif_rotated_photos_are_decoded_upright_like_image_stores(tmp_path):
+    from convforge.data.photos import decode_photo
+
+    root = tmp_path / "phones"
+    landscape = np.zeros((24, 40, 3), np.uint8)
+    landscape[:, :20] = (250, 20, 20)  # left half red, right half blue as stored
+    landscape[:, 20:] = (20, 20, 250)
+    rotated = _rotated_jpeg(root / "train" / "a" / "0.jpg", landscape, 6)
+    save_image(root / "train" / "a" / "1.jpg", np.full((40, 24, 3), 128, np.uint8))  # portrait, no EXIF
+    save_image(root / "test" / "a" / "2.jpg", np.full((40, 24, 3), 128, np.uint8))
+    upright = decode_image(str(rotated), None)
+    assert upright.shape == (40, 24, 3)  # shown as portrait
+    assert upright[2, 12, 0] > 200 and upright[-3, 12, 2] > 200  # turned clockwise: stored left (red) on top
+    assert np.array_equal(upright, decode_photo(rotated, 3).permute(1, 2, 0).numpy())  # the store's pixels
+    data = load(f"imagefolder:{root}")  # the upright sizes agree: no resizing, no "differ in size" error
+    assert data.train.images.shape == (2, 3, 40, 24)
+    assert not any("differ in size" in note for note in data.notes)
+    assert np.array_equal(data.train.images[0].permute(1, 2, 0).numpy(), upright)

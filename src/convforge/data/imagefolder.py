@@ -23,10 +23,11 @@ from convforge.data.cache import (
 )
 from convforge.data.dataset import Split
 from convforge.data.paths import printable
+from convforge.data.pixels import apply_orientation, to_8bit, upright_size
 from convforge.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: EXIF orientation applied (1 ignored it)
 # Decompression-bomb guard: refuse images above this many pixels (PIL's own default is ~89 M).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
@@ -164,7 +165,9 @@ class _BadImage(Exception):
 
 
 def decode_image(path: str, size: tuple[int, int] | None) -> np.ndarray:
-    """Decode one file to uint8 (H, W, C) with C = 1 (grayscale modes) or 3 (everything else).
+    """Decode one file to uint8 (H, W, C) with C = 1 (grayscale modes) or 3 (everything else): upright by
+    its EXIF orientation and 16-bit grayscale scaled to 8 bits, as image stores decode
+    (``convforge.data.pixels``); an alpha channel is dropped (stores composite it on white).
 
     The format is found from the content, not the extension. Anything that cannot be decoded
     (truncated, corrupt, empty, not an image, a decompression bomb, a broken link) raises a
@@ -215,10 +218,9 @@ def _decode(path: str, size: tuple[int, int] | None) -> np.ndarray:
             if img.width < 1 or img.height < 1:
                 raise _BadImage(f"its header claims {img.width}x{img.height} pixels")
             img.load()
-            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-                high = np.asarray(img, dtype=np.float64)
-                scale = 256.0 if img.mode != "F" else 1.0
-                img = Image.fromarray(np.clip(np.nan_to_num(high / scale), 0, 255).astype(np.uint8), "L")
+            # as image stores decode (convforge.data.pixels): upright, 16-bit scaled; unlike stores, alpha is
+            # dropped (not composited on white), which tests/test_hostile_data.py fixes for cached folders
+            img = to_8bit(apply_orientation(img))
             img = img.convert("L" if img.mode in ("1", "L", "LA", "La") else "RGB")
             if size is not None and (img.height, img.width) != size:
                 img = _resize_center_crop(img, size)
@@ -253,7 +255,8 @@ def _probe_size(path: str) -> tuple[int, int] | None:
             with Image.open(path) as img:
                 if not 0 < img.width * img.height <= MAX_IMAGE_PIXELS:
                     return None  # refused when decoded; must not become the size everything is resized to
-                return img.height, img.width
+                width, height = upright_size(img)
+                return height, width
     except Exception:  # noqa: BLE001 - an unreadable file is reported when it is decoded
         return None
 
