@@ -188,3 +188,22 @@ def test_store_decoding_helpers_are_public_and_match_decode_photo(tmp_path):
     assert array.shape == (20, 12, 3)
     assert torch.equal(decode_photo(path, 3, store_size=12), torch.from_numpy(array.copy()).permute(2, 0, 1))
     assert decode_problem(str(tmp_path / "missing.jpg"), FileNotFoundError(2, "no such file")) == "file not found"
+
+
+def test_report_of_a_store_run_evaluates_its_evaluation_views(tmp_path, photos):
+    from convforge.report import write_report
+    from convforge.report.collect import collect_run
+
+    run = tmp_path / "run"
+    fit(_config(photos, run, epochs=1), quiet=True)
+    out = write_report([run], tmp_path / "report.html")
+    assert out.is_file()
+    evaluation = collect_run(run).evaluation
+    assert evaluation is not None, collect_run(run).notes
+    want = evaluate(as_loaded(load_checkpoint(run / "best.safetensors")))
+    assert evaluation["top1"] == want["top1"] and evaluation["images"] == want["images"] == 9
+    assert evaluation["confusion"] == want["confusion"] and evaluation["per_class"] == want["per_class"]
+    assert evaluation["wrong_total"] == 9 - sum(evaluation["confusion"][i][i] for i in range(3))
+    assert len(evaluation["wrong"]) == min(evaluation["wrong_total"], 16)
+    confidences = [w["confidence"] for w in evaluation["wrong"]]
+    assert confidences == sorted(confidences, reverse=True)

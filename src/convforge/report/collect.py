@@ -364,31 +364,38 @@ def _module_macs(macs: dict[str, int], name: str, module: Any) -> int:
 
 def evaluate_checkpoint(ckpt: Any, spec: str, image_size: Any, wrong: int) -> dict[str, Any]:
     """Confusion matrix, per-class accuracy and the ``wrong`` most confidently wrong test images of a
-    LoadedModel (or Checkpoint), through :mod:`convforge.train.inference`."""
+    LoadedModel (or Checkpoint), through :mod:`convforge.train.inference`: the images ``convforge eval``
+    scores (for a model trained on image stores, the evaluation views its checkpoint's ``preprocess`` records)."""
     import torch
 
-    from convforge.train.inference import aligned_split, as_loaded, class_probabilities, load_data
+    from convforge.train.inference import as_loaded, class_probabilities, eval_views, load_eval_data
 
     loaded = as_loaded(ckpt)
-    data = load_data(spec, image_size or loaded.trained_image_size)
+    data = load_eval_data(loaded, spec, image_size)
     notes: list[str] = list(data.notes)
     split_name = "test"
-    split = aligned_split(loaded, data, split_name, notes)
     classes = loaded.classes
     n = len(classes)
-    probs = class_probabilities(loaded, split.images)
-    labels = split.labels.long()
-    confidence, pred = probs.max(dim=1)
-    confusion = torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    kept: list[tuple[float, int, Any, Any]] = []  # (confidence, index, image, probabilities) of the worst so far
+    wrong_total = count = 0
+    for images, labels in eval_views(loaded, data, split_name, notes):
+        probs = class_probabilities(loaded, images)
+        labels = labels.long()
+        confidence, pred = probs.max(dim=1)
+        confusion += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
+        for i in (pred != labels).nonzero().flatten().tolist():
+            kept.append((float(confidence[i]), count + i, images[i].clone(), (int(labels[i]), int(pred[i]),
+                                                                             float(probs[i, labels[i]]))))
+        wrong_total += int((pred != labels).sum())
+        count += len(labels)
+        kept = sorted(kept, key=lambda item: (-item[0], item[1]))[:wrong]
     totals = confusion.sum(dim=1)
     per_class = [100.0 * int(confusion[i, i]) / int(totals[i]) if totals[i] else None for i in range(n)]
-    wrong_idx = (pred != labels).nonzero().flatten()
-    order = wrong_idx[confidence[wrong_idx].argsort(descending=True)][:wrong]
-    mistakes = [{"index": int(i), "true": classes[int(labels[i])], "pred": classes[int(pred[i])],
-                 "confidence": float(confidence[i]), "true_prob": float(probs[i, labels[i]]),
-                 "png": image_png(split.images[i])} for i in order]
-    count = len(labels)
+    mistakes = [{"index": index, "true": classes[true], "pred": classes[pred], "confidence": conf,
+                 "true_prob": true_prob, "png": image_png(image)}
+                for conf, index, image, (true, pred, true_prob) in kept]
     return {"split": split_name, "data": spec, "images": count, "classes": classes,
             "top1": 100.0 * int(confusion.diag().sum()) / max(count, 1),
             "per_class": per_class, "confusion": confusion.tolist(), "wrong": mistakes,
-            "wrong_total": len(wrong_idx), "notes": notes}
+            "wrong_total": wrong_total, "notes": notes}

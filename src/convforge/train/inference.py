@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -254,13 +254,8 @@ def evaluate(
         data = loaded.data_spec
         if not data:
             raise ConfigError("the checkpoint names no data; pass --data SPEC")
-    preprocess = loaded.meta.get("preprocess")
     if isinstance(data, str):
-        if preprocess and data.strip().lower().startswith("imagefolder:"):
-            data = load_store_data(data, preprocess, image_size, skip_bad_images)
-        else:
-            crop = preprocess["crop"] if preprocess else loaded.trained_image_size
-            data = load_data(data, image_size or crop, skip_bad_images)
+        data = load_eval_data(loaded, data, image_size, skip_bad_images)
     notes: list[str] = list(loaded.notes) + list(data.notes)
     mean, std = normalization_for(loaded, data, notes)
     if getattr(data, "is_store", False):
@@ -275,6 +270,18 @@ def evaluate(
                    "mean": list(mean), "std": list(std), "notes": notes, "model": loaded.name})
     result["checkpoint" if loaded.path else "weights" if loaded.weights else "source"] = loaded.label
     return result
+
+
+def load_eval_data(loaded: LoadedModel, spec: str, image_size: int | Sequence[int] | None = None,
+                   skip_bad_images: bool = False) -> Any:
+    """The data :func:`evaluate` scores ``loaded`` on for ``spec``: image stores evaluated as the checkpoint's
+    ``preprocess`` records (an image folder and a store-trained model), else the data at ``image_size`` or the
+    model's trained image size (or crop)."""
+    preprocess = loaded.meta.get("preprocess")
+    if preprocess and spec.strip().lower().startswith("imagefolder:"):
+        return load_store_data(spec, preprocess, image_size, skip_bad_images)
+    crop = preprocess["crop"] if preprocess else loaded.trained_image_size
+    return load_data(spec, image_size or crop, skip_bad_images)
 
 
 def load_store_data(spec: str, preprocess: dict[str, Any], image_size: int | Sequence[int] | None = None,
@@ -293,6 +300,14 @@ def _evaluate_store(loaded: LoadedModel, data: Any, split: str, mean: Sequence[f
     """Classification metrics of ``loaded`` on one split of image-store data (resize + centre crop views)."""
     from convforge.train.evaluate import evaluate_store
 
+    _check_store_fits(loaded, data, split)
+    return evaluate_store(loaded.model, data.split(split), mean, std, image_size=data.image_size,
+                          crop_pct=data.crop_pct, batch_size=batch_size, device=device, tta=tta,
+                          num_classes=len(loaded.classes), details=True)
+
+
+def _check_store_fits(loaded: LoadedModel, data: Any, split: str) -> None:
+    """A clear error unless ``data`` (image stores) has ``split`` and the model's classes, in order, and channels."""
     if split not in ("train", "val", "test") or getattr(data, split, None) is None:
         raise ConfigError(f"dataset {data.spec!r} has no {split!r} split")
     if list(data.classes) != list(loaded.classes):
@@ -301,9 +316,43 @@ def _evaluate_store(loaded: LoadedModel, data: Any, split: str, mean: Sequence[f
                         "class folders")
     if data.channels != loaded.input_size[0]:
         raise DataError(f"the data has {data.channels}-channel images, the model takes {loaded.input_size[0]}")
-    return evaluate_store(loaded.model, data.split(split), mean, std, image_size=data.image_size,
-                          crop_pct=data.crop_pct, batch_size=batch_size, device=device, tta=tta,
-                          num_classes=len(loaded.classes), details=True)
+
+
+def view_images(data: Any, split: str, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, h, w) evaluation views of images ``indices`` of one split of ``data`` in the data's own
+    channels: a fixed-size split's images as they are, an image store's resized and centre-cropped as
+    :func:`evaluate` sees them (``data.image_size``, ``data.crop_pct``)."""
+    part = data.split(split)
+    if not getattr(data, "is_store", False):
+        return part.images[torch.as_tensor(indices, dtype=torch.long)]
+    from convforge.data.views import resize_center_crop_batch
+
+    images = [part.image(int(i)) for i in indices]
+    if not images:
+        return torch.zeros(0, data.channels, *data.image_size, dtype=torch.uint8)
+    return resize_center_crop_batch(images, data.image_size, data.crop_pct)
+
+
+def eval_views(loaded: LoadedModel, data: Any, split: str = "test", notes: list[str] | None = None,
+               batch_size: int = 256, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(uint8 images, labels)`` of one split as :func:`evaluate` scores ``loaded`` on it, in split
+    order (the first ``limit`` images only, when given): labels in the model's class order, images at its
+    channel count; image stores give their evaluation views (the checkpoint's resize + centre crop)."""
+    notes = notes if notes is not None else []
+    if getattr(data, "is_store", False):
+        _check_store_fits(loaded, data, split)
+        labels = data.split(split).labels
+    else:
+        part = aligned_split(loaded, data, split, notes)
+        labels = part.labels
+    count = len(labels) if limit is None else min(limit, len(labels))
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        if getattr(data, "is_store", False):
+            images = view_images(data, split, range(start, stop))
+        else:
+            images = part.images[start:stop]
+        yield images, labels[start:stop]
 
 
 def dense_data(loaded: LoadedModel, spec: str | None = None, batch_size: int = 16,
