@@ -207,3 +207,34 @@ def test_report_of_a_store_run_evaluates_its_evaluation_views(tmp_path, photos):
     assert len(evaluation["wrong"]) == min(evaluation["wrong_total"], 16)
     confidences = [w["confidence"] for w in evaluation["wrong"]]
     assert confidences == sorted(confidences, reverse=True)
+
+
+def test_export_and_quantize_of_a_store_checkpoint_use_its_evaluation_views(tmp_path, photos, capsys):
+    from convforge.cli.deploy import _calibration_images
+    from convforge.data.views import resize_center_crop_batch
+    from convforge.train.inference import load_model
+
+    run = tmp_path / "run"
+    fit(_config(photos, run, epochs=1), quiet=True)
+    ckpt = run / "best.safetensors"
+    loaded = load_model(ckpt)
+    preprocess = loaded.meta["preprocess"]
+
+    onnx = tmp_path / "model.onnx"
+    assert main(["export", str(ckpt), "--out", str(onnx), "--json"]) == 0
+    capsys.readouterr()
+    assert json.loads(onnx.with_name(onnx.name + ".json").read_text())["preprocess"] == preprocess
+
+    x, data = _calibration_images(f"imagefolder:{photos}", loaded, 5, (3, 16, 16))
+    assert data.is_store and x.shape == (5, 3, 16, 16)
+    pick = torch.randperm(24, generator=torch.Generator().manual_seed(0))[:5]
+    views = resize_center_crop_batch([data.train.image(int(i)) for i in pick], (16, 16), preprocess["crop_pct"])
+    assert torch.equal(x, normalize(views, loaded.mean, loaded.std))
+
+    out = tmp_path / "model-int8.onnx"
+    assert main(["quantize", str(ckpt), "--calib-data", f"imagefolder:{photos}", "--calib-samples", "8",
+                 "--threads", "1", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration_images"] == 8 and report["eval"]["images"] == 9
+    assert report["top1_torch"] == evaluate(loaded)["top1"]  # the same views as convforge eval
+    assert json.loads(out.with_name(out.name + ".json").read_text())["preprocess"] == preprocess

@@ -51,21 +51,33 @@ def _model_input(args: argparse.Namespace, device: str = "cpu"):
 
 
 def _calibration_images(spec: str, loaded: Any, samples: int, input_size: tuple[int, ...]):
-    """``samples`` normalised images from the train split (or the first split) of ``spec``, seeded subset."""
+    """``samples`` normalised images from the train split (or the first split) of ``spec``, seeded subset:
+    for a model trained on image stores, their evaluation views (the checkpoint's resize + centre crop)."""
     import torch
 
     from convforge.data import normalize
     from convforge.data.dataset import convert_channels
-    from convforge.train.inference import load_data, normalization_for
+    from convforge.train.inference import normalization_for, view_images
 
     if samples < 1:
         raise ConfigError(f"--calib-samples must be >= 1, got {samples}")
-    data = load_data(spec, image_size=input_size[1] if input_size[1] == input_size[2] else None)
-    split = data.train if data.train is not None else data.first_split
-    pick = torch.randperm(len(split.images), generator=torch.Generator().manual_seed(0))[:samples]
-    images = convert_channels(split.images[pick], input_size[0])
+    data = _deploy_data(spec, loaded, input_size)
+    split = "train" if data.train is not None else next(s for s in ("val", "test") if getattr(data, s, None))
+    pick = torch.randperm(len(data.split(split).labels), generator=torch.Generator().manual_seed(0))[:samples]
+    images = convert_channels(view_images(data, split, pick), input_size[0])
     mean, std = normalization_for(loaded, data, [])
     return normalize(images, mean, std), data
+
+
+def _deploy_data(spec: str, loaded: Any, input_size: tuple[int, ...], sized: bool = True) -> Any:
+    """``spec`` loaded for calibrating or evaluating ``loaded``: a store-trained model's image folders as image
+    stores viewed as its checkpoint's ``preprocess`` records (at ``input_size``), other data at ``input_size``
+    when square and ``sized`` (else at its own size)."""
+    from convforge.train.inference import load_data, load_eval_data
+
+    if loaded.meta.get("preprocess"):
+        return load_eval_data(loaded, spec, input_size[1:])
+    return load_data(spec, image_size=input_size[1] if sized and input_size[1] == input_size[2] else None)
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,9 +190,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else _default_out(loaded, "-int8.onnx")
     report = quantize_int8(loaded.model, out, size, calibration, meta=dict(loaded.meta))
     if args.data and args.data != args.calib_data:
-        from convforge.train.inference import load_data
-
-        data = load_data(args.data)
+        data = _deploy_data(args.data, loaded, size, sized=False)
     else:
         data = calib_data
     scores, x = _quantized_top1(loaded, data, report, args)
@@ -203,15 +213,16 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
 def _quantized_top1(loaded: Any, data: Any, report: dict[str, Any], args: argparse.Namespace) -> tuple[dict, Any]:
     """Top-1 of the fp32 and int8 ONNX models and of PyTorch on the (first --eval-samples of the) split,
     and the normalised images."""
+    import torch
+
     from convforge.data import Split, normalize
     from convforge.export import onnx_top1
     from convforge.train.evaluate import evaluate as evaluate_split
-    from convforge.train.inference import aligned_split, normalization_for
+    from convforge.train.inference import eval_views, normalization_for
 
     notes: list[str] = []
-    split = aligned_split(loaded, data, args.split, notes)
-    if args.eval_samples:
-        split = Split(split.images[:args.eval_samples], split.labels[:args.eval_samples])
+    batches = list(eval_views(loaded, data, args.split, notes, limit=args.eval_samples or None))
+    split = Split(torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches]))
     mean, std = normalization_for(loaded, data, notes)
     x = normalize(split.images, mean, std)
     torch_top1 = evaluate_split(loaded.model, split, mean, std, batch_size=args.batch_size,
