@@ -26,10 +26,11 @@ def predict_logits(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    split: Split,
+    split: Any,
     mean: Sequence[float],
     std: Sequence[float],
     *,
+    view: tuple[Sequence[int], float] | None = None,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     tta: bool = False,
@@ -40,41 +41,23 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``split``. ``details`` adds per-class accuracy and the confusion matrix.
+    """Evaluate ``model`` on ``split``: a fixed-size :class:`Split`, or an image store whose evaluation transform
+    ``view`` = (image size, crop_pct) resizes each image to size / crop_pct and centre-crops it.
+    ``details`` adds per-class accuracy and the confusion matrix.
 
     With ``world_size`` > 1 each process evaluates its share of the images and the counts are summed.
     """
-    loader = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last,
-                         rank=rank, world_size=world_size)
+    if view is None:
+        loader: Any = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last,
+                                  rank=rank, world_size=world_size)
+    else:
+        from convforge.data.store_loader import StoreLoader
+
+        image_size, crop_pct = view
+        loader = StoreLoader(split, batch_size, mean, std, train=False, image_size=tuple(image_size),
+                             crop_pct=crop_pct, device=device, channels_last=channels_last, rank=rank,
+                             world_size=world_size)
     return evaluate_batches(model, loader, num_classes or int(split.labels.max()) + 1, tta=tta, amp=amp,
-                            details=details, world_size=world_size)
-
-
-@torch.no_grad()
-def evaluate_store(
-    model: nn.Module,
-    store: Any,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    image_size: Sequence[int],
-    crop_pct: float,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-    tta: bool = False,
-    amp: bool = False,
-    channels_last: bool = False,
-    num_classes: int | None = None,
-    details: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> dict[str, Any]:
-    """:func:`evaluate` on an image store: each image resized to ``image_size / crop_pct`` and centre-cropped."""
-    from convforge.data.store_loader import StoreLoader
-
-    loader = StoreLoader(store, batch_size, mean, std, train=False, image_size=tuple(image_size), crop_pct=crop_pct,
-                         device=device, channels_last=channels_last, rank=rank, world_size=world_size)
-    return evaluate_batches(model, loader, num_classes or int(store.labels.max()) + 1, tta=tta, amp=amp,
                             details=details, world_size=world_size)
 
 

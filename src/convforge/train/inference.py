@@ -298,12 +298,12 @@ def load_store_data(spec: str, preprocess: dict[str, Any], image_size: int | Seq
 def _evaluate_store(loaded: LoadedModel, data: Any, split: str, mean: Sequence[float], std: Sequence[float],
                     notes: list[str], batch_size: int, device: str | torch.device, tta: bool) -> dict[str, Any]:
     """Classification metrics of ``loaded`` on one split of image-store data (resize + centre crop views)."""
-    from convforge.train.evaluate import evaluate_store
+    from convforge.train.evaluate import evaluate as evaluate_split
 
     _check_store_fits(loaded, data, split)
-    return evaluate_store(loaded.model, data.split(split), mean, std, image_size=data.image_size,
-                          crop_pct=data.crop_pct, batch_size=batch_size, device=device, tta=tta,
-                          num_classes=len(loaded.classes), details=True)
+    return evaluate_split(loaded.model, data.split(split), mean, std, view=(data.image_size, data.crop_pct),
+                          batch_size=batch_size, device=device, tta=tta, num_classes=len(loaded.classes),
+                          details=True)
 
 
 def _check_store_fits(loaded: LoadedModel, data: Any, split: str) -> None:

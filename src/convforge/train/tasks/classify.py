@@ -122,16 +122,13 @@ class ClassifyTask(Task):
         return 100 * sums["correct"] / sums["seen"]
 
     def evaluate(self, model, data, split, cfg, device, rank, world_size):
-        from convforge.train.evaluate import evaluate, evaluate_store
+        from convforge.train.evaluate import evaluate
 
-        common = dict(batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp, tta=cfg.eval_tta,
-                      channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
-                      world_size=world_size)
-        if getattr(data, "is_store", False):
-            result = evaluate_store(model, data.split(split), data.mean, data.std, image_size=data.image_size,
-                                    crop_pct=data.crop_pct, **common)
-        else:
-            result = evaluate(model, data.split(split), data.mean, data.std, **common)
+        view = (data.image_size, data.crop_pct) if getattr(data, "is_store", False) else None
+        result = evaluate(model, data.split(split), data.mean, data.std, view=view,
+                          batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp, tta=cfg.eval_tta,
+                          channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
+                          world_size=world_size)
         return {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
 
     def meta(self, data: Any) -> dict[str, Any]:
