@@ -130,3 +130,15 @@ def read_jsonl(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_ranks_match_single(single, per_rank) -> None:
+    """Two ranks' batches together hold each batch of one process, every sample viewed identically."""
+    import torch
+
+    for k, (x, y) in enumerate(single):
+        xs = torch.cat([per_rank[0][k][0], per_rank[1][k][0]])
+        ys = torch.cat([per_rank[0][k][1], per_rank[1][k][1]])
+        assert sorted(ys.tolist()) == sorted(y.tolist())
+        for label in y.tolist():
+            assert torch.equal(x[y == label], xs[ys == label])

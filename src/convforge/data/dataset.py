@@ -37,8 +37,26 @@ class Split:
         return self.images.shape[0]
 
 
+class SplitsMixin:
+    """``num_classes`` and ``split(name)`` of a data set with ``classes``, ``spec`` and split attributes."""
+
+    classes: list[str]
+    spec: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> Any:
+        """The split called ``name`` (``train``, ``val``, ``test``); KeyError when the data set has none."""
+        chosen = getattr(self, name, None)
+        if chosen is None:
+            raise KeyError(f"dataset {self.spec!r} has no {name!r} split")
+        return chosen
+
+
 @dataclass
-class Dataset:
+class Dataset(SplitsMixin):
     """A classification dataset: named classes, splits, and the normalisation measured on ``train``."""
 
     spec: str
@@ -69,16 +87,6 @@ class Dataset:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.first_split.images.shape[2:])  # type: ignore[return-value]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def split(self, name: str) -> Split:
-        chosen = getattr(self, name, None)
-        if chosen is None:
-            raise KeyError(f"dataset {self.spec!r} has no {name!r} split")
-        return chosen
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from convforge.data.cache import default_cache_dir
-from convforge.data.dataset import channel_stats
+from convforge.data.dataset import SplitsMixin, channel_stats
 from convforge.data.imagefolder import list_image_folder
 from convforge.data.loader import epoch_permutation
 from convforge.data.paths import printable
@@ -41,7 +41,7 @@ INTERPOLATION = "bilinear-antialias"  # how views.resize_uint8 resizes (recorded
 
 
 @dataclass
-class PhotoDataset:
+class PhotoDataset(SplitsMixin):
     """A classification dataset of image stores; ``image_size`` is the crop the model sees."""
 
     spec: str
@@ -75,16 +75,6 @@ class PhotoDataset:
     @property
     def channels(self) -> int:
         return self.first_split.channels
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def split(self, name: str) -> ImageStore:
-        chosen = getattr(self, name, None)
-        if chosen is None:
-            raise KeyError(f"dataset {self.spec!r} has no {name!r} split")
-        return chosen
 
     def preprocess(self) -> dict[str, Any]:
         """The evaluation transform, as checkpoints record it (``convforge.train.inference`` repeats it)."""
