@@ -65,7 +65,7 @@ class TrainConfig:
     crop_padding: int | None = None
     image_size: int | None = None
     store_size: int | None = None
-    crop_pct: float = 0.875
+    crop_pct: float | None = None
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     skip_bad_images: bool = False
     amp: bool = False
@@ -202,14 +202,14 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
 
 def _check_store_options(cfg: TrainConfig) -> None:
     """--store-size, --crop-pct and --rrc-scale: their ranges, and the data they apply to."""
-    if not 0 < cfg.crop_pct <= 1:
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
         raise ConfigError(f"crop_pct must be in (0, 1], got {cfg.crop_pct}: e.g. 0.875 resizes 224 to 256 "
                           "before the centre crop")
     if len(cfg.rrc_scale) != 2 or not 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1:
         raise ConfigError(f"rrc_scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
                           f"got {_short(cfg.rrc_scale)}")
     if cfg.store_size is None:
-        changed = [name for name, default in (("crop_pct", 0.875), ("rrc_scale", [0.08, 1.0]))
+        changed = [name for name, default in (("crop_pct", None), ("rrc_scale", [0.08, 1.0]))
                    if getattr(cfg, name) != default]
         if changed:
             raise ConfigError(f"{', '.join(changed)}: only for image-store data: add --store-size N "

@@ -26,6 +26,8 @@ TRIVIAL_AUGMENT_OPS = (
 )
 _SIGNED_OPS = frozenset(TRIVIAL_AUGMENT_OPS[1:10])
 
+DEFAULT_CROP_PCT = 0.875  # the evaluation crop of the classic ImageNet recipe: resize 256, centre-crop 224
+
 
 def _check_range(name: str, value: Sequence[float]) -> tuple[float, float]:
     low, high = float(value[0]), float(value[1])
@@ -123,7 +125,7 @@ def eval_resize_size(size: Sequence[int], crop_pct: float) -> tuple[int, int]:
     return tuple(int(math.floor(s / crop_pct + 1e-6)) for s in size)  # type: ignore[return-value]
 
 
-def resize_center_crop(image: torch.Tensor, size: Sequence[int], crop_pct: float = 0.875) -> torch.Tensor:
+def resize_center_crop(image: torch.Tensor, size: Sequence[int], crop_pct: float = DEFAULT_CROP_PCT) -> torch.Tensor:
     """Evaluation view of one uint8 (C, H, W) image: resized (aspect kept) to just cover
     ``eval_resize_size(size, crop_pct)``, for a square ``size`` S that is the shorter side to
     floor(S / crop_pct), then the centre (h, w) crop. Returns uint8 (C, h, w)."""
@@ -141,7 +143,7 @@ def resize_center_crop(image: torch.Tensor, size: Sequence[int], crop_pct: float
 
 
 def resize_center_crop_batch(images: Sequence[torch.Tensor], size: Sequence[int],
-                             crop_pct: float = 0.875) -> torch.Tensor:
+                             crop_pct: float = DEFAULT_CROP_PCT) -> torch.Tensor:
     """``resize_center_crop`` of each image, stacked: uint8 (N, C, h, w)."""
     return torch.stack([resize_center_crop(image, size, crop_pct) for image in images])
 

@@ -91,10 +91,11 @@ class Task:
     def load_data(self, cfg: Any, log: Callable[[str], None]) -> Any:
         """The data set of ``cfg.data`` (with ``train``, ``mean``, ``std``, ``channels``, ``image_size``...)."""
         from convforge.data import load
+        from convforge.data.views import DEFAULT_CROP_PCT
 
         return load(cfg.data, image_size=cfg.image_size, skip_bad_images=cfg.skip_bad_images,
                     cache_dir=cfg.cache_dir, log=log, store_size=getattr(cfg, "store_size", None),
-                    crop_pct=getattr(cfg, "crop_pct", 0.875))
+                    crop_pct=getattr(cfg, "crop_pct", None) or DEFAULT_CROP_PCT)
 
     def model_args(self, cfg: Any, data: Any) -> dict[str, Any]:
         """The keyword arguments the model is built with (and that checkpoints record)."""
