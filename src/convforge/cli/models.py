@@ -43,14 +43,17 @@ def _print_models(rows: list[dict[str, Any]], pattern: str | None) -> None:
 
     table = Table(title=f"{len(rows)} model(s)" + (f" matching {pattern!r}" if pattern else ""))
     numeric = ("params", "MACs", "published params", "published MACs", "published top-1")
-    for column in ("name", "family", "input", *numeric, "paper"):
+    for column in ("name", "family", "input", *numeric, "weights' eval", "paper"):
         table.add_column(column, justify="right" if column in numeric else "left")
     for r in rows:
+        cfg = r.get("pretrained_cfg")  # e.g. "256/224 bilinear": resize, centre crop, interpolation
+        evaluation = f"{cfg['resize']}/{cfg['input_size'][-1]} {cfg['interpolation']}" if cfg else "-"
         table.add_row(r["name"], r["family"], "x".join(map(str, r["input_size"])), f"{r['params'] / 1e6:.3f} M",
                       f"{r['macs'] / 1e6:.1f} M",
                       f"{r['published_params'] / 1e6:.3f} M" if r["published_params"] else "-",
                       f"{r['published_macs'] / 1e6:.1f} M" if r["published_macs"] else "-",
                       f"{r['published_top1']:.2f}%" if r["published_top1"] else "-",
+                      evaluation,
                       f"{r['paper']} ({r['year']})" if r["paper"] else "-")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 

@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 
 from convforge.models.base import Classifier
+from convforge.models.pretrained import PretrainedCfg, pretrained_cfg
 from convforge.models.registry import (
     ModelInfo,
     create_model,
@@ -18,7 +19,7 @@ from convforge.models.registry import (
 )
 from convforge.models.weights import load_foreign_weights
 
-_INFRASTRUCTURE = {"base", "registry", "weights"}
+_INFRASTRUCTURE = {"base", "pretrained", "registry", "weights"}
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
         importlib.import_module(f"{__name__}.{_module}")
@@ -26,9 +27,11 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
 __all__ = [
     "Classifier",
     "ModelInfo",
+    "PretrainedCfg",
     "create_model",
     "list_models",
     "model_info",
+    "pretrained_cfg",
     "register_model",
     "unregister_model",
     "load_foreign_weights",

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from convforge.errors import ConfigError
+from convforge.models.pretrained import PretrainedCfg, pretrained_cfg as _table_cfg
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,10 @@ class ModelInfo:
     published_top1: float | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    pretrained_cfg: PretrainedCfg | None = None  # the preprocessing its published ImageNet weights expect
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``convforge models --json``)."""
         return {
             "name": self.name,
             "family": self.family,
@@ -41,6 +44,7 @@ class ModelInfo:
             "published_macs": self.published_macs,
             "published_top1": self.published_top1,
             "description": self.description,
+            "pretrained_cfg": self.pretrained_cfg.as_dict() if self.pretrained_cfg else None,
         }
 
 
@@ -59,8 +63,13 @@ def register_model(
     published_macs: int | None = None,
     published_top1: float | None = None,
     description: str = "",
+    pretrained_cfg: PretrainedCfg | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a builder ``fn(num_classes=..., in_chans=..., **kwargs) -> nn.Module``."""
+    """Register a builder ``fn(num_classes=..., in_chans=..., **kwargs) -> nn.Module``.
+
+    ``pretrained_cfg``: the preprocessing its published weights expect (default: the entry of
+    ``convforge.models.pretrained`` for this name, if any).
+    """
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or builder.__name__
@@ -78,6 +87,7 @@ def register_model(
             published_macs=published_macs,
             published_top1=published_top1,
             description=description or (builder.__doc__ or "").strip().splitlines()[0],
+            pretrained_cfg=pretrained_cfg or _table_cfg(key),
         )
         return builder
 
