@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from convforge.data import store as store_module
+from convforge.data import store_build
 from convforge.data.store import ImageStore, build_store, open_store
 from convforge.errors import DataError
 from helpers import REPO, random_images, save_image
@@ -363,3 +365,52 @@ def test_two_builds_of_one_store_at_once_decode_it_once(tmp_path):
         thread.join(timeout=30)
     assert len(stores) == 2 and all(len(store) == 8 for store in stores)
     assert sum("decoding 8 images" in m for m in messages) == 1
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import hashlib, sys
+    from convforge.data import store, store_build
+    store.CHUNK_IMAGES = 4
+    store_build.POLL_S, store_build.REPORT_S = 0.05, 0.2
+    files, out = eval(sys.argv[1]), sys.argv[2]
+    built = store.build_store(files, ["a", "b"], out, store_size=8, workers=1)
+    pixels = b"".join(built.image(i).numpy().tobytes() for i in range(len(built)))
+    print("STORE", len(built), hashlib.sha256(pixels).hexdigest())
+""")
+
+
+def run_rank(local_rank: int, files, out: Path, faults: str = "") -> subprocess.Popen:
+    env = {**os.environ, "LOCAL_RANK": str(local_rank), "CONVFORGE_FAULTS": faults}
+    return subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, repr(files), str(out)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_under_torchrun_local_rank_0_builds_and_the_other_rank_waits(tmp_path):
+    files = make_files(tmp_path / "img", [(12, 10)] * 12)
+    waiter = run_rank(1, files, tmp_path / "store")  # started first: it must wait, not build
+    time.sleep(1.0)
+    builder = run_rank(0, files, tmp_path / "store")
+    (built, built_err), (waited, waited_err) = builder.communicate(timeout=60), waiter.communicate(timeout=60)
+    assert builder.returncode == 0 and waiter.returncode == 0, built_err + waited_err
+    assert "decoding 12 images" in built and "decoding" not in waited and "waiting for local rank 0" in waited
+    store_lines = [line for line in (built + waited).splitlines() if line.startswith("STORE")]
+    assert len(store_lines) == 2 and store_lines[0] == store_lines[1] and store_lines[0].startswith("STORE 12 ")
+
+
+def test_a_waiting_rank_stops_with_a_clear_error_when_the_builder_dies_or_fails(tmp_path, monkeypatch):
+    files = make_files(tmp_path / "img", [(12, 10)] * 12)
+    builder = run_rank(0, files, tmp_path / "store", faults="store:chunk@1:kill")
+    builder.communicate(timeout=60)
+    assert builder.returncode == -9
+    waiter = run_rank(1, files, tmp_path / "store")
+    _, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 1 and "ended before finishing it" in err and str(builder.pid) in err
+    bad = files + [(str(tmp_path / "img" / "missing.png"), 0)]
+    with pytest.raises(DataError, match="could not be decoded"):
+        build_store(bad, CLASSES, tmp_path / "other", store_size=8, workers=1, log=lambda _: None, local_rank=0)
+    with pytest.raises(DataError, match="failed: .*could not be decoded"):
+        build_store(bad, CLASSES, tmp_path / "other", store_size=8, workers=1, log=lambda _: None, local_rank=1)
+    monkeypatch.setattr(store_build, "START_GRACE_S", 0.3)
+    monkeypatch.setattr(store_build, "POLL_S", 0.05)
+    with pytest.raises(DataError, match="no process is building it"):
+        build_store(files, CLASSES, tmp_path / "never", store_size=8, workers=1, log=lambda _: None, local_rank=1)

@@ -12,13 +12,13 @@ chunks of images straight into it, and the parent records each finished chunk in
 A killed build resumes from that record when run again with the same files; the store appears only
 by a rename once complete, so a reader never sees half of one. The fault point ``store:chunk`` (see
 ``convforge.faults``) is reached after each recorded chunk. A lock on ``.<name>.lock`` makes a second
-build of the same store (another process, e.g. another rank) wait for the first and then reuse it.
+build of the same store (another process) wait for the first and then reuse it; under torchrun only
+local rank 0 builds and the other ranks wait for it without any collective (``store_build``).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +38,7 @@ from convforge.data.cache import map_in_processes
 from convforge.data.imagefolder import MAX_IMAGE_PIXELS, image_problem
 from convforge.data.paths import printable
 from convforge.data.pixels import SWAPPING_ORIENTATIONS, flatten_alpha, header_orientation, to_8bit
+from convforge.data.store_build import build_lock, is_builder, wait_for_store
 from convforge.errors import DataError, DiskFullError
 from convforge.faults import fault_point
 from convforge.fileio import atomic_write_json
@@ -159,6 +160,7 @@ def build_store(
     workers: int | None = None,
     skip_bad_images: bool = False,
     log: Callable[[str], None] = print,
+    local_rank: int | None = None,
 ) -> ImageStore:
     """Decode ``files`` ((path, class index) pairs) into a store at ``out``, or open it if already built.
 
@@ -166,7 +168,8 @@ def build_store(
     ``store_size``. A store built from the same files (paths, sizes, modification times), labels,
     classes and ``store_size`` is reused; otherwise it is rebuilt, resuming a killed build of the same
     inputs. Unreadable images raise a DataError naming them, or are skipped (and listed in
-    ``ImageStore.skipped``) with ``skip_bad_images``.
+    ``ImageStore.skipped``) with ``skip_bad_images``. Under torchrun only local rank 0 builds; the
+    other local ranks (``local_rank`` None: ``LOCAL_RANK``) wait for it (see ``convforge.data.store_build``).
     """
     out = Path(out)
     if isinstance(store_size, bool) or not isinstance(store_size, int) or store_size < 1:
@@ -183,12 +186,15 @@ def build_store(
         )
     key = _build_key(files, classes, store_size)
     workers = max(1, workers or min(8, os.cpu_count() or 1))
-    with _build_lock(out, log):
-        meta = _read_store_meta(out)
-        if meta is None or meta.get("key") != key:
-            _check_replaceable(out)
-            _build(files, classes, out, key, store_size, workers, skip_bad_images, log)
-        store = open_store(out)
+    if is_builder(local_rank):
+        with build_lock(out, log):
+            meta = _read_store_meta(out)
+            if meta is None or meta.get("key") != key:
+                _check_replaceable(out)
+                _build(files, classes, out, key, store_size, workers, skip_bad_images, log)
+    else:
+        wait_for_store(out, lambda: (_read_store_meta(out) or {}).get("key") == key, log)
+    store = open_store(out)
     if store.skipped and not skip_bad_images:
         raise _bad_images_error([(path, why) for path, why in store.skipped], len(files))
     if store.skipped:
@@ -250,22 +256,6 @@ def _build_key(files: list[tuple[str, int]], classes: list[str], store_size: int
             size, mtime = -1, -1
         digest.update(f"{os.path.abspath(path)}\0{label}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:32]
-
-
-@contextmanager
-def _build_lock(out: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """Hold an exclusive lock on ``.<name>.lock`` next to ``out``: a second build of it waits for the first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process that is building the image store {printable(out)}")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _check_replaceable(out: Path) -> None:
