@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 from typing import Any
 
 import torch
@@ -21,7 +23,8 @@ from convforge.collectives import all_reduce_sum, is_distributed  # noqa: F401 -
 from convforge.errors import ConfigError
 from convforge.train.rundir import ProcessRole
 
-
+BARRIER_REPORT_S = 60.0  # seconds between two messages of a process waiting at barrier()
+_barriers = 0  # barrier() calls so far: every process makes the same calls, so the count names each one
 
 def init_distributed(role: ProcessRole, device: torch.device, timeout_s: float) -> bool:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); False for a single process."""
@@ -47,9 +50,35 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
+def barrier(report_s: float = BARRIER_REPORT_S) -> None:
+    """Wait for every process, with no deadline: arrivals are counted in the process group's key-value store
+    and polled (a message on stderr every ``report_s`` seconds), so a long wait such as rank 0 building an
+    image store never meets the collective time-out (--dist-timeout); a collective barrier follows at once."""
+    global _barriers
+    if not is_distributed():
+        return
+    store = _default_store()
+    if store is not None:
+        _barriers += 1
+        key, world = f"convforge/barrier/{_barriers}", dist.get_world_size()
+        store.add(key, 1)
+        started = time.monotonic()
+        next_report = report_s
+        while store.add(key, 0) < world:
+            time.sleep(0.2)
+            if time.monotonic() - started >= next_report:
+                print(f"rank {dist.get_rank()}: waiting for the other processes (e.g. rank 0 building the data) "
+                      f"for {next_report:.0f} s", file=sys.stderr, flush=True)
+                next_report += report_s
+    dist.barrier()
+
+
+def _default_store() -> Any:
+    """The process group's key-value store (None where this torch does not expose it)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
 
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:
