@@ -65,7 +65,7 @@ def test_load_gives_stores_and_crop_size(photos):
     assert sorted({tuple(s) for s in data.train.sizes.tolist()}) == [(24, 24), (24, 40), (40, 24)]
     assert len(data.mean) == 3 and all(s > 0 for s in data.std)
     assert data.preprocess() == {"resize": [18, 18], "crop": [16, 16], "crop_pct": 0.875,
-                                 "interpolation": "bilinear-antialias", "store_size": 24}
+                                 "interpolation": "bilinear-antialias", "store_size": 24, "train_size": [16, 16]}
     default = load(f"imagefolder:{photos}", store_size=24)
     assert default.image_size == (128, 128) and any("128x128" in n for n in default.notes)
 

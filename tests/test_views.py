@@ -381,7 +381,7 @@ def test_breaking_out_early_stops_the_threads_and_bounds_the_work():
 def test_store_loader_rejects_bad_options():
     store = FakeStore(n=4)
     with pytest.raises(ConfigError, match="augment"):
-        StoreLoader(store, 2, MEAN, STD, train=True, image_size=8, augment="randaugment")
+        StoreLoader(store, 2, MEAN, STD, train=True, image_size=8, augment="autoaugment")
     with pytest.raises(ConfigError, match="evaluation"):
         StoreLoader(store, 2, MEAN, STD, train=False, image_size=8, shuffle=True)
     with pytest.raises(ConfigError, match="one per channel"):

@@ -16,6 +16,9 @@ from convforge.errors import ConfigError
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant", "step")
 NAN_POLICIES = ("stop", "skip-batch")
+DEFAULT_RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (w / h), torchvision's default
+DEFAULT_RANDAUGMENT = (2, 9)  # RandAugment's ops per image and magnitude level, torchvision's defaults
+MAX_RRC_RATIO = 100.0
 
 
 @dataclass
@@ -63,10 +66,14 @@ class TrainConfig:
     seg_crop: list[float] | None = None
     seg_scales: list[float] = field(default_factory=lambda: [0.5, 2.0])
     crop_padding: int | None = None
-    image_size: int | None = None
+    image_size: int | list[int] | None = None
     store_size: int | None = None
     crop_pct: float | None = None
+    eval_image_size: int | list[int] | None = None
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    rrc_ratio: list[float] = field(default_factory=lambda: list(DEFAULT_RRC_RATIO))
+    randaugment: list[int] = field(default_factory=lambda: list(DEFAULT_RANDAUGMENT))
+    progressive_resize: list[int] | None = None
     skip_bad_images: bool = False
     amp: bool = False
     channels_last: bool = False
@@ -154,7 +161,8 @@ class TrainConfig:
 
 # Upper limits, so that an absurd value is a clear error here instead of an overflow deep in training.
 LIMITS = {"epochs": 1_000_000, "batch_size": 1 << 24, "eval_every": 1_000_000, "threads": 4096,
-          "crop_padding": 4096, "image_size": 8192, "store_size": 65536, "seed": 2**32 - 1}
+          "crop_padding": 4096, "store_size": 65536, "seed": 2**32 - 1}
+MAX_IMAGE_SIZE = 8192  # the largest image_size / eval_image_size side
 _MODEL_ARGS_MAX_DEPTH = 16
 _MODEL_ARGS_MAX_ITEMS = 10_000
 
@@ -191,7 +199,10 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
         raise ConfigError(f"seg_crop must be two whole numbers HEIGHT,WIDTH >= 1, got {_short(cfg.seg_crop)}")
     if len(cfg.seg_scales) != 2 or not 0 < cfg.seg_scales[0] <= cfg.seg_scales[1] <= 8:
         raise ConfigError(f"seg_scales must be LOW,HIGH with 0 < LOW <= HIGH <= 8, got {_short(cfg.seg_scales)}")
+    for name in ("image_size", "eval_image_size"):
+        size_pair(getattr(cfg, name), name)
     _check_store_options(cfg)
+    _check_store_augments(cfg)
     for check in TASK_CHECKS:  # the task exists; the options it cannot use (augment names, classification-only)
         check(cfg)
     for name in ("model", "data", "out", "resume", "cache_dir"):
@@ -200,16 +211,35 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must not contain NUL characters, got {_short(value)}")
 
 
+def size_pair(value: int | list[int] | tuple[int, ...] | None, name: str = "image_size") -> tuple[int, int] | None:
+    """An image size option (N, or [H, W]) as (height, width); ConfigError for anything else."""
+    if value is None:
+        return None
+    pair = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIZE for v in pair)):
+        raise ConfigError(f"{name} must be N or H W (one or two whole numbers in 1..{MAX_IMAGE_SIZE}), "
+                          f"got {_short(value)}: e.g. --{name.replace('_', '-')} 224 or --{name.replace('_', '-')} 192 256")
+    return int(pair[0]), int(pair[1])
+
+
 def _check_store_options(cfg: TrainConfig) -> None:
-    """--store-size, --crop-pct and --rrc-scale: their ranges, and the data they apply to."""
+    """--store-size, --crop-pct, --rrc-scale, --rrc-ratio and --eval-image-size: their ranges, and the data
+    they apply to."""
     if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
         raise ConfigError(f"crop_pct must be in (0, 1], got {cfg.crop_pct}: e.g. 0.875 resizes 224 to 256 "
                           "before the centre crop")
     if len(cfg.rrc_scale) != 2 or not 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1:
         raise ConfigError(f"rrc_scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
                           f"got {_short(cfg.rrc_scale)}")
+    if len(cfg.rrc_ratio) != 2 or not 0 < cfg.rrc_ratio[0] <= cfg.rrc_ratio[1] <= MAX_RRC_RATIO:
+        raise ConfigError(f"rrc_ratio must be LOW HIGH with 0 < LOW <= HIGH <= {MAX_RRC_RATIO:g} (aspect ratios "
+                          f"width / height of the crops), got {_short(cfg.rrc_ratio)}: e.g. --rrc-ratio 0.75 1.3333")
     if cfg.store_size is None:
-        changed = [name for name, default in (("crop_pct", None), ("rrc_scale", [0.08, 1.0]))
+        changed = [name for name, default in (("crop_pct", None), ("rrc_scale", [0.08, 1.0]),
+                                              ("rrc_ratio", list(DEFAULT_RRC_RATIO)), ("eval_image_size", None),
+                                              ("randaugment", list(DEFAULT_RANDAUGMENT)),
+                                              ("progressive_resize", None))
                    if getattr(cfg, name) != default]
         if changed:
             raise ConfigError(f"{', '.join(changed)}: only for image-store data: add --store-size N "
@@ -218,6 +248,41 @@ def _check_store_options(cfg: TrainConfig) -> None:
     if not cfg.data.strip().lower().startswith("imagefolder:"):
         raise ConfigError(f"--store-size needs --data imagefolder:DIR (an image folder of any image sizes), "
                           f"got {_short(cfg.data)}")
+
+
+def _check_store_augments(cfg: TrainConfig) -> None:
+    """--randaugment N M (with --augment rrc-flip-ra) and --progressive-resize S E0 E1 (store data)."""
+    from convforge.data.randaugment import check_randaugment
+
+    if len(cfg.randaugment) != 2:
+        raise ConfigError(f"randaugment must be N M (ops per image, magnitude level 0..30), got "
+                          f"{_short(cfg.randaugment)}: e.g. --randaugment 2 9")
+    check_randaugment(*cfg.randaugment)
+    if cfg.randaugment != list(DEFAULT_RANDAUGMENT) and cfg.augment != "rrc-flip-ra":
+        raise ConfigError(f"randaugment {_short(cfg.randaugment)} is RandAugment's setting: add --augment rrc-flip-ra "
+                          f"(with --store-size), got augment {_short(cfg.augment)}")
+    if cfg.progressive_resize is not None:
+        _check_progressive_resize(cfg)
+
+
+def _check_progressive_resize(cfg: TrainConfig) -> None:
+    """START_SIZE START_EPOCH END_EPOCH: a start size on the rounding grid below the crop, epochs in order."""
+    from convforge.data.photos import DEFAULT_IMAGE_SIZE
+    from convforge.data.store_loader import progressive_step
+
+    values = cfg.progressive_resize or []
+    if len(values) != 3:
+        raise ConfigError(f"progressive_resize must be START_SIZE START_EPOCH END_EPOCH, got {_short(values)}: "
+                          "e.g. --progressive-resize 160 10 30 (160 px up to epoch 10, image_size from epoch 30)")
+    start, first, last = values
+    crop = size_pair(cfg.image_size) or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    step = progressive_step(crop)
+    if not step <= start <= min(crop) or start % step:
+        raise ConfigError(f"progressive_resize START_SIZE must be a multiple of {step} (the rounding step for "
+                          f"image_size {crop[0]}x{crop[1]}) in {step}..{min(crop)}, got {start}")
+    if not 1 <= first < last <= cfg.epochs:
+        raise ConfigError(f"progressive_resize epochs must be 1 <= START_EPOCH < END_EPOCH <= epochs ({cfg.epochs}), "
+                          f"counted from 1, got {first} {last}")
 
 
 def coerce_fields(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -280,8 +345,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if "None" in text:
             return None
         raise ConfigError(f"{where} may not be empty")
+    if "int | list[int]" in text:  # a size: N stays N ([N] too), [H, W] a list of integers
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     if "list[" in text:
-        item_hint = "float" if "list[float]" in text else "str"
+        item_hint = "float" if "list[float]" in text else "int" if "list[int]" in text else "str"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list) or len(value) > 64:

@@ -51,15 +51,25 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--ema", "ema", "flag", "evaluate and save an exponential moving average of the weights"),
     ("--ema-decay", "ema_decay", float, "EMA decay (default: 0.999)"),
     ("--augment", "augment", str, "none, flip, crop or crop-flip; store data (--store-size): rrc-flip, rrc-flip-ta "
-                                   "(TrivialAugment) or center; segment: also scale-crop-flip (default: per dataset)"),
+                                   "(TrivialAugment), rrc-flip-ra (RandAugment) or center; segment: also "
+                                   "scale-crop-flip (default: per dataset)"),
     ("--crop-padding", "crop_padding", int, "padding of the random crop (default: image size / 8)"),
-    ("--image-size", "image_size", int, "resize image folders to this size (default: their own size); "
-                                         "with --store-size: the crop size (default: 128)"),
+    ("--image-size", "image_size", "sizes", "N or H W: resize image folders to this size (default: their own "
+                                             "size); with --store-size: the training crop (default: 128)"),
     ("--store-size", "store_size", int, "imagefolder:DIR of any image sizes: keep the images (shorter side <= N) "
                                         "in an image store; --image-size is then the training/evaluation crop"),
-    ("--crop-pct", "crop_pct", float, "store data: evaluation resizes to image size / F, then centre-crops "
+    ("--crop-pct", "crop_pct", float, "store data: evaluation resizes to eval image size / F, then centre-crops "
                                       "(default: 0.875)"),
+    ("--eval-image-size", "eval_image_size", "sizes", "store data: N or H W, the evaluation crop (FixRes; default: "
+                                                      "--image-size); checkpoints record it"),
     ("--rrc-scale", "rrc_scale", "floats", "store data: RandomResizedCrop area range LOW HIGH (default: 0.08 1.0)"),
+    ("--rrc-ratio", "rrc_ratio", "floats", "store data: RandomResizedCrop aspect-ratio (w/h) range LOW HIGH "
+                                           "(default: 3/4 4/3)"),
+    ("--randaugment", "randaugment", "ints", "with --augment rrc-flip-ra: RandAugment's ops per image N and "
+                                             "magnitude M in 0..30 (default: 2 9)"),
+    ("--progressive-resize", "progressive_resize", "ints", "store data: S E0 E1: train at crop S up to epoch E0, "
+                                                           "growing linearly to --image-size at epoch E1 (rounded to "
+                                                           "multiples of 32, 16 or 8); evaluation at its own size"),
     ("--skip-bad-images", "skip_bad_images", "flag", "skip undecodable images with a warning instead of stopping"),
     ("--amp", "amp", "flag", "bfloat16 autocast (GPU; opt-in on CPU)"),
     ("--channels-last", "channels_last", "flag", "channels_last memory format"),
@@ -95,6 +105,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
             train.add_argument(*names, dest=field, action="append", default=argparse.SUPPRESS, help=help_text)
         elif kind == "floats":
             train.add_argument(*names, dest=field, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        elif kind in ("ints", "sizes"):  # sizes: N or H W (one number stays a number in the config)
+            train.add_argument(*names, dest=field, type=int, nargs="+", default=argparse.SUPPRESS, help=help_text,
+                               metavar="N")
         else:
             train.add_argument(*names, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
     train.add_argument("--nproc-per-node", type=int, metavar="N",

@@ -2,7 +2,8 @@
 
 Images are kept at their own aspect ratio (shorter side at most ``store_size``) in a store per split
 under the cache directory; training crops RandomResizedCrop views of them and evaluation resizes and
-centre-crops (``crop_pct``), both in ``StoreLoader``. The dataset object offers what the engine reads
+centre-crops (``crop_pct``), both in ``StoreLoader``; evaluation may use another size than training
+(``eval_image_size``, FixRes), and checkpoints record the evaluation view (``preprocess``). The dataset object offers what the engine reads
 of a fixed-size ``Dataset`` (classes, channels, image size, mean/std, splits, notes).
 """
 
@@ -33,8 +34,10 @@ from convforge.data.store import (
 from convforge.data.views import eval_resize_size, resize_center_crop, resize_center_crop_batch
 from convforge.errors import DataError
 
-# --augment values for store data: RandomResizedCrop + flip (+ TrivialAugment), or the evaluation view.
-PHOTO_AUGMENTS = ("rrc-flip", "rrc-flip-ta", "center")
+# --augment values for store data: RandomResizedCrop + flip (+ TrivialAugment or RandAugment), or the
+# evaluation view.
+PHOTO_AUGMENTS = ("rrc-flip", "rrc-flip-ta", "rrc-flip-ra", "center")
+STORE_AUGMENT_OF = {"rrc-flip-ta": "trivialaugment", "rrc-flip-ra": "randaugment"}  # StoreLoader's augment
 DEFAULT_IMAGE_SIZE = 128  # the crop size when --image-size is not given
 STATS_IMAGES = 2000  # train images the normalisation statistics are measured on
 INTERPOLATION = "bilinear-antialias"  # how views.resize_uint8 resizes (recorded in checkpoints)
@@ -42,7 +45,8 @@ INTERPOLATION = "bilinear-antialias"  # how views.resize_uint8 resizes (recorded
 
 @dataclass
 class PhotoDataset(SplitsMixin):
-    """A classification dataset of image stores; ``image_size`` is the crop the model sees."""
+    """A classification dataset of image stores; ``image_size`` is the crop the model is trained on,
+    ``eval_image_size`` the one it is evaluated on (default: the same)."""
 
     spec: str
     classes: list[str]
@@ -54,6 +58,7 @@ class PhotoDataset(SplitsMixin):
     store_size: int
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    eval_image_size: tuple[int, int] | None = None
     default_augment: str = "rrc-flip"
     notes: list[str] = field(default_factory=list)
     is_store = True  # what the classification task tests to use StoreLoader instead of BatchLoader
@@ -63,7 +68,10 @@ class PhotoDataset(SplitsMixin):
         if len(channels) > 1:
             raise DataError(f"{self.spec}: the splits' image stores differ in channels ({sorted(channels)}): "
                             "convert the grayscale or colour images so that every split has the same kind")
-        if not self.mean:
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        self.eval_image_size = (self.image_size if self.eval_image_size is None
+                                else (int(self.eval_image_size[0]), int(self.eval_image_size[1])))
+        if not self.mean:  # measured on views at the training size, whatever the evaluation size
             self.mean, self.std = store_stats(self.first_split, self.image_size, self.crop_pct)
             if self.train is None:
                 self.notes.append("no train split: normalisation statistics were measured on the evaluation split")
@@ -76,14 +84,22 @@ class PhotoDataset(SplitsMixin):
     def channels(self) -> int:
         return self.first_split.channels
 
+    @property
+    def eval_view(self) -> tuple[tuple[int, int], float]:
+        """(crop size, crop_pct) of the evaluation view: resize to size / crop_pct, centre-crop size."""
+        return self.eval_image_size or self.image_size, self.crop_pct
+
     def preprocess(self) -> dict[str, Any]:
-        """The evaluation transform, as checkpoints record it (``convforge.train.inference`` repeats it)."""
-        return {"resize": list(eval_resize_size(self.image_size, self.crop_pct)), "crop": list(self.image_size),
-                "crop_pct": self.crop_pct, "interpolation": INTERPOLATION, "store_size": self.store_size}
+        """The evaluation transform, as checkpoints record it (``convforge.train.inference`` repeats it);
+        ``train_size`` is the training crop, for information."""
+        size, crop_pct = self.eval_view
+        return {"resize": list(eval_resize_size(size, crop_pct)), "crop": list(size), "crop_pct": crop_pct,
+                "interpolation": INTERPOLATION, "store_size": self.store_size, "train_size": list(self.image_size)}
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "classes": list(self.classes), "channels": self.channels,
-                "image_size": list(self.image_size), "store_size": self.store_size, "crop_pct": self.crop_pct,
+                "image_size": list(self.image_size), "eval_image_size": list(self.eval_view[0]),
+                "store_size": self.store_size, "crop_pct": self.crop_pct,
                 "train": len(self.train) if self.train is not None else 0,
                 "val": len(self.val) if self.val is not None else 0, "test": len(self.test),
                 "mean": [round(m, 6) for m in self.mean], "std": [round(s, 6) for s in self.std]}
@@ -91,7 +107,8 @@ class PhotoDataset(SplitsMixin):
 
 def store_stats(store: ImageStore, image_size: tuple[int, int], crop_pct: float,
                 max_images: int = STATS_IMAGES) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of a seeded random sample of ``store``'s evaluation views."""
+    """Per-channel mean and std of a seeded random sample of ``store``'s centre views at ``image_size`` (the
+    training crop size: the statistics do not move with the evaluation size)."""
     indices = epoch_permutation(len(store), 0, -1)[:max_images]
     views = [resize_center_crop_batch([store.image(int(i)) for i in indices[s:s + 256]], image_size, crop_pct)
              for s in range(0, len(indices), 256)]
@@ -100,8 +117,10 @@ def store_stats(store: ImageStore, image_size: tuple[int, int], crop_pct: float,
 
 def load_photo_folder(root: Path, spec: str, *, image_size: tuple[int, int] | None, store_size: int,
                       crop_pct: float = 0.875, skip_bad_images: bool = False, cache_dir: Path | None = None,
-                      log: Callable[[str], None] = print) -> PhotoDataset:
-    """The stores of ``root``'s train/val/test splits (built on first use, then reused)."""
+                      log: Callable[[str], None] = print,
+                      eval_image_size: tuple[int, int] | None = None) -> PhotoDataset:
+    """The stores of ``root``'s train/val/test splits (built on first use, then reused); ``image_size`` is the
+    training crop, ``eval_image_size`` the evaluation crop (default: ``image_size``)."""
     listing = list_image_folder(root)
     notes = list(listing.notes)
     if listing.ignored:
@@ -122,7 +141,8 @@ def load_photo_folder(root: Path, spec: str, *, image_size: tuple[int, int] | No
     val = stores.get("val") if "test" in stores else None
     return PhotoDataset(spec=spec, classes=[printable(c) for c in listing.classes], train=stores.get("train"),
                         test=test, val=val, image_size=tuple(image_size), crop_pct=crop_pct,  # type: ignore[arg-type]
-                        store_size=store_size, notes=notes)
+                        store_size=store_size, notes=notes,
+                        eval_image_size=tuple(eval_image_size) if eval_image_size else None)  # type: ignore[arg-type]
 
 
 def decode_photo(path: str | Path, channels: int, store_size: int | None = None) -> torch.Tensor:

@@ -48,6 +48,7 @@ def load(
     log: Callable[[str], None] = lambda message: None,
     store_size: int | None = None,
     crop_pct: float = 0.875,
+    eval_image_size: int | tuple[int, int] | None = None,
 ) -> Dataset:
     """Load a dataset from its spec, e.g. ``load("digits")`` or ``load("imagefolder:data/cifar10-jpeg")``.
 
@@ -55,7 +56,8 @@ def load(
     default ``~/.cache/convforge``) keyed by the file list, sizes and modification times.
     ``segfolder:DIR`` returns a :class:`~convforge.data.segfolder.SegDataset` (masks as labels).
     ``imagefolder:DIR`` with ``store_size`` keeps images of any size in image stores and returns a
-    :class:`~convforge.data.photos.PhotoDataset` (``image_size``: the crop; ``crop_pct``: evaluation).
+    :class:`~convforge.data.photos.PhotoDataset` (``image_size``: the training crop; ``crop_pct`` and
+    ``eval_image_size``, default ``image_size``: the evaluation view).
     """
     if not isinstance(spec, str):
         raise DataError(f"a data spec must be a string such as 'digits' or 'imagefolder:DIR', got {spec!r}")
@@ -67,7 +69,11 @@ def load(
         from convforge.data.photos import load_photo_folder
 
         return load_photo_folder(_existing_dir(arg), spec, image_size=size, store_size=store_size,  # type: ignore[return-value]
-                                 crop_pct=crop_pct, skip_bad_images=skip_bad_images, cache_dir=_path(cache_dir), log=log)
+                                 crop_pct=crop_pct, skip_bad_images=skip_bad_images, cache_dir=_path(cache_dir), log=log,
+                                 eval_image_size=_image_size(eval_image_size))
+    if eval_image_size is not None:
+        raise DataError("an evaluation image size of its own (eval_image_size) is for image-store data: "
+                        "add --store-size N with imagefolder:DIR")
     notes: list[str] = []
     augment = "crop-flip"
     if kind == "digits":

@@ -1,7 +1,7 @@
 """Batches from a variable-size image store, prepared ahead of the training step by background threads.
 
 The sample order and per-rank sharding are ``ShardedLoader``'s. Each global batch's random draws
-(crop boxes, flips, TrivialAugment ops) come from a generator seeded by (seed, epoch, global batch
+(crop boxes, flips, TrivialAugment or RandAugment ops) come from a generator seeded by (seed, epoch, global batch
 index) and each rank applies the draws of its own positions, so the result does not depend on thread
 timing, on where a resumed run starts, or on how many ranks share the global batch.
 """
@@ -10,11 +10,18 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from convforge.data.loader import ShardedLoader, epoch_permutation, flip_where, normalize
+from convforge.data.randaugment import (
+    RANDAUGMENT_MAGNITUDE,
+    RANDAUGMENT_NUM_OPS,
+    apply_randaugment,
+    check_randaugment,
+    randaugment_params,
+)
 from convforge.data.views import (
     apply_trivial_augment,
     crop_resize,
@@ -25,7 +32,8 @@ from convforge.data.views import (
 )
 from convforge.errors import ConfigError
 
-STORE_AUGMENTS = ("trivialaugment",)
+STORE_AUGMENTS = ("trivialaugment", "randaugment")
+SizeSchedule = Callable[[int], Sequence[int]]  # epoch (from 0) -> the (h, w) of that epoch's training crops
 
 
 class ImageSource(Protocol):
@@ -45,6 +53,30 @@ def batch_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + batch_index + 12_345)
 
 
+def progressive_step(image_size: Sequence[int]) -> int:
+    """The multiple progressive crop sizes are rounded to: 32 (as FFCV's ResNet recipes) when the shorter
+    side of ``image_size`` is at least 128, 16 from 64, else 8."""
+    short = min(int(v) for v in image_size)
+    return 32 if short >= 128 else 16 if short >= 64 else 8
+
+
+def progressive_size(epoch: int, image_size: Sequence[int], start: int, first: int, last: int) -> tuple[int, int]:
+    """The training crop (h, w) of ``epoch`` (counted from 0) under progressive resizing: the shorter side is
+    ``start`` up to epoch ``first`` and grows linearly to ``image_size``'s at epoch ``last`` (both counted from
+    1, as epoch lines print them), each side rounded to a multiple of ``progressive_step`` (never above
+    ``image_size``, never below the step); from epoch ``last`` on, ``image_size`` itself. A function of the
+    epoch only, so a resumed run sees the sizes of an uninterrupted one."""
+    height, width = int(image_size[0]), int(image_size[1])
+    number = epoch + 1
+    if number >= last:
+        return height, width
+    short, step = min(height, width), progressive_step((height, width))
+    t = 0.0 if number <= first else (number - first) / (last - first)
+    target = start + t * (short - start)  # the shorter side before rounding
+    return tuple(min(side, max(step, int(round(target * side / short / step)) * step))  # type: ignore[return-value]
+                 for side in (height, width))
+
+
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
@@ -54,13 +86,16 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 
 class StoreLoader(ShardedLoader):
     """Iterates over an image store in batches ``(x, y)``: x float normalised (N, C, h, w) on ``device``,
-    y int64. Training views are RandomResizedCrop (+ flip, + TrivialAugment); evaluation views
+    y int64. Training views are RandomResizedCrop (+ flip, + TrivialAugment or RandAugment); evaluation views
     (``train=False``) are resize + centre crop, in store order, with the last partial batch kept.
 
     ``prefetch`` batches are prepared by as many background threads (0: on the consumer's thread);
     memory is bounded by ``prefetch + 1`` batches. On CUDA, batches are pinned and copied per batch
     with ``non_blocking``; normalisation then runs on the device. ``center``: training order (shuffled,
     last partial batch dropped) with evaluation views, no random crop, flip or augmentation.
+    ``randaugment`` = (N, M): RandAugment's ops per image and magnitude level (``augment="randaugment"``).
+    ``size_schedule(epoch)``: the training crop size of each epoch (progressive resizing; default:
+    ``image_size`` throughout), a pure function of the epoch so that a resumed run sees the same sizes.
     """
 
     def __init__(
@@ -86,6 +121,8 @@ class StoreLoader(ShardedLoader):
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
+        randaugment: Sequence[int] = (RANDAUGMENT_NUM_OPS, RANDAUGMENT_MAGNITUDE),
+        size_schedule: SizeSchedule | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -110,10 +147,26 @@ class StoreLoader(ShardedLoader):
         self.drop_last = train if drop_last is None else drop_last
         self.seed, self.device, self.channels_last = seed, torch.device(device), channels_last
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.randaugment = (int(randaugment[0]), int(randaugment[1]))
+        self.size_schedule = size_schedule
+        self.pin_memory = self.device.type == "cuda"  # page-locked host batches: asynchronous copies
         self.epoch = 0
         self.last_indices = torch.empty(0, dtype=torch.long)
-        if train:  # fail now, not in a worker thread, on a bad scale or ratio
+        if train:  # fail now, not in a worker thread, on a bad scale, ratio, RandAugment or size schedule
             random_resized_crop_params(torch.ones(1, 2, dtype=torch.long), self.scale, self.ratio)
+            check_randaugment(*self.randaugment)
+            self.crop_size(0)
+
+    def crop_size(self, epoch: int | None = None) -> tuple[int, int]:
+        """The (h, w) of the training views of ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.size_schedule is None:
+            return self.image_size
+        return _pair(tuple(int(v) for v in self.size_schedule(epoch)), "the progressive crop size")
+
+    def epoch_record(self) -> dict[str, list[int]]:
+        """What the epoch record says of this loader's epoch: ``train_size`` [h, w] of its training views."""
+        return {"train_size": list(self.crop_size())} if self.train else {}
 
     def _global_batches(self) -> list[torch.Tensor]:
         """The epoch's global batches (``batch_size * world_size`` samples), as ``shard`` cuts them."""
@@ -143,24 +196,35 @@ class StoreLoader(ShardedLoader):
         positions = slice(self.rank, None, self.world_size)
         indices = global_indices[positions]
         images = [self.store.image(int(i)) for i in indices]
+        size = self.crop_size(epoch) if self.train else self.image_size
         if self.train and not self.center:
-            gen = batch_generator(self.seed, epoch, batch_index)
-            boxes = random_resized_crop_params(self.store.sizes[global_indices], self.scale, self.ratio, gen)
-            flips = flip_params(len(global_indices), gen)
-            ops, magnitudes = trivial_augment_params(len(global_indices), gen)
-            x = crop_resize(images, boxes[positions], self.image_size)
-            if self.flip:
-                x = flip_where(x, flips[positions])
-            if self.augment == "trivialaugment":
-                x = apply_trivial_augment(x, ops[positions], magnitudes[positions])
+            x = self._train_views(images, epoch, batch_index, global_indices, positions, size)
         else:
-            x = resize_center_crop_batch(images, self.image_size, self.crop_pct)
+            x = resize_center_crop_batch(images, size, self.crop_pct)
         y = self.store.labels[indices].to(torch.int64)
         if self.device.type == "cpu":
             return self._finish(x), y
-        if self.device.type == "cuda":
+        if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
+
+    def _train_views(self, images: list[torch.Tensor], epoch: int, batch_index: int, global_indices: torch.Tensor,
+                     positions: slice, size: tuple[int, int]) -> torch.Tensor:
+        """RandomResizedCrop (+ flip, + TrivialAugment or RandAugment) views of this rank's ``images``, from the
+        draws of the whole global batch (later draws are appended, so earlier ones never change)."""
+        gen = batch_generator(self.seed, epoch, batch_index)
+        boxes = random_resized_crop_params(self.store.sizes[global_indices], self.scale, self.ratio, gen)
+        flips = flip_params(len(global_indices), gen)
+        ops, magnitudes = trivial_augment_params(len(global_indices), gen)
+        x = crop_resize(images, boxes[positions], size)
+        if self.flip:
+            x = flip_where(x, flips[positions])
+        if self.augment == "trivialaugment":
+            x = apply_trivial_augment(x, ops[positions], magnitudes[positions])
+        elif self.augment == "randaugment":
+            ra_ops, ra_magnitudes = randaugment_params(len(global_indices), *self.randaugment, size, gen)
+            x = apply_randaugment(x, ra_ops[positions], ra_magnitudes[positions])
+        return x
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":

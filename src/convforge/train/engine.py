@@ -208,6 +208,7 @@ def end_epoch(state: TrainingState, hooks: Callback) -> dict[str, Any]:
         "epoch": epoch + 1,
         "train_loss": sums["loss"] / sums["seen"],
         **state.task.epoch_stats(sums),
+        **(state.loader.epoch_record() if hasattr(state.loader, "epoch_record") else {}),  # e.g. train_size
         "lr": state.lr,
         "images_per_s": state.seen_this_session / max(now - state.epoch_start, 1e-9),
         "train_time_s": sums["time"] + now - state.epoch_start,
@@ -259,10 +260,10 @@ def checkpoint_meta(cfg: TrainConfig, data: Any, model_args: dict, metrics: dict
     task = task or get_task("classify")
     return {
         "task": task.name,
-        **task.meta(data),
         "model": {"name": cfg.model, "args": model_args, "num_classes": data.num_classes, "in_chans": data.channels},
         "classes": list(getattr(data, "classes", [])),
         "input_size": list(input_size or (data.channels, *data.image_size)),
+        **task.meta(data),  # after input_size: a task may record another inference input (e.g. FixRes's)
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
         "data": {"spec": data.spec, "train": len(data.train),
                  "test": len(data.test) if getattr(data, "test", None) is not None else 0},

@@ -301,7 +301,7 @@ def _evaluate_store(loaded: LoadedModel, data: Any, split: str, mean: Sequence[f
     from convforge.train.evaluate import evaluate as evaluate_split
 
     _check_store_fits(loaded, data, split)
-    return evaluate_split(loaded.model, data.split(split), mean, std, view=(data.image_size, data.crop_pct),
+    return evaluate_split(loaded.model, data.split(split), mean, std, view=data.eval_view,
                           batch_size=batch_size, device=device, tta=tta, num_classes=len(loaded.classes),
                           details=True)
 
@@ -321,16 +321,17 @@ def _check_store_fits(loaded: LoadedModel, data: Any, split: str) -> None:
 def view_images(data: Any, split: str, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, h, w) evaluation views of images ``indices`` of one split of ``data`` in the data's own
     channels: a fixed-size split's images as they are, an image store's resized and centre-cropped as
-    :func:`evaluate` sees them (``data.image_size``, ``data.crop_pct``)."""
+    :func:`evaluate` sees them (``data.eval_view``: the evaluation crop and ``crop_pct``)."""
     part = data.split(split)
     if not getattr(data, "is_store", False):
         return part.images[torch.as_tensor(indices, dtype=torch.long)]
     from convforge.data.views import resize_center_crop_batch
 
+    size, crop_pct = data.eval_view
     images = [part.image(int(i)) for i in indices]
     if not images:
-        return torch.zeros(0, data.channels, *data.image_size, dtype=torch.uint8)
-    return resize_center_crop_batch(images, data.image_size, data.crop_pct)
+        return torch.zeros(0, data.channels, *size, dtype=torch.uint8)
+    return resize_center_crop_batch(images, size, crop_pct)
 
 
 def eval_views(loaded: LoadedModel, data: Any, split: str = "test", notes: list[str] | None = None,

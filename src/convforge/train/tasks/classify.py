@@ -68,13 +68,7 @@ class ClassifyTask(Task):
 
     def train_loader(self, data, cfg, model, device, rank, world_size):
         if getattr(data, "is_store", False):
-            from convforge.data.store_loader import StoreLoader
-
-            return StoreLoader(data.train, cfg.batch_size, data.mean, data.std, train=True, image_size=data.image_size,
-                               crop_pct=data.crop_pct, scale=tuple(cfg.rrc_scale), center=cfg.augment == "center",
-                               augment="trivialaugment" if cfg.augment == "rrc-flip-ta" else None,
-                               seed=cfg.seed, device=device, channels_last=cfg.channels_last, rank=rank,
-                               world_size=world_size)
+            return store_train_loader(data, cfg, device, rank, world_size)
         from convforge.data import BatchLoader
 
         return BatchLoader(data.train, cfg.batch_size, data.mean, data.std, shuffle=True, augment=cfg.augment,
@@ -124,7 +118,7 @@ class ClassifyTask(Task):
     def evaluate(self, model, data, split, cfg, device, rank, world_size):
         from convforge.train.evaluate import evaluate
 
-        view = (data.image_size, data.crop_pct) if getattr(data, "is_store", False) else None
+        view = data.eval_view if getattr(data, "is_store", False) else None
         result = evaluate(model, data.split(split), data.mean, data.std, view=view,
                           batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp, tta=cfg.eval_tta,
                           channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
@@ -132,7 +126,11 @@ class ClassifyTask(Task):
         return {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
 
     def meta(self, data: Any) -> dict[str, Any]:
-        return {"preprocess": data.preprocess()} if getattr(data, "is_store", False) else {}
+        """Store data: the evaluation transform, and its crop as the model's input size (FixRes: the
+        evaluation crop may differ from the training crop; eval, predict, export and quantize use it)."""
+        if not getattr(data, "is_store", False):
+            return {}
+        return {"preprocess": data.preprocess(), "input_size": [data.channels, *data.eval_view[0]]}
 
     def epoch_text(self, record: dict[str, Any], eval_splits: list[str]) -> list[str]:
         train = [f"train {record['train_top1']:.2f}%"] if "train_top1" in record else []
@@ -145,3 +143,23 @@ class ClassifyTask(Task):
 
     def done_text(self, final: dict[str, Any], select_key: str, wall_time_s: float) -> str:
         return f"done: test top-1 {final['test_top1']:.2f}% in {wall_time_s:.1f} s"
+
+
+def store_train_loader(data: Any, cfg: Any, device: torch.device, rank: int, world_size: int) -> Any:
+    """The StoreLoader of image-store training: RandomResizedCrop (``rrc_scale``, ``rrc_ratio``) + flip
+    (+ TrivialAugment or RandAugment), or centre views; crop size per epoch by ``progressive_resize``."""
+    from functools import partial
+
+    from convforge.data.photos import STORE_AUGMENT_OF
+    from convforge.data.store_loader import StoreLoader, progressive_size
+
+    schedule = None
+    if cfg.progressive_resize:
+        start, first, last = (int(v) for v in cfg.progressive_resize)
+        schedule = partial(progressive_size, image_size=data.image_size, start=start, first=first, last=last)
+    return StoreLoader(data.train, cfg.batch_size, data.mean, data.std, train=True, image_size=data.image_size,
+                       crop_pct=data.crop_pct, scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio),
+                       center=cfg.augment == "center", augment=STORE_AUGMENT_OF.get(cfg.augment),
+                       randaugment=tuple(int(v) for v in cfg.randaugment), size_schedule=schedule,
+                       seed=cfg.seed, device=device, channels_last=cfg.channels_last, rank=rank,
+                       world_size=world_size)
