@@ -8,6 +8,7 @@ timing, on where a resumed run starts, or on how many ranks share the global bat
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Protocol, Sequence
@@ -63,7 +64,7 @@ def progressive_step(image_size: Sequence[int]) -> int:
 def progressive_size(epoch: int, image_size: Sequence[int], start: int, first: int, last: int) -> tuple[int, int]:
     """The training crop (h, w) of ``epoch`` (counted from 0) under progressive resizing: the shorter side is
     ``start`` up to epoch ``first`` and grows linearly to ``image_size``'s at epoch ``last`` (both counted from
-    1, as epoch lines print them), each side rounded to a multiple of ``progressive_step`` (never above
+    1, as epoch lines print them), each side rounded (half up) to a multiple of ``progressive_step`` (never above
     ``image_size``, never below the step); from epoch ``last`` on, ``image_size`` itself. A function of the
     epoch only, so a resumed run sees the sizes of an uninterrupted one."""
     height, width = int(image_size[0]), int(image_size[1])
@@ -73,7 +74,7 @@ def progressive_size(epoch: int, image_size: Sequence[int], start: int, first: i
     short, step = min(height, width), progressive_step((height, width))
     t = 0.0 if number <= first else (number - first) / (last - first)
     target = start + t * (short - start)  # the shorter side before rounding
-    return tuple(min(side, max(step, int(round(target * side / short / step)) * step))  # type: ignore[return-value]
+    return tuple(min(side, max(step, math.floor(target * side / short / step + 0.5) * step))  # type: ignore[return-value]
                  for side in (height, width))
 
 
