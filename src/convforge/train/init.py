@@ -8,6 +8,7 @@ normalisation the weights were trained with.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from convforge.errors import ConfigError
-from convforge.models import create_model
+from convforge.models import PretrainedCfg, create_model, model_info
 
 DEFAULT_MODEL = "smallcnn"  # TrainConfig's default: "no --model given"
 
@@ -75,11 +76,95 @@ def is_foreign_weights(path: str) -> bool:
         return False
 
 
-def load_foreign_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any]) -> InitWeights:
+@dataclass
+class PretrainedDefaults:
+    """What a run from a foreign weight file takes from its model's registry ``pretrained_cfg``."""
+
+    model: str
+    cfg: PretrainedCfg
+    taken: list[str]  # the options filled in from the cfg, e.g. "image size 224"
+    kept: list[str]  # the run's own options that win over the cfg, e.g. "--crop-pct 0.9"
+    store: bool  # image-store data: the cfg's crop and resize apply (else only its mean/std)
+    warnings: list[str] = field(default_factory=list)
+
+
+def pretrained_defaults(config: Any) -> tuple[Any, PretrainedDefaults | None]:
+    """``config`` (a TrainConfig) with the registry's pretrained preprocessing where the user set none.
+
+    Only for ``--init`` with a foreign weight file of a model that has a ``pretrained_cfg`` (torchvision
+    weights for the ImageNet zoo). On image-store data (``--store-size``) an unset ``image_size`` becomes
+    the cfg's crop and an unset ``crop_pct`` its crop / resize; the cfg's mean/std are applied by
+    :func:`load_foreign_init`. Returns the config unchanged and None when nothing applies.
+    """
+    if not config.init or not is_foreign_weights(config.init):
+        return config, None
+    try:
+        cfg = model_info(config.model).pretrained_cfg
+    except ConfigError:  # an unknown --model: building it reports the error
+        return config, None
+    if cfg is None:
+        return config, None
+    pretrained_model = config.model
+    store = config.store_size is not None
+    changes: dict[str, Any] = {}
+    taken: list[str] = []
+    kept: list[str] = []
+    if store:
+        if config.image_size is None:
+            changes["image_size"] = cfg.image_size
+            taken.append(f"image size {cfg.image_size}")
+        else:
+            kept.append(f"--image-size {config.image_size}")
+        if config.crop_pct is None:
+            changes["crop_pct"] = cfg.crop_pct
+            taken.append(f"crop_pct {cfg.crop_pct:.4g} (resize {cfg.resize}, crop {cfg.image_size})")
+        else:
+            kept.append(f"--crop-pct {config.crop_pct:g}")
+    config = dataclasses.replace(config, **changes)
+    warnings = []
+    if store:
+        from convforge.data.views import DEFAULT_CROP_PCT, eval_resize_size
+
+        resize = min(eval_resize_size((config.image_size,) * 2, config.crop_pct or DEFAULT_CROP_PCT))
+        if config.store_size < resize:
+            warnings.append(f"--store-size {config.store_size} is below the {resize} px evaluation resize: "
+                            "images are upscaled")
+    return config, PretrainedDefaults(pretrained_model, cfg, taken, kept, store, warnings)
+
+
+def _preprocess_note(pretrained: PretrainedDefaults | None, data: Any) -> tuple[tuple, tuple, str, dict | None]:
+    """The normalisation of a run from a foreign file, the line that says where its preprocessing comes
+    from, and the ``pretrained`` record its checkpoints carry (None without a registry cfg)."""
+    cfg = pretrained.cfg if pretrained is not None else None
+    if cfg is None or len(cfg.mean) != data.channels:
+        why = "" if cfg is None else f" ({pretrained.model}'s published weights take {len(cfg.mean)} channels)"
+        return (tuple(data.mean), tuple(data.std),
+                f"--init: a foreign file does not say how its inputs were normalised{why}: using the data's "
+                "statistics", None)
+    assert pretrained is not None
+    source = cfg.weights or "the ImageNet default (no published weights known)"
+    parts = [f"mean ({', '.join(f'{v:.3f}' for v in cfg.mean)}), std ({', '.join(f'{v:.3f}' for v in cfg.std)})",
+             *pretrained.taken]
+    line = f"--init: preprocessing from the registry's pretrained cfg of {pretrained.model} ({source}): " \
+           + ", ".join(parts)
+    if pretrained.kept:
+        line += f"; the run's own {', '.join(pretrained.kept)} kept"
+    if not pretrained.store:
+        line += f"; add --store-size N (image folders) for its resize {cfg.resize} / crop {cfg.image_size} evaluation"
+    elif cfg.interpolation != "bilinear":
+        line += f"; its weights were evaluated with {cfg.interpolation} resizing, the image store resizes bilinear"
+    line += "".join(f"; {w}" for w in pretrained.warnings)
+    record = {"model": pretrained.model, **cfg.as_dict(), "taken": ["mean/std", *pretrained.taken]}
+    return tuple(cfg.mean), tuple(cfg.std), line, record
+
+
+def load_foreign_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any],
+                      pretrained: PretrainedDefaults | None = None) -> InitWeights:
     """A run's model built from ``--model`` with the weights of a foreign file (see ``read_state_dict``).
 
-    A head that does not fit the data's classes stays freshly initialised; the inputs are normalised
-    with the data's own statistics (a foreign file does not say what its weights were trained with).
+    A head that does not fit the data's classes stays freshly initialised. The inputs are normalised with
+    the mean/std of the model's registry ``pretrained_cfg`` (``pretrained``, from
+    :func:`pretrained_defaults`), else with the data's own statistics (the file does not say).
     """
     from convforge.models.weights import load_state_dict_checked, read_state_dict
 
@@ -102,14 +187,16 @@ def load_foreign_init(path: str, model: str, task: str, data: Any, model_args: d
             raise
         raise CheckpointError(f"{exc} --init {shown} is a foreign weight file (no convforge metadata): name its "
                               f"model with --model NAME (and --model-arg KEY=VALUE for its arguments)") from None
-    notes = [f"--init: weights from the foreign file {shown} ({model})",
-             "--init: a foreign file does not say how its inputs were normalised: using the data's statistics"]
+    mean, std, line, record = _preprocess_note(pretrained, data)
+    notes = [f"--init: weights from the foreign file {shown} ({model})", line]
     if replaced:
         notes.append(f"--init: the file's head ({', '.join(replaced)}) has another class count; a fresh head "
                      f"starts for the {data.num_classes} classes of {data.spec}")
     carried = {"init": {"checkpoint": shown, "model": model, "foreign": True,
                         "head": "reinitialised" if replaced else "kept"}}
-    return InitWeights(built, model, dict(model_args), tuple(data.mean), tuple(data.std), carried, notes)
+    if record is not None:
+        carried["init"]["pretrained_cfg"] = record
+    return InitWeights(built, model, dict(model_args), mean, std, carried, notes)
 
 
 def _carried_state(source: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
@@ -133,17 +220,19 @@ def _carried_state(source: dict[str, torch.Tensor], state: dict[str, torch.Tenso
     return state
 
 
-def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any]) -> InitWeights:
+def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any],
+              pretrained: PretrainedDefaults | None = None) -> InitWeights:
     """The model of a run started from checkpoint ``path`` on ``data`` (see the module docstring).
 
     ``model`` is the run's ``--model`` (the default means "take the checkpoint's"); ``model_args`` are
-    the run's own model arguments (e.g. a stochastic-depth rate), applied over the checkpoint's.
+    the run's own model arguments (e.g. a stochastic-depth rate), applied over the checkpoint's;
+    ``pretrained``: the registry preprocessing a foreign file's run takes (:func:`pretrained_defaults`).
     """
     from convforge.models.widths import apply_widths
     from convforge.train.checkpoint import load_checkpoint
 
     if is_foreign_weights(path):
-        return load_foreign_init(path, model, task, data, model_args)
+        return load_foreign_init(path, model, task, data, model_args, pretrained)
     ckpt = load_checkpoint(path)
     meta, shown = ckpt.meta, str(ckpt.path.resolve())
     spec = meta["model"]

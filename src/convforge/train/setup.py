@@ -102,6 +102,9 @@ def start_process(config: TrainConfig, role: ProcessRole | None, quiet: bool, ov
 def load_data(state: TrainingState) -> None:
     """The data (rank 0 first, so that only it fills the cache), the resolved config, --init weights, run dir."""
     config, role, task = state.cfg, state.role, state.task
+    from convforge.train.init import load_init, pretrained_defaults
+
+    config, pretrained = pretrained_defaults(config)  # --init FILE.pth: the weights' preprocessing by default
     if not role.is_main:
         barrier()
     data = task.load_data(config, state.say)
@@ -114,9 +117,7 @@ def load_data(state: TrainingState) -> None:
         state.say(f"note: {note}")
     state.model_args = task.model_args(cfg, data)
     if cfg.init:
-        from convforge.train.init import load_init
-
-        init = load_init(cfg.init, cfg.model, task.name, data, state.model_args)
+        init = load_init(cfg.init, cfg.model, task.name, data, state.model_args, pretrained)
         cfg.model, state.model_args = init.model_name, init.model_args
         cfg.init = init.meta["init"]["checkpoint"]  # absolute: a resume from elsewhere finds it
         data.mean, data.std = init.mean, init.std  # the inputs the weights were trained on
