@@ -8,7 +8,11 @@ Measured in one run on the same machine (issue 17, "data path speed"):
   JPEG, RandomResizedCrop and flip per image, to tensor, normalise; torch DataLoader with 2 worker processes);
   both draw the crop boxes with the same algorithm (convforge.data.views.random_resized_crop_params).
 
-    python benchmarks/photos_datapath.py [--images 2048] [--batch-size 64] [--store-size 160] [--no-record]
+With ``--train-model NAME`` (e.g. resnet18), also end-to-end training images/s of that model (forward,
+backward and SGD step, channels_last, optionally bf16 autocast) fed by each pipeline, in the same run.
+
+    python benchmarks/photos_datapath.py [--images 2048] [--batch-size 64] [--store-size 160]
+                                         [--train-model resnet18 [--train-steps 20] [--bf16]] [--no-record]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from convforge.data.imagefolder import list_image_folder  # noqa: E402
 from convforge.data.store import build_store  # noqa: E402
 from convforge.data.store_loader import StoreLoader  # noqa: E402
 from convforge.data.views import random_resized_crop_params  # noqa: E402
+from convforge.models.registry import create_model  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -73,17 +78,65 @@ def images_per_s(batches, limit: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def training_images_per_s(model_name: str, batches, steps: int, bf16: bool, num_classes: int) -> float:
+    """Training images/s of ``model_name`` (fresh, seeded) over ``steps`` SGD steps fed by ``batches``
+    (channels_last, bf16 autocast if asked), timed after two warm-up steps."""
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=num_classes).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    seen, start = 0, None
+    for step, (x, y) in enumerate(batches):
+        if step == 2:
+            start = time.perf_counter()
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), torch.as_tensor(y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if start is not None:
+            seen += x.shape[0]
+        if step >= steps + 1:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def end_to_end(args: argparse.Namespace, store, files: list[tuple[str, int]], classes: int) -> list[str]:
+    """The end-to-end rows: one model trained at 128 px on each pipeline."""
+    size = 128
+    ours = StoreLoader(store, args.batch_size, MEAN, STD, train=True, image_size=(size, size), seed=0, prefetch=2)
+    conventional = torch.utils.data.DataLoader(ConventionalDataset(files, size), batch_size=args.batch_size,
+                                               shuffle=True, num_workers=2, drop_last=True,
+                                               generator=torch.Generator().manual_seed(0))
+    rates = [training_images_per_s(args.train_model, pipeline, args.train_steps, args.bf16, classes)
+             for pipeline in (ours.iter_from(0), conventional)]
+    line = (f"| {args.train_model} {size} px{' bf16' if args.bf16 else ''} | {rates[0]:.1f} | {rates[1]:.1f} | "
+            f"{rates[0] / rates[1]:.2f}x |")
+    print(line, flush=True)
+    return ["", f"End-to-end training (batch {args.batch_size}, forward + backward + SGD, channels_last"
+                f"{', bf16 autocast' if args.bf16 else ''}, {args.train_steps} steps timed after 2 warm-up steps):",
+            "", "| model | store + StoreLoader (img/s) | PIL + DataLoader, 2 workers (img/s) | store / PIL |",
+            "|---|---:|---:|---:|", line]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2048, help="images timed per pipeline and size")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--store-size", type=int, default=160)
+    parser.add_argument("--store-images", type=int, default=0, help="train images in the store (0: all)")
+    parser.add_argument("--train-model", help="also time end-to-end training of this model on each pipeline")
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--bf16", action="store_true", help="end-to-end training under bf16 autocast")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
     root = extracted("imagewoof2-160.tar.gz", "imagewoof2-160")
     listing = list_image_folder(root)
     files = [(str(path), label) for path, label in listing.files["train"]]
+    if args.store_images:  # a seeded sample of every class, for smoke runs
+        keep = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:args.store_images]
+        files = [files[i] for i in sorted(keep.tolist())]
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -105,6 +158,7 @@ def main() -> None:
             best = max(ours.values())
             rows.append(f"| {size} px | {ours[0]:.0f} | {ours[2]:.0f} | {theirs:.0f} | {best / theirs:.2f}x |")
             print(rows[-1], flush=True)
+        trained = end_to_end(args, store, files, len(listing.classes)) if args.train_model else []
 
     record("Imagewoof-160 data path: image store vs per-image pipeline", [
         f"Store of the train split ({len(files):,} photos, shorter side <= {args.store_size} px, never upscaled): "
@@ -119,9 +173,13 @@ def main() -> None:
         "PIL per image + DataLoader, 2 worker processes (img/s) | best store / PIL |",
         "|---|---:|---:|---:|---:|",
         *rows,
+        *trained,
         "",
         f"Command: `python benchmarks/photos_datapath.py --images {args.images} --batch-size {args.batch_size} "
-        f"--store-size {args.store_size}`.",
+        f"--store-size {args.store_size}"
+        + (f" --train-model {args.train_model} --train-steps {args.train_steps}" if args.train_model else "")
+        + (" --bf16" if args.bf16 else "") + (f" --store-images {args.store_images}" if args.store_images else "")
+        + "`.",
     ], save=not args.no_record)
 
 
