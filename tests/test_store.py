@@ -388,7 +388,9 @@ def run_rank(local_rank: int, files, out: Path, faults: str = "") -> subprocess.
 def test_under_torchrun_local_rank_0_builds_and_the_other_rank_waits(tmp_path):
     files = make_files(tmp_path / "img", [(12, 10)] * 12)
     waiter = run_rank(1, files, tmp_path / "store")  # started first: it must wait, not build
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / ".store.lock").exists() and time.monotonic() < deadline:  # the waiter is looking
+        time.sleep(0.05)
     builder = run_rank(0, files, tmp_path / "store")
     (built, built_err), (waited, waited_err) = builder.communicate(timeout=60), waiter.communicate(timeout=60)
     assert builder.returncode == 0 and waiter.returncode == 0, built_err + waited_err
