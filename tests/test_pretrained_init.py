@@ -106,6 +106,10 @@ def test_defaults_fill_only_what_the_user_left_unset(tmp_path, torchvision_file)
     own, applied = pretrained_defaults(TrainConfig(**base, image_size=64, crop_pct=0.9))
     assert (own.image_size, own.crop_pct) == (64, 0.9) and applied.taken == []
     assert applied.kept == ["--image-size 64", "--crop-pct 0.9"]
+    _, applied = pretrained_defaults(TrainConfig(**base, image_size=[192, 256], eval_image_size=[224, 288]))
+    assert applied.warnings == []  # non-square sizes: the evaluation resize (256 x 329) is the one checked
+    _, applied = pretrained_defaults(TrainConfig(**base, image_size=[192, 256], eval_image_size=[288, 320]))
+    assert applied.warnings == ["--store-size 300 is below the 329 px evaluation resize: images are upscaled"]
     half, _ = pretrained_defaults(TrainConfig(**base, crop_pct=0.95))
     assert (half.image_size, half.crop_pct) == (224, 0.95)
     _, applied = pretrained_defaults(TrainConfig(**{**base, "store_size": 160}))

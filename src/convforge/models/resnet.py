@@ -195,6 +195,7 @@ class ResNet(Classifier):
     stage keep its input resolution and dilate its 3x3 convolutions instead (the first block of the
     stage keeps the previous dilation): ``(False, False, True)`` gives output stride 16,
     ``(False, True, True)`` output stride 8, for dense prediction. Parameters are unchanged.
+    ``zero_init_residual`` (as torchvision) zeroes the last BatchNorm scale of every residual branch.
     """
 
     def __init__(
@@ -210,6 +211,7 @@ class ResNet(Classifier):
         drop_path_rate: float = 0.0,
         block_args: dict[str, Any] | None = None,
         replace_stride_with_dilation: Sequence[bool] | None = None,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         dilate = tuple(bool(flag) for flag in (replace_stride_with_dilation or (False, False, False)))
@@ -252,6 +254,11 @@ class ResNet(Classifier):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:  # Goyal et al. 2017: each block starts as the identity (helps short schedules)
+            for m in self.modules():
+                last_bn = getattr(m, "bn3", None) if isinstance(m, Bottleneck) else getattr(m, "bn2", None)
+                if isinstance(m, (BasicBlock, Bottleneck)) and last_bn is not None:
+                    nn.init.zeros_(last_bn.weight)
 
     def _make_layer(
         self, block: type[nn.Module], planes: int, blocks: int, stride: int, rates, dilate: bool = False
@@ -330,9 +337,10 @@ def _register_resnet(depth: int, params: int, gmacs: float, top1: float) -> None
         deep_stem: bool = False,
         avg_down: bool = False,
         drop_path_rate: float = 0.0,
+        zero_init_residual: bool = False,
     ) -> ResNet:
         return ResNet(block, layers, num_classes, in_chans, deep_stem=deep_stem, avg_down=avg_down,
-                      drop_path_rate=drop_path_rate)
+                      drop_path_rate=drop_path_rate, zero_init_residual=zero_init_residual)
 
 
 for _depth, _params, _gmacs, _top1 in (

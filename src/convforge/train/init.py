@@ -123,9 +123,11 @@ def pretrained_defaults(config: Any) -> tuple[Any, PretrainedDefaults | None]:
     config = dataclasses.replace(config, **changes)
     warnings = []
     if store:
+        from convforge.config import size_pair
         from convforge.data.views import DEFAULT_CROP_PCT, eval_resize_size
 
-        resize = min(eval_resize_size((config.image_size,) * 2, config.crop_pct or DEFAULT_CROP_PCT))
+        eval_size = size_pair(config.eval_image_size or config.image_size, "image_size")
+        resize = min(eval_resize_size(eval_size, config.crop_pct or DEFAULT_CROP_PCT))
         if config.store_size < resize:
             warnings.append(f"--store-size {config.store_size} is below the {resize} px evaluation resize: "
                             "images are upscaled")
