@@ -243,11 +243,14 @@ def _check_store_options(cfg: TrainConfig) -> None:
                    if getattr(cfg, name) != default]
         if changed:
             raise ConfigError(f"{', '.join(changed)}: only for image-store data: add --store-size N "
-                              "(with --data imagefolder:DIR)")
+                              "(with --data imagefolder:DIR or wds:DIR)")
+        if cfg.data.strip().lower().startswith("wds:"):
+            raise ConfigError("--data wds:DIR (WebDataset shards) needs --store-size N: the shorter side the "
+                              "images are decoded to, as for image stores")
         return
-    if not cfg.data.strip().lower().startswith("imagefolder:"):
-        raise ConfigError(f"--store-size needs --data imagefolder:DIR (an image folder of any image sizes), "
-                          f"got {_short(cfg.data)}")
+    if not cfg.data.strip().lower().startswith(("imagefolder:", "wds:")):
+        raise ConfigError(f"--store-size needs --data imagefolder:DIR (an image folder of any image sizes) or "
+                          f"wds:DIR (WebDataset tar shards), got {_short(cfg.data)}")
 
 
 def _check_store_augments(cfg: TrainConfig) -> None:

@@ -1,5 +1,6 @@
 """``--data`` specs: ``digits``, ``synthetic[:k=v,...]``, ``mnist:DIR``, ``cifar10:DIR``, ``imagefolder:DIR``,
-``segfolder:DIR`` (segmentation: images with class-index masks, see ``convforge.data.segfolder``)."""
+``segfolder:DIR`` (segmentation: images with class-index masks, see ``convforge.data.segfolder``), ``wds:DIR``
+(WebDataset tar shards, with ``store_size``: see ``convforge.data.shard_dataset``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from convforge.data.paths import printable
 from convforge.data.segfolder import load_segfolder
 from convforge.errors import DataError
 
-KINDS = ("digits", "synthetic", "mnist", "cifar10", "imagefolder", "segfolder")
+KINDS = ("digits", "synthetic", "mnist", "cifar10", "imagefolder", "segfolder", "wds")
+STORE_KINDS = ("imagefolder", "wds")  # the kinds --store-size reads (image stores, WebDataset shards)
 SYNTHETIC_OPTIONS = {"classes": int, "size": int, "channels": int, "train": int, "test": int, "seed": int}
 # Smallest and largest value of each synthetic option, and the most pixel values it may generate
 # (as float32 before quantisation, so about 1 GiB at the limit).
@@ -33,8 +35,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
         if _exists(spec):
             seg = _exists(str(Path(spec) / "classes.txt"))
             hint = f" For a folder of {'images with masks' if seg else 'images'} use {'segfolder' if seg else 'imagefolder'}:{printable(spec)}."
-        raise DataError(f"unknown data spec {spec!r}: use one of digits, synthetic, mnist:DIR, cifar10:DIR, imagefolder:DIR, segfolder:DIR.{hint}")
-    if kind in ("mnist", "cifar10", "imagefolder", "segfolder") and not arg:
+        raise DataError(f"unknown data spec {spec!r}: use one of digits, synthetic, mnist:DIR, cifar10:DIR, imagefolder:DIR, segfolder:DIR, wds:DIR.{hint}")
+    if kind in ("mnist", "cifar10", "imagefolder", "segfolder", "wds") and not arg:
         raise DataError(f"data spec {spec!r} needs a directory: {kind}:DIR")
     return kind, arg
 
@@ -57,15 +59,26 @@ def load(
     ``segfolder:DIR`` returns a :class:`~convforge.data.segfolder.SegDataset` (masks as labels).
     ``imagefolder:DIR`` with ``store_size`` keeps images of any size in image stores and returns a
     :class:`~convforge.data.photos.PhotoDataset` (``image_size``: the training crop; ``crop_pct`` and
-    ``eval_image_size``, default ``image_size``: the evaluation view).
+    ``eval_image_size``, default ``image_size``: the evaluation view). ``wds:DIR`` (WebDataset shards, see
+    :mod:`convforge.data.shards`) needs ``store_size`` and returns a
+    :class:`~convforge.data.shard_dataset.ShardDataset` decoded and viewed as image stores are.
     """
     if not isinstance(spec, str):
         raise DataError(f"a data spec must be a string such as 'digits' or 'imagefolder:DIR', got {spec!r}")
     kind, arg = parse_spec(spec)
     size = _image_size(image_size)
+    if kind == "wds" and store_size is None:
+        raise DataError(f"wds:DIR data (WebDataset shards) needs --store-size N (the shorter side images are "
+                        f"decoded to, as for image stores), got {spec!r} without it")
     if store_size is not None:
-        if kind != "imagefolder":
-            raise DataError(f"--store-size is for imagefolder:DIR data, not {spec!r}")
+        if kind not in STORE_KINDS:
+            raise DataError(f"--store-size is for imagefolder:DIR or wds:DIR data, not {spec!r}")
+        if kind == "wds":
+            from convforge.data.shard_dataset import load_shard_folder
+
+            return load_shard_folder(_existing_dir(arg), spec, image_size=size, store_size=store_size,  # type: ignore[return-value]
+                                     crop_pct=crop_pct, skip_bad_images=skip_bad_images, log=log,
+                                     eval_image_size=_image_size(eval_image_size))
         from convforge.data.photos import load_photo_folder
 
         return load_photo_folder(_existing_dir(arg), spec, image_size=size, store_size=store_size,  # type: ignore[return-value]
@@ -73,7 +86,7 @@ def load(
                                  eval_image_size=_image_size(eval_image_size))
     if eval_image_size is not None:
         raise DataError("an evaluation image size of its own (eval_image_size) is for image-store data: "
-                        "add --store-size N with imagefolder:DIR")
+                        "add --store-size N with imagefolder:DIR or wds:DIR")
     notes: list[str] = []
     augment = "crop-flip"
     if kind == "digits":

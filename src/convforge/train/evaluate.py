@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convforge.data import BatchLoader, Split
+from convforge.errors import ConfigError
 from convforge.train.distributed import all_reduce_sum
 
 
@@ -41,15 +42,22 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``split``: a fixed-size :class:`Split`, or an image store whose evaluation transform
+    """Evaluate ``model`` on ``split``: a fixed-size :class:`Split`, or an image store or a shard split
+    (``convforge.data.shard_dataset.ShardSplit``, read in shard order) whose evaluation transform
     ``view`` = (image size, crop_pct) resizes each image to size / crop_pct and centre-crops it.
     ``details`` adds per-class accuracy and the confusion matrix.
 
     With ``world_size`` > 1 each process evaluates its share of the images and the counts are summed.
     """
-    if view is None:
-        loader: Any = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last,
-                                  rank=rank, world_size=world_size)
+    if getattr(split, "is_shards", False):
+        if view is None:
+            raise ConfigError("evaluating shards needs their view: (image size, crop_pct)")
+        loader: Any = split.loader(batch_size, mean, std, image_size=tuple(view[0]), crop_pct=view[1], device=device,
+                                   channels_last=channels_last, rank=rank, world_size=world_size)
+        num_classes = num_classes or len(split.shards.classes)
+    elif view is None:
+        loader = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last,
+                             rank=rank, world_size=world_size)
     else:
         from convforge.data.store_loader import StoreLoader
 

@@ -258,7 +258,7 @@ def evaluate(
         data = load_eval_data(loaded, data, image_size, skip_bad_images)
     notes: list[str] = list(loaded.notes) + list(data.notes)
     mean, std = normalization_for(loaded, data, notes)
-    if getattr(data, "is_store", False):
+    if getattr(data, "is_store", False) or getattr(data, "is_shards", False):
         result = _evaluate_store(loaded, data, split, mean, std, notes, batch_size, device, tta)
     else:
         from convforge.train.evaluate import evaluate as evaluate_split
@@ -275,10 +275,10 @@ def evaluate(
 def load_eval_data(loaded: LoadedModel, spec: str, image_size: int | Sequence[int] | None = None,
                    skip_bad_images: bool = False) -> Any:
     """The data :func:`evaluate` scores ``loaded`` on for ``spec``: image stores evaluated as the checkpoint's
-    ``preprocess`` records (an image folder and a store-trained model), else the data at ``image_size`` or the
-    model's trained image size (or crop)."""
+    ``preprocess`` records (an image folder or WebDataset shards and a store- or shard-trained model), else the
+    data at ``image_size`` or the model's trained image size (or crop)."""
     preprocess = loaded.meta.get("preprocess")
-    if preprocess and spec.strip().lower().startswith("imagefolder:"):
+    if preprocess and spec.strip().lower().startswith(("imagefolder:", "wds:")):
         return load_store_data(spec, preprocess, image_size, skip_bad_images)
     crop = preprocess["crop"] if preprocess else loaded.trained_image_size
     return load_data(spec, image_size or crop, skip_bad_images)
@@ -340,6 +340,10 @@ def eval_views(loaded: LoadedModel, data: Any, split: str = "test", notes: list[
     order (the first ``limit`` images only, when given): labels in the model's class order, images at its
     channel count; image stores give their evaluation views (the checkpoint's resize + centre crop)."""
     notes = notes if notes is not None else []
+    if getattr(data, "is_shards", False):
+        _check_store_fits(loaded, data, split)
+        yield from _shard_views(data, split, batch_size, limit)
+        return
     if getattr(data, "is_store", False):
         _check_store_fits(loaded, data, split)
         labels = data.split(split).labels
@@ -354,6 +358,21 @@ def eval_views(loaded: LoadedModel, data: Any, split: str = "test", notes: list[
         else:
             images = part.images[start:stop]
         yield images, labels[start:stop]
+
+
+def _shard_views(data: Any, split: str, batch_size: int,
+                 limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 evaluation views and labels of one split of shard data, streamed in shard order."""
+    size, crop_pct = data.eval_view
+    identity = ([0.0] * data.channels, [1 / 255] * data.channels)  # normalised values = the uint8 pixels
+    left = limit
+    for x, y in data.split(split).loader(batch_size, *identity, image_size=size, crop_pct=crop_pct):
+        if left is not None:
+            x, y, left = x[:left], y[:left], left - len(y[:left])
+        if len(y):
+            yield x.round().clamp_(0, 255).to(torch.uint8), y
+        if left == 0:
+            return
 
 
 def dense_data(loaded: LoadedModel, spec: str | None = None, batch_size: int = 16,

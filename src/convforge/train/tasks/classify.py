@@ -38,7 +38,7 @@ class ClassifyTask(Task):
             return
         if cfg.augment in PHOTO_AUGMENTS:
             raise ConfigError(f"--augment {cfg.augment} is for image-store data: add --store-size N "
-                              f"(with --data imagefolder:DIR), or use one of {', '.join(AUGMENTS)}")
+                              f"(with --data imagefolder:DIR or wds:DIR), or use one of {', '.join(AUGMENTS)}")
         if store and cfg.augment in AUGMENTS:
             raise ConfigError(f"--augment {cfg.augment} is for fixed-size data; with --store-size use one of "
                               f"{', '.join(PHOTO_AUGMENTS)}")
@@ -47,7 +47,7 @@ class ClassifyTask(Task):
 
     def prepare_model(self, model: nn.Module, data: Any, cfg: Any, from_init: bool) -> None:
         """Data-dependent initialisation (e.g. SpeedNet's whitening stem) from a seeded sample of train images
-        (for store data, their evaluation views).
+        (for store data, their evaluation views; for shard data, a seeded sample's evaluation views).
 
         Every rank draws the same sample, so all processes start from the same weights; a resumed run
         overwrites them with the saved ones.
@@ -58,6 +58,9 @@ class ClassifyTask(Task):
         from convforge.data.loader import epoch_permutation
         from convforge.data.views import resize_center_crop_batch
 
+        if getattr(data, "is_shards", False):
+            model.init_from_data(normalize(data.sample_views(DATA_INIT_IMAGES, cfg.seed), data.mean, data.std))
+            return
         indices = epoch_permutation(len(data.train), cfg.seed, -1)[:DATA_INIT_IMAGES]
         if getattr(data, "is_store", False):
             images = resize_center_crop_batch([data.train.image(int(i)) for i in indices], data.image_size,
@@ -67,7 +70,7 @@ class ClassifyTask(Task):
         model.init_from_data(normalize(images, data.mean, data.std))
 
     def train_loader(self, data, cfg, model, device, rank, world_size):
-        if getattr(data, "is_store", False):
+        if getattr(data, "is_store", False) or getattr(data, "is_shards", False):
             return store_train_loader(data, cfg, device, rank, world_size)
         from convforge.data import BatchLoader
 
@@ -118,7 +121,7 @@ class ClassifyTask(Task):
     def evaluate(self, model, data, split, cfg, device, rank, world_size):
         from convforge.train.evaluate import evaluate
 
-        view = data.eval_view if getattr(data, "is_store", False) else None
+        view = data.eval_view if getattr(data, "is_store", False) or getattr(data, "is_shards", False) else None
         result = evaluate(model, data.split(split), data.mean, data.std, view=view,
                           batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp, tta=cfg.eval_tta,
                           channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
@@ -126,9 +129,9 @@ class ClassifyTask(Task):
         return {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
 
     def meta(self, data: Any) -> dict[str, Any]:
-        """Store data: the evaluation transform, and its crop as the model's input size (FixRes: the
+        """Store and shard data: the evaluation transform, and its crop as the model's input size (FixRes: the
         evaluation crop may differ from the training crop; eval, predict, export and quantize use it)."""
-        if not getattr(data, "is_store", False):
+        if not (getattr(data, "is_store", False) or getattr(data, "is_shards", False)):
             return {}
         return {"preprocess": data.preprocess(), "input_size": [data.channels, *data.eval_view[0]]}
 
@@ -146,8 +149,9 @@ class ClassifyTask(Task):
 
 
 def store_train_loader(data: Any, cfg: Any, device: torch.device, rank: int, world_size: int) -> Any:
-    """The StoreLoader of image-store training: RandomResizedCrop (``rrc_scale``, ``rrc_ratio``) + flip
-    (+ TrivialAugment or RandAugment), or centre views; crop size per epoch by ``progressive_resize``."""
+    """The StoreLoader of image-store training (a ShardLoader of shard data's train shards):
+    RandomResizedCrop (``rrc_scale``, ``rrc_ratio``) + flip (+ TrivialAugment or RandAugment), or centre
+    views; crop size per epoch by ``progressive_resize``."""
     from functools import partial
 
     from convforge.data.photos import STORE_AUGMENT_OF
@@ -157,9 +161,12 @@ def store_train_loader(data: Any, cfg: Any, device: torch.device, rank: int, wor
     if cfg.progressive_resize:
         start, first, last = (int(v) for v in cfg.progressive_resize)
         schedule = partial(progressive_size, image_size=data.image_size, start=start, first=first, last=last)
+    options = dict(scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio), center=cfg.augment == "center",
+                   augment=STORE_AUGMENT_OF.get(cfg.augment), randaugment=tuple(int(v) for v in cfg.randaugment),
+                   size_schedule=schedule, seed=cfg.seed, device=device, channels_last=cfg.channels_last, rank=rank,
+                   world_size=world_size)
+    if getattr(data, "is_shards", False):
+        return data.train.loader(cfg.batch_size, data.mean, data.std, train=True, image_size=data.image_size,
+                                 crop_pct=data.crop_pct, **options)
     return StoreLoader(data.train, cfg.batch_size, data.mean, data.std, train=True, image_size=data.image_size,
-                       crop_pct=data.crop_pct, scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio),
-                       center=cfg.augment == "center", augment=STORE_AUGMENT_OF.get(cfg.augment),
-                       randaugment=tuple(int(v) for v in cfg.randaugment), size_schedule=schedule,
-                       seed=cfg.seed, device=device, channels_last=cfg.channels_last, rank=rank,
-                       world_size=world_size)
+                       crop_pct=data.crop_pct, **options)
