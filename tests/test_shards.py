@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from convforge import TrainConfig, fit
+from convforge.cli import main
+from convforge.data import load
 from convforge.data.shards import ShardLoader, open_shards, write_shards
-from convforge.errors import DataError
-from helpers import make_image_folder
+from convforge.errors import ConfigError, DataError
+from convforge.models import create_model
+from convforge.train import TrainingInterrupted
+from convforge.train.checkpoint import load_checkpoint
+from convforge.train.evaluate import evaluate as evaluate_split
+from convforge.train.inference import as_loaded, evaluate
+from helpers import make_image_folder, read_jsonl, save_image
 
 pytest.importorskip("webdataset")
 
@@ -93,3 +105,187 @@ def test_a_folder_without_shards_or_classes_is_explained(tmp_path):
     (tmp_path / "classes.json").write_text('{"classes": ["a"]}')
     with pytest.raises(DataError, match="no shards"):
         open_shards(tmp_path)
+
+
+# ---------------------------------------------------------------- wds:DIR as training and evaluation data
+
+PHOTO_SIZES = [(24, 40), (40, 24), (32, 32), (30, 44)]
+
+
+def make_photos(root: Path, per_class: dict[str, int]) -> Path:
+    """Three classes told apart by their mean colour, images of varied sizes and aspect ratios."""
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    for split, count in per_class.items():
+        for name, colour in colours.items():
+            for i in range(count):
+                h, w = PHOTO_SIZES[i % len(PHOTO_SIZES)]
+                noise = rng.integers(-60, 60, size=(h, w, 3))
+                save_image(root / split / name / f"{i}.png",
+                           np.clip(np.array(colour)[None, None] + noise, 0, 255).astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder, its shards): 24 train images in 3 shards, 9 val images in 2."""
+    root = tmp_path_factory.mktemp("wds")
+    photos = make_photos(root / "photos", {"train": 8, "val": 3})
+    write_shards(photos, root / "shards", shard_size=8)
+    return photos, root / "shards"
+
+
+def _config(shards: Path, out: Path, **extra) -> TrainConfig:
+    values = dict(model="smallcnn", data=f"wds:{shards}", store_size=20, image_size=16, epochs=2, batch_size=8,
+                  threads=1, seed=3, model_args={"widths": [8, 16, 32]}, out=str(out))
+    return TrainConfig(**{**values, **extra})
+
+
+def test_load_gives_a_shard_dataset_like_the_image_store(photo_shards):
+    photos, shards = photo_shards
+    data = load(f"wds:{shards}", image_size=16, store_size=20)
+    store = load(f"imagefolder:{photos}", image_size=16, store_size=20)
+    assert data.is_shards and not data.is_store and data.classes == store.classes == ["blue", "green", "red"]
+    assert (len(data.train), len(data.test), data.val, data.channels) == (24, 9, None, 3)
+    assert data.preprocess() == store.preprocess() and data.eval_view == store.eval_view
+    assert data.mean == pytest.approx(store.mean, abs=1e-6) and data.std == pytest.approx(store.std, abs=1e-6)
+    assert load(f"wds:{shards}", image_size=16, store_size=20).mean == data.mean  # a seeded sample
+
+
+def test_shard_and_store_evaluation_give_the_same_scores(photo_shards):
+    photos, shards = photo_shards
+    data = load(f"wds:{shards}", image_size=16, store_size=20, crop_pct=0.8)
+    store = load(f"imagefolder:{photos}", image_size=16, store_size=20, crop_pct=0.8)
+    torch.manual_seed(0)
+    model = create_model("smallcnn", num_classes=3, in_chans=3, widths=[8, 16, 32])
+    got = evaluate_split(model, data.test, store.mean, store.std, view=store.eval_view, batch_size=4, num_classes=3)
+    want = evaluate_split(model, store.test, store.mean, store.std, view=store.eval_view, batch_size=4, num_classes=3)
+    assert got["images"] == want["images"] == 9 and got["confusion"] == want["confusion"]
+    assert got["top1"] == want["top1"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+
+def test_train_on_shards_and_evaluate_the_checkpoint(tmp_path, photo_shards, capsys):
+    photos, shards = photo_shards
+    run = tmp_path / "run"
+    assert main(["train", "--data", f"wds:{shards}", "--store-size", "20", "--image-size", "16", "--model",
+                 "smallcnn", "--model-arg", "widths=[8, 16, 32]", "--epochs", "2",
+                 "--batch-size", "8", "--threads", "1", "--seed", "3", "--out", str(run)]) == 0
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2] and np.isfinite(records[-1]["train_loss"])
+    ckpt = load_checkpoint(run / "last.safetensors")
+    assert ckpt.meta["preprocess"]["crop"] == [16, 16] and ckpt.meta["preprocess"]["store_size"] == 20
+    assert ckpt.meta["data"] == {"spec": f"wds:{shards}", "train": 24, "test": 9}
+    loaded = as_loaded(ckpt)
+    own = evaluate(loaded)  # the checkpoint's own data: the shards
+    assert own["top1"] == records[-1]["test_top1"] and own["images"] == 9
+    assert own["loss"] == pytest.approx(records[-1]["test_loss"], rel=1e-6)
+    assert evaluate(loaded, f"imagefolder:{photos}")["top1"] == records[-1]["test_top1"]
+    capsys.readouterr()
+    assert main(["eval", str(run / "last.safetensors"), "--data", f"wds:{shards}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == records[-1]["test_top1"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, photo_shards) -> Path:
+    """An uninterrupted 2-epoch TrivialAugment run on the shards."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    fit(_config(photo_shards[1], out, augment="rrc-flip-ta"), quiet=True)
+    return out
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    got, want = load_file(str(run / "last.safetensors")), load_file(str(reference / "last.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    keys = ("epoch", "train_loss", "train_top1", "test_top1", "test_loss", "lr")
+    assert ([[r[k] for k in keys] for r in read_jsonl(run / "metrics.jsonl")]
+            == [[r[k] for k in keys] for r in read_jsonl(reference / "metrics.jsonl")])
+
+
+def test_resume_after_an_epoch_end_equals_an_uninterrupted_run(tmp_path, photo_shards, reference_run):
+    run = tmp_path / "run"
+
+    def stop_after_one(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        fit(_config(photo_shards[1], run, augment="rrc-flip-ta"), on_epoch_end=stop_after_one, quiet=True)
+    fit(TrainConfig(resume=str(run)), quiet=True)
+    _assert_same_run(run, reference_run)
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, photo_shards, reference_run, monkeypatch):
+    real, fired = ShardLoader.iter_from, []
+
+    def iter_from(self, start_batch):  # KeyboardInterrupt instead of batch 1 of epoch 2, once
+        batches = real(self, start_batch)
+        if not (self.train and self.epoch == 1 and not fired):
+            return batches
+
+        def interrupted():
+            for index, batch in enumerate(batches, start=start_batch):
+                if index == 1:
+                    fired.append(index)
+                    raise KeyboardInterrupt
+                yield batch
+        return interrupted()
+
+    monkeypatch.setattr(ShardLoader, "iter_from", iter_from)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        fit(_config(photo_shards[1], run, augment="rrc-flip-ta"), quiet=True)
+    assert fired and "interrupted at epoch 2, batch 1" in (run / "train.log").read_text()
+    fit(TrainConfig(resume=str(run)), quiet=True)
+    _assert_same_run(run, reference_run)
+
+
+@pytest.mark.parametrize("options", [{}, {"augment": "randaugment", "skip_bad_images": True},
+                                     {"augment": "trivialaugment", "shuffle_buffer": 1}])
+def test_a_mid_epoch_start_gives_the_rest_of_the_uninterrupted_epoch(shards, options):
+    shard_set, _ = shards
+    whole = loader(shard_set, seed=5, shuffle_buffer=options.pop("shuffle_buffer", 5), **options)
+    whole.set_epoch(1)
+    batches = list(whole)
+    rest = list(whole.iter_from(4))
+    assert len(batches) == 6 and len(rest) == 2
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(batches[4:], rest))
+    assert list(whole.iter_from(6)) == []
+
+
+def test_shard_augments_are_seeded_and_apply(shards):
+    shard_set, _ = shards
+    plain = [x for x, _ in loader(shard_set, seed=1)]
+    for augment in ("trivialaugment", "randaugment"):
+        first = [x for x, _ in loader(shard_set, seed=1, augment=augment)]
+        assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in loader(shard_set, seed=1, augment=augment)]))
+        assert not all(torch.equal(a, b) for a, b in zip(first, plain))
+    center = loader(shard_set, center=True)
+    x, _ = next(iter(center))
+    assert torch.equal(center.clean_batch(center.last_indices), x)
+    with pytest.raises(ConfigError, match="unknown shard augment"):
+        loader(shard_set, augment="autoaugment")
+
+
+def test_other_augments_train_on_shards(tmp_path, photo_shards):
+    _, shards = photo_shards
+    summary = fit(_config(shards, tmp_path / "run", epochs=1, augment="rrc-flip-ra", randaugment=[1, 5],
+                          model="speednet", model_args={}), quiet=True)
+    assert np.isfinite(summary["test_top1"])
+
+
+def test_shard_options_are_checked(tmp_path, photo_shards):
+    photos, shards = photo_shards
+    with pytest.raises(ConfigError, match="wds:DIR .* needs --store-size"):
+        _config(shards, tmp_path / "run", store_size=None).validate()
+    with pytest.raises(ConfigError, match="imagefolder:DIR .* or wds:DIR"):
+        _config(shards, tmp_path / "run", data="digits").validate()
+    with pytest.raises(DataError, match="needs --store-size"):
+        load(f"wds:{shards}")
+    with pytest.raises(DataError, match="classes.json"):
+        load(f"wds:{photos}", store_size=20)
+    only_train = tmp_path / "only-train"
+    only_train.mkdir()
+    for name in ("classes.json", "train-000000.tar"):
+        (only_train / name).write_bytes((shards / name).read_bytes())
+    with pytest.raises(DataError, match="no val-"):
+        load(f"wds:{only_train}", store_size=20)
