@@ -22,7 +22,7 @@ from convforge.models import create_model
 from convforge.train import TrainingInterrupted
 from convforge.train.checkpoint import load_checkpoint
 from convforge.train.evaluate import evaluate as evaluate_split
-from convforge.train.inference import as_loaded, evaluate
+from convforge.train.inference import as_loaded, eval_views, evaluate, load_eval_data
 from helpers import make_image_folder, read_jsonl, save_image
 
 pytest.importorskip("webdataset")
@@ -180,6 +180,12 @@ def test_train_on_shards_and_evaluate_the_checkpoint(tmp_path, photo_shards, cap
     assert own["top1"] == records[-1]["test_top1"] and own["images"] == 9
     assert own["loss"] == pytest.approx(records[-1]["test_loss"], rel=1e-6)
     assert evaluate(loaded, f"imagefolder:{photos}")["top1"] == records[-1]["test_top1"]
+    shard_data = load_eval_data(loaded, f"wds:{shards}")
+    assert [len(y) for _, y in eval_views(loaded, shard_data, batch_size=4, limit=7)] == [4, 3]
+    got, want = ([(int(label), image.numpy().tobytes())
+                  for x, y in eval_views(loaded, data) for image, label in zip(x, y)]
+                 for data in (shard_data, load_eval_data(loaded, f"imagefolder:{photos}")))
+    assert len(got) == 9 and sorted(got) == sorted(want)  # the report's views: the same images, in shard order
     capsys.readouterr()
     assert main(["eval", str(run / "last.safetensors"), "--data", f"wds:{shards}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == records[-1]["test_top1"]
