@@ -189,6 +189,12 @@ def test_train_on_shards_and_evaluate_the_checkpoint(tmp_path, photo_shards, cap
     capsys.readouterr()
     assert main(["eval", str(run / "last.safetensors"), "--data", f"wds:{shards}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == records[-1]["test_top1"]
+    pytest.importorskip("onnxruntime")
+    assert main(["quantize", str(run / "last.safetensors"), "--calib-data", f"wds:{shards}", "--calib-samples", "10",
+                 "--out", str(tmp_path / "int8.onnx"), "--json"]) == 0  # calibrated and scored on streamed shards
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration_images"] == 10 and report["eval"]["images"] == 9
+    assert report["top1_torch"] == records[-1]["test_top1"]
 
 
 @pytest.fixture(scope="module")

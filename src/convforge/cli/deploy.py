@@ -57,14 +57,18 @@ def _calibration_images(spec: str, loaded: Any, samples: int, input_size: tuple[
 
     from convforge.data import normalize
     from convforge.data.dataset import convert_channels
-    from convforge.train.inference import normalization_for, view_images
+    from convforge.train.inference import eval_views, normalization_for, view_images
 
     if samples < 1:
         raise ConfigError(f"--calib-samples must be >= 1, got {samples}")
     data = _deploy_data(spec, loaded, input_size)
     split = "train" if data.train is not None else next(s for s in ("val", "test") if getattr(data, s, None))
-    pick = torch.randperm(len(data.split(split).labels), generator=torch.Generator().manual_seed(0))[:samples]
-    images = convert_channels(view_images(data, split, pick), input_size[0])
+    if getattr(data, "is_shards", False):  # streamed shards: the first images (write_shards shuffles them)
+        images = torch.cat([batch for batch, _ in eval_views(loaded, data, split, limit=samples)])
+    else:
+        pick = torch.randperm(len(data.split(split).labels), generator=torch.Generator().manual_seed(0))[:samples]
+        images = view_images(data, split, pick)
+    images = convert_channels(images, input_size[0])
     mean, std = normalization_for(loaded, data, [])
     return normalize(images, mean, std), data
 
@@ -211,26 +215,35 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _quantized_top1(loaded: Any, data: Any, report: dict[str, Any], args: argparse.Namespace) -> tuple[dict, Any]:
-    """Top-1 of the fp32 and int8 ONNX models and of PyTorch on the (first --eval-samples of the) split,
-    and the normalised images."""
+    """Top-1 of the fp32 and int8 ONNX models and of PyTorch on the (first --eval-samples of the) split, one
+    batch of evaluation views at a time (the split is never held in memory whole), and the first 256
+    normalised images (for timing)."""
     import torch
 
-    from convforge.data import Split, normalize
-    from convforge.export import onnx_top1
-    from convforge.train.evaluate import evaluate as evaluate_split
+    from convforge.data import normalize
+    from convforge.export.onnx import run_session, session
     from convforge.train.inference import eval_views, normalization_for
 
     notes: list[str] = []
-    batches = list(eval_views(loaded, data, args.split, notes, limit=args.eval_samples or None))
-    split = Split(torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches]))
     mean, std = normalization_for(loaded, data, notes)
-    x = normalize(split.images, mean, std)
-    torch_top1 = evaluate_split(loaded.model, split, mean, std, batch_size=args.batch_size,
-                                num_classes=len(loaded.classes), details=False)["top1"]
-    return {"eval": {"data": data.spec, "split": args.split, "images": len(split.labels)},
-            "top1_fp32": onnx_top1(report["fp32_onnx"], x, split.labels, args.batch_size, threads=args.threads),
-            "top1_int8": onnx_top1(report["onnx"], x, split.labels, args.batch_size, threads=args.threads),
-            "top1_torch": torch_top1}, x
+    sessions = {"top1_fp32": session(report["fp32_onnx"], args.threads), "top1_int8": session(report["onnx"], args.threads)}
+    correct = dict.fromkeys([*sessions, "top1_torch"], 0)
+    seen, kept = 0, []
+    loaded.model.eval()
+    for images, labels in eval_views(loaded, data, args.split, notes, batch_size=args.batch_size,
+                                     limit=args.eval_samples or None):
+        x = normalize(images, mean, std)
+        with torch.no_grad():
+            correct["top1_torch"] += int((loaded.model(x).argmax(1) == labels).sum())
+        for key, sess in sessions.items():
+            correct[key] += int((torch.from_numpy(run_session(sess, x)).argmax(1) == labels).sum())
+        seen += len(labels)
+        if sum(len(k) for k in kept) < 256:
+            kept.append(x[:256])
+    if not seen:
+        raise ConfigError(f"the {args.split} split of {data.spec} holds no images to evaluate the int8 model on")
+    scores = {key: 100.0 * count / seen for key, count in correct.items()}
+    return {"eval": {"data": data.spec, "split": args.split, "images": seen}, **scores}, torch.cat(kept)[:256]
 
 
 def _quantized_speed(loaded: Any, report: dict[str, Any], x: Any, threads: int | None) -> dict[str, float]:
