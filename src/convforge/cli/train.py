@@ -57,7 +57,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--image-size", "image_size", "sizes", "N or H W: resize image folders to this size (default: their own "
                                              "size); with --store-size: the training crop (default: 128)"),
     ("--store-size", "store_size", int, "imagefolder:DIR of any image sizes: keep the images (shorter side <= N) "
-                                        "in an image store; --image-size is then the training crop (and the "
+                                        "in an image store (wds:DIR shards: decode them so); --image-size is then the training crop (and the "
                                         "evaluation crop unless --eval-image-size)"),
     ("--crop-pct", "crop_pct", float, "store data: evaluation resizes to eval image size / F, then centre-crops "
                                       "(default: 0.875)"),
