@@ -128,10 +128,13 @@ def main() -> None:
     parser.add_argument("--train-model", help="also time end-to-end training of this model on each pipeline")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--bf16", action="store_true", help="end-to-end training under bf16 autocast")
+    parser.add_argument("--folder", type=Path, help="an image folder with train/<class>/ to time instead of "
+                                                    "Imagewoof-160 (e.g. larger photos, see --name)")
+    parser.add_argument("--name", default="Imagewoof-160", help="the data's name in RESULTS.md")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    root = extracted("imagewoof2-160.tar.gz", "imagewoof2-160")
+    root = args.folder or extracted("imagewoof2-160.tar.gz", "imagewoof2-160")
     listing = list_image_folder(root)
     files = [(str(path), label) for path, label in listing.files["train"]]
     if args.store_images:  # a seeded sample of every class, for smoke runs
@@ -160,7 +163,7 @@ def main() -> None:
             print(rows[-1], flush=True)
         trained = end_to_end(args, store, files, len(listing.classes)) if args.train_model else []
 
-    record("Imagewoof-160 data path: image store vs per-image pipeline", [
+    record(f"{args.name} data path: image store vs per-image pipeline", [
         f"Store of the train split ({len(files):,} photos, shorter side <= {args.store_size} px, never upscaled): "
         f"built in {build_s:.1f} s ({1e5 * build_s / len(files) / 60:.1f} min per 100k images) with 2 decoding "
         f"processes; {store_bytes / 1e6:.0f} MB on disk; peak RSS {own_rss:.0f} MB (this process), "
@@ -179,7 +182,7 @@ def main() -> None:
         f"--store-size {args.store_size}"
         + (f" --train-model {args.train_model} --train-steps {args.train_steps}" if args.train_model else "")
         + (" --bf16" if args.bf16 else "") + (f" --store-images {args.store_images}" if args.store_images else "")
-        + "`.",
+        + (f" --folder {args.folder} --name '{args.name}'" if args.folder else "") + "`.",
     ], save=not args.no_record)
 
 
