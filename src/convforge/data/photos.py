@@ -43,8 +43,51 @@ STATS_IMAGES = 2000  # train images the normalisation statistics are measured on
 INTERPOLATION = "bilinear-antialias"  # how views.resize_uint8 resizes (recorded in checkpoints)
 
 
+class CropViewsMixin(SplitsMixin):
+    """What image stores and shards share: sizes as (h, w) pairs, the evaluation view, the recorded
+    ``preprocess`` and ``describe``; needs ``image_size``, ``eval_image_size``, ``crop_pct``, ``store_size``,
+    ``channels``, ``mean``/``std`` and the splits."""
+
+    image_size: tuple[int, int]
+    eval_image_size: tuple[int, int] | None
+    crop_pct: float
+    store_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+
+    def _pair_sizes(self) -> None:
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        self.eval_image_size = (self.image_size if self.eval_image_size is None
+                                else (int(self.eval_image_size[0]), int(self.eval_image_size[1])))
+
+    @property
+    def first_split(self) -> Any:
+        return next(s for s in (self.train, self.val, self.test) if s is not None)  # type: ignore[attr-defined]
+
+    @property
+    def eval_view(self) -> tuple[tuple[int, int], float]:
+        """(crop size, crop_pct) of the evaluation view: resize to size / crop_pct, centre-crop size."""
+        return self.eval_image_size or self.image_size, self.crop_pct
+
+    def preprocess(self) -> dict[str, Any]:
+        """The evaluation transform, as checkpoints record it (``convforge.train.inference`` repeats it);
+        ``train_size`` is the training crop, for information."""
+        size, crop_pct = self.eval_view
+        return {"resize": list(eval_resize_size(size, crop_pct)), "crop": list(size), "crop_pct": crop_pct,
+                "interpolation": INTERPOLATION, "store_size": self.store_size, "train_size": list(self.image_size)}
+
+    def describe(self) -> dict[str, Any]:
+        sizes = {name: len(getattr(self, name)) if getattr(self, name) is not None else 0
+                 for name in ("train", "val", "test")}
+        return {"spec": self.spec, "classes": list(self.classes), "channels": self.channels,
+                "image_size": list(self.image_size), "eval_image_size": list(self.eval_view[0]),
+                "store_size": self.store_size, "crop_pct": self.crop_pct, **sizes,
+                "mean": [round(m, 6) for m in self.mean], "std": [round(s, 6) for s in self.std]}
+
+
 @dataclass
-class PhotoDataset(SplitsMixin):
+class PhotoDataset(CropViewsMixin):
     """A classification dataset of image stores; ``image_size`` is the crop the model is trained on,
     ``eval_image_size`` the one it is evaluated on (default: the same)."""
 
@@ -68,41 +111,15 @@ class PhotoDataset(SplitsMixin):
         if len(channels) > 1:
             raise DataError(f"{self.spec}: the splits' image stores differ in channels ({sorted(channels)}): "
                             "convert the grayscale or colour images so that every split has the same kind")
-        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
-        self.eval_image_size = (self.image_size if self.eval_image_size is None
-                                else (int(self.eval_image_size[0]), int(self.eval_image_size[1])))
+        self._pair_sizes()
         if not self.mean:  # measured on views at the training size, whatever the evaluation size
             self.mean, self.std = store_stats(self.first_split, self.image_size, self.crop_pct)
             if self.train is None:
                 self.notes.append("no train split: normalisation statistics were measured on the evaluation split")
 
     @property
-    def first_split(self) -> ImageStore:
-        return next(s for s in (self.train, self.val, self.test) if s is not None)
-
-    @property
     def channels(self) -> int:
         return self.first_split.channels
-
-    @property
-    def eval_view(self) -> tuple[tuple[int, int], float]:
-        """(crop size, crop_pct) of the evaluation view: resize to size / crop_pct, centre-crop size."""
-        return self.eval_image_size or self.image_size, self.crop_pct
-
-    def preprocess(self) -> dict[str, Any]:
-        """The evaluation transform, as checkpoints record it (``convforge.train.inference`` repeats it);
-        ``train_size`` is the training crop, for information."""
-        size, crop_pct = self.eval_view
-        return {"resize": list(eval_resize_size(size, crop_pct)), "crop": list(size), "crop_pct": crop_pct,
-                "interpolation": INTERPOLATION, "store_size": self.store_size, "train_size": list(self.image_size)}
-
-    def describe(self) -> dict[str, Any]:
-        return {"spec": self.spec, "classes": list(self.classes), "channels": self.channels,
-                "image_size": list(self.image_size), "eval_image_size": list(self.eval_view[0]),
-                "store_size": self.store_size, "crop_pct": self.crop_pct,
-                "train": len(self.train) if self.train is not None else 0,
-                "val": len(self.val) if self.val is not None else 0, "test": len(self.test),
-                "mean": [round(m, 6) for m in self.mean], "std": [round(s, 6) for s in self.std]}
 
 
 def store_stats(store: ImageStore, image_size: tuple[int, int], crop_pct: float,

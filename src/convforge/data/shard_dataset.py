@@ -16,11 +16,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from convforge.data.dataset import SplitsMixin, channel_stats
+from convforge.data.dataset import channel_stats
 from convforge.data.paths import printable
-from convforge.data.photos import DEFAULT_IMAGE_SIZE, INTERPOLATION
+from convforge.data.photos import DEFAULT_IMAGE_SIZE, CropViewsMixin
 from convforge.data.shards import ShardLoader, ShardSet, open_shards
-from convforge.data.views import eval_resize_size, resize_center_crop_batch
+from convforge.data.views import resize_center_crop_batch
 from convforge.errors import DataError
 
 STATS_SAMPLES = 512  # training images the normalisation statistics are measured on
@@ -49,7 +49,7 @@ class ShardSplit:
 
 
 @dataclass
-class ShardDataset(SplitsMixin):
+class ShardDataset(CropViewsMixin):
     """A classification data set of WebDataset shards with the attributes of ``PhotoDataset``: ``image_size``
     is the training crop, ``eval_image_size`` the evaluation crop (default: the same)."""
 
@@ -71,9 +71,7 @@ class ShardDataset(SplitsMixin):
     is_shards = True
 
     def __post_init__(self) -> None:
-        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
-        self.eval_image_size = (self.image_size if self.eval_image_size is None
-                                else (int(self.eval_image_size[0]), int(self.eval_image_size[1])))
+        self._pair_sizes()
         if not self.mean:  # measured on views at the training size, whatever the evaluation size
             views = self.sample_views(STATS_SAMPLES, seed=0)
             if not len(views):
@@ -81,15 +79,6 @@ class ShardDataset(SplitsMixin):
             self.mean, self.std = channel_stats(views)
             if self.train is None:
                 self.notes.append("no train split: normalisation statistics were measured on the evaluation split")
-
-    @property
-    def first_split(self) -> ShardSplit:
-        return next(s for s in (self.train, self.val, self.test) if s is not None)
-
-    @property
-    def eval_view(self) -> tuple[tuple[int, int], float]:
-        """(crop size, crop_pct) of the evaluation view: resize to size / crop_pct, centre-crop size."""
-        return self.eval_image_size or self.image_size, self.crop_pct
 
     def sample_views(self, count: int, seed: int = 0) -> torch.Tensor:
         """uint8 (N, C, h, w) centre views at the training crop size of a seeded sample of ``count`` training
@@ -100,20 +89,6 @@ class ShardDataset(SplitsMixin):
         if not images:
             return torch.zeros(0, self.channels, *self.image_size, dtype=torch.uint8)
         return resize_center_crop_batch(images, self.image_size, self.crop_pct)
-
-    def preprocess(self) -> dict[str, Any]:
-        """The evaluation transform, as checkpoints record it (the same keys as ``PhotoDataset.preprocess``)."""
-        size, crop_pct = self.eval_view
-        return {"resize": list(eval_resize_size(size, crop_pct)), "crop": list(size), "crop_pct": crop_pct,
-                "interpolation": INTERPOLATION, "store_size": self.store_size, "train_size": list(self.image_size)}
-
-    def describe(self) -> dict[str, Any]:
-        return {"spec": self.spec, "classes": list(self.classes), "channels": self.channels,
-                "image_size": list(self.image_size), "eval_image_size": list(self.eval_view[0]),
-                "store_size": self.store_size, "crop_pct": self.crop_pct,
-                "train": len(self.train) if self.train is not None else 0,
-                "val": len(self.val) if self.val is not None else 0, "test": len(self.test),
-                "mean": [round(m, 6) for m in self.mean], "std": [round(s, 6) for s in self.std]}
 
 
 def load_shard_folder(root: Path, spec: str, *, image_size: tuple[int, int] | None, store_size: int,
