@@ -6,7 +6,7 @@ to X% is the wall time from process start to the end of the first evaluation at 
 ``elapsed_s`` plus the measured start-up). Published anchor (fast.ai Imagenette/Imagewoof leaderboard, GPU,
 random init, 128 px): 76.61% after 5 epochs, 86.27% after 20.
 
-    python benchmarks/imagewoof.py [--epochs 3] [--train "--model resnet18 --image-size 128 ..."] [--no-record]
+    python benchmarks/imagewoof.py [--epochs N] [--train "--recipe imagewoof-fast ..."] [--no-record]
 """
 
 from __future__ import annotations
@@ -20,26 +20,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import convforge_json, extracted, read_records, record  # noqa: E402
 
-DEFAULT_TRAIN = ("--model resnet18 --store-size 160 --image-size 128 --batch-size 64 --optimizer adamw "
-                 "--label-smoothing 0.1 --rrc-scale 0.35 1.0 --amp --channels-last")
+DEFAULT_TRAIN = "--recipe imagewoof-fast"
 TARGETS = (60.0, 76.6, 80.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, help="default: the recipe's")
     parser.add_argument("--train", default=DEFAULT_TRAIN, help="`convforge train` options besides --data/--epochs")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     data = extracted("imagewoof2-160.tar.gz", "imagewoof2-160")
     out = Path(f"/tmp/convforge-bench-runs/imagewoof-{int(time.time())}")
-    summary, wall = convforge_json("train", "--data", f"imagefolder:{data}", "--epochs", str(args.epochs),
-                                   "--out", str(out), *shlex.split(args.train))
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+    summary, wall = convforge_json("train", "--data", f"imagefolder:{data}", *epochs, "--out", str(out),
+                                   *shlex.split(args.train))
     startup = wall - summary["wall_time_s"]
     # Imagewoof has train/ and val/ only: convforge evaluates val/ as the test split (test_top1)
+    records = read_records(out)
     curve = [(r["epoch"], startup + r["elapsed_s"], r["test_top1"], r["images_per_s"])
-             for r in read_records(out) if "test_top1" in r]
+             for r in records if "test_top1" in r]
     reached = {t: next((s for _, s, a, _ in curve if a >= t), None) for t in TARGETS}
+    crops = ", ".join(f"{r['epoch']}: {r['train_size'][0]}" for r in records if "train_size" in r)
 
     def seconds(value):
         return "not reached" if value is None else f"{value:.0f} s ({value / 60:.1f} min)"
@@ -51,8 +53,10 @@ def main() -> None:
         "",
         "Time to " + ", ".join(f"{t:g}%: {seconds(reached[t])}" for t in TARGETS)
         + f"; start-up (imports, store open or build, mean/std) {startup:.0f} s; {summary['params']:,} params, "
-        f"{summary['macs'] / 1e6:.0f} M MACs per image at the training crop.",
-        f"Command: `python benchmarks/imagewoof.py --epochs {args.epochs} --train \"{args.train}\"`.",
+        f"{summary['macs'] / 1e6:.0f} M MACs per image at the training crop."
+        + (f" Training crop per epoch (progressive resizing): {crops}." if crops else ""),
+        f"Command: `python benchmarks/imagewoof.py{' --epochs ' + str(args.epochs) if args.epochs else ''} "
+        f"--train \"{args.train}\"`.",
     ], save=not args.no_record)
 
 

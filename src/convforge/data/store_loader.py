@@ -56,9 +56,9 @@ def batch_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
 
 def progressive_step(image_size: Sequence[int]) -> int:
     """The multiple progressive crop sizes are rounded to: 32 (as FFCV's ResNet recipes) when the shorter
-    side of ``image_size`` is at least 128, 16 from 64, else 8."""
+    side of ``image_size`` is at least 192, 16 from 64 (a 32-px step would jump from 96 to 128 at once), else 8."""
     short = min(int(v) for v in image_size)
-    return 32 if short >= 128 else 16 if short >= 64 else 8
+    return 32 if short >= 192 else 16 if short >= 64 else 8
 
 
 def progressive_size(epoch: int, image_size: Sequence[int], start: int, first: int, last: int) -> tuple[int, int]:
