@@ -45,6 +45,22 @@ def random_images(count: int, size: tuple[int, int], channels: int = 3, seed: in
     return rng.integers(0, 256, size=shape, dtype=np.uint8)
 
 
+def colour_photos(root: Path, per_class: dict[str, int], sizes: Sequence[tuple[int, int]], noise: int = 40,
+                  seed: int = 0) -> Path:
+    """An image folder ``root/<split>/{blue,green,red}/<i>.png`` of ``per_class[split]`` images per class, told
+    apart by their mean colour (plus uniform noise of +/- ``noise``), sized in turn from ``sizes`` (h, w)."""
+    rng = np.random.default_rng(seed)
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    for split, count in per_class.items():
+        for name, colour in colours.items():
+            for i in range(count):
+                h, w = sizes[i % len(sizes)]
+                jitter = rng.integers(-noise, noise, size=(h, w, 3))
+                save_image(root / split / name / f"{i}.png",
+                           np.clip(np.array(colour)[None, None] + jitter, 0, 255).astype(np.uint8))
+    return root
+
+
 def make_image_folder(
     root: Path,
     splits: dict[str, int] | None = None,

@@ -21,7 +21,7 @@ from convforge.train import TrainingInterrupted
 from convforge.train.checkpoint import load_checkpoint
 from convforge.train.inference import as_loaded, evaluate, predict
 
-from helpers import save_image
+from helpers import colour_photos
 
 SIZES = [(24, 40), (40, 24), (32, 32)]
 
@@ -33,16 +33,7 @@ def _one_thread():
 
 def make_photos(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
     """Three classes told apart by their mean colour, images of varied aspect ratios."""
-    rng = np.random.default_rng(seed)
-    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
-    for split, count in per_class.items():
-        for name, colour in colours.items():
-            for i in range(count):
-                h, w = SIZES[i % len(SIZES)]
-                noise = rng.integers(-40, 40, size=(h, w, 3))
-                array = np.clip(np.array(colour)[None, None] + noise, 0, 255).astype(np.uint8)
-                save_image(root / split / name / f"{i}.png", array)
-    return root
+    return colour_photos(root, per_class, SIZES, noise=40, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from convforge.train import TrainingInterrupted
 from convforge.train.checkpoint import load_checkpoint
 from convforge.train.evaluate import evaluate as evaluate_split
 from convforge.train.inference import as_loaded, eval_views, evaluate, load_eval_data
-from helpers import make_image_folder, read_jsonl, save_image
+from helpers import colour_photos, make_image_folder, read_jsonl
 
 pytest.importorskip("webdataset")
 
@@ -114,16 +114,7 @@ PHOTO_SIZES = [(24, 40), (40, 24), (32, 32), (30, 44)]
 
 def make_photos(root: Path, per_class: dict[str, int]) -> Path:
     """Three classes told apart by their mean colour, images of varied sizes and aspect ratios."""
-    rng = np.random.default_rng(0)
-    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
-    for split, count in per_class.items():
-        for name, colour in colours.items():
-            for i in range(count):
-                h, w = PHOTO_SIZES[i % len(PHOTO_SIZES)]
-                noise = rng.integers(-60, 60, size=(h, w, 3))
-                save_image(root / split / name / f"{i}.png",
-                           np.clip(np.array(colour)[None, None] + noise, 0, 255).astype(np.uint8))
-    return root
+    return colour_photos(root, per_class, PHOTO_SIZES, noise=60)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,7 +29,7 @@ from convforge.errors import ConfigError
 from convforge.train import TrainingInterrupted
 from convforge.train.checkpoint import load_checkpoint
 from convforge.train.inference import as_loaded, evaluate, predict
-from helpers import assert_ranks_match_single, read_jsonl, save_image
+from helpers import assert_ranks_match_single, colour_photos, read_jsonl
 
 SIZES = [(24, 40), (40, 24), (32, 32), (28, 48)]
 
@@ -43,17 +42,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """Three colour classes, 24-48 px images of varied aspect ratio: 4 train and 2 test per class."""
-    root = tmp_path_factory.mktemp("photos") / "photos"
-    rng = np.random.default_rng(0)
-    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
-    for split, count in {"train": 4, "test": 2}.items():
-        for name, colour in colours.items():
-            for i in range(count):
-                h, w = SIZES[i % len(SIZES)]
-                noise = rng.integers(-40, 40, size=(h, w, 3))
-                save_image(root / split / name / f"{i}.png",
-                           np.clip(np.array(colour)[None, None] + noise, 0, 255).astype(np.uint8))
-    return root
+    return colour_photos(tmp_path_factory.mktemp("photos") / "photos", {"train": 4, "test": 2}, SIZES, noise=40)
 
 
 def _config(photos: Path, out: Path, **extra) -> TrainConfig:
