@@ -33,24 +33,12 @@ import torch
 from PIL import Image
 
 from convforge.data.imagefolder import list_image_folder
-from convforge.data.loader import flip_where, normalize
+from convforge.data.loader import normalize
 from convforge.data.paths import printable
-from convforge.data.randaugment import (
-    RANDAUGMENT_MAGNITUDE,
-    RANDAUGMENT_NUM_OPS,
-    apply_randaugment,
-    check_randaugment,
-    randaugment_params,
-)
+from convforge.data.randaugment import RANDAUGMENT_MAGNITUDE, RANDAUGMENT_NUM_OPS, check_randaugment
 from convforge.data.store import GRAY_MODES, decode_problem, decode_upright, image_warnings, stored_size
-from convforge.data.views import (
-    apply_trivial_augment,
-    crop_resize,
-    flip_params,
-    random_resized_crop_params,
-    resize_center_crop_batch,
-    trivial_augment_params,
-)
+from convforge.data.store_loader import train_views
+from convforge.data.views import random_resized_crop_params, resize_center_crop_batch
 from convforge.errors import ConfigError, DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -379,17 +367,9 @@ class ShardLoader:
         return self._finish(x), torch.tensor(labels, dtype=torch.int64, device=self.device)
 
     def _train_views(self, images: list[torch.Tensor], epoch: int, batch_index: int) -> torch.Tensor:
-        """RandomResizedCrop (+ flip, + TrivialAugment or RandAugment) views, drawn in that order."""
+        """RandomResizedCrop (+ flip, + TrivialAugment or RandAugment) views, drawn as StoreLoader draws them."""
         key = ((self.seed * 1_000_003 + epoch) * 1_000_033 + self.rank) * 1_000_037 + batch_index
         gen = torch.Generator().manual_seed(key % (1 << 62))
         sizes = torch.tensor([list(image.shape[1:]) for image in images], dtype=torch.long)
-        size = self.crop_size(epoch)
-        x = crop_resize(images, random_resized_crop_params(sizes, self.scale, self.ratio, gen), size)
-        flips = flip_params(len(images), gen)
-        if self.flip:
-            x = flip_where(x, flips)
-        if self.augment == "trivialaugment":
-            x = apply_trivial_augment(x, *trivial_augment_params(len(images), gen))
-        elif self.augment == "randaugment":
-            x = apply_randaugment(x, *randaugment_params(len(images), *self.randaugment, size, gen))
-        return x
+        return train_views(images, sizes, self.crop_size(epoch), gen, scale=self.scale, ratio=self.ratio,
+                           flip=self.flip, augment=self.augment, randaugment=self.randaugment)

@@ -78,6 +78,26 @@ def progressive_size(epoch: int, image_size: Sequence[int], start: int, first: i
                  for side in (height, width))
 
 
+def train_views(images: list[torch.Tensor], sizes: torch.Tensor, size: tuple[int, int], gen: torch.Generator, *,
+                scale: Sequence[float], ratio: Sequence[float], flip: bool, augment: str | None,
+                randaugment: tuple[int, int], positions: slice = slice(None)) -> torch.Tensor:
+    """RandomResizedCrop (+ flip, + TrivialAugment or RandAugment) uint8 views of ``images``, the ``positions``
+    of a batch whose image sizes are ``sizes`` (h, w): every draw is made for the whole batch, in that order
+    (later draws are appended, so earlier ones never change), so each share of it gets the same views."""
+    boxes = random_resized_crop_params(sizes, scale, ratio, gen)
+    flips = flip_params(len(sizes), gen)
+    ops, magnitudes = trivial_augment_params(len(sizes), gen)
+    x = crop_resize(images, boxes[positions], size)
+    if flip:
+        x = flip_where(x, flips[positions])
+    if augment == "trivialaugment":
+        x = apply_trivial_augment(x, ops[positions], magnitudes[positions])
+    elif augment == "randaugment":
+        ra_ops, ra_magnitudes = randaugment_params(len(sizes), *randaugment, size, gen)
+        x = apply_randaugment(x, ra_ops[positions], ra_magnitudes[positions])
+    return x
+
+
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
@@ -211,21 +231,10 @@ class StoreLoader(ShardedLoader):
 
     def _train_views(self, images: list[torch.Tensor], epoch: int, batch_index: int, global_indices: torch.Tensor,
                      positions: slice, size: tuple[int, int]) -> torch.Tensor:
-        """RandomResizedCrop (+ flip, + TrivialAugment or RandAugment) views of this rank's ``images``, from the
-        draws of the whole global batch (later draws are appended, so earlier ones never change)."""
-        gen = batch_generator(self.seed, epoch, batch_index)
-        boxes = random_resized_crop_params(self.store.sizes[global_indices], self.scale, self.ratio, gen)
-        flips = flip_params(len(global_indices), gen)
-        ops, magnitudes = trivial_augment_params(len(global_indices), gen)
-        x = crop_resize(images, boxes[positions], size)
-        if self.flip:
-            x = flip_where(x, flips[positions])
-        if self.augment == "trivialaugment":
-            x = apply_trivial_augment(x, ops[positions], magnitudes[positions])
-        elif self.augment == "randaugment":
-            ra_ops, ra_magnitudes = randaugment_params(len(global_indices), *self.randaugment, size, gen)
-            x = apply_randaugment(x, ra_ops[positions], ra_magnitudes[positions])
-        return x
+        """This rank's training views, from the draws of the whole global batch."""
+        return train_views(images, self.store.sizes[global_indices], size, batch_generator(self.seed, epoch, batch_index),
+                           scale=self.scale, ratio=self.ratio, flip=self.flip, augment=self.augment,
+                           randaugment=self.randaugment, positions=positions)
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
