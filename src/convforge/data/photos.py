@@ -48,6 +48,7 @@ class CropViewsMixin(SplitsMixin):
     ``preprocess`` and ``describe``; needs ``image_size``, ``eval_image_size``, ``crop_pct``, ``store_size``,
     ``channels``, ``mean``/``std`` and the splits."""
 
+    has_crop_views = True  # what tasks and inference test to evaluate through ``eval_view`` and record ``preprocess``
     image_size: tuple[int, int]
     eval_image_size: tuple[int, int] | None
     crop_pct: float

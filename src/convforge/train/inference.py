@@ -258,7 +258,7 @@ def evaluate(
         data = load_eval_data(loaded, data, image_size, skip_bad_images)
     notes: list[str] = list(loaded.notes) + list(data.notes)
     mean, std = normalization_for(loaded, data, notes)
-    if getattr(data, "is_store", False) or getattr(data, "is_shards", False):
+    if getattr(data, "has_crop_views", False):
         result = _evaluate_store(loaded, data, split, mean, std, notes, batch_size, device, tta)
     else:
         from convforge.train.evaluate import evaluate as evaluate_split

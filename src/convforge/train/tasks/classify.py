@@ -70,7 +70,7 @@ class ClassifyTask(Task):
         model.init_from_data(normalize(images, data.mean, data.std))
 
     def train_loader(self, data, cfg, model, device, rank, world_size):
-        if getattr(data, "is_store", False) or getattr(data, "is_shards", False):
+        if getattr(data, "has_crop_views", False):
             return store_train_loader(data, cfg, device, rank, world_size)
         from convforge.data import BatchLoader
 
@@ -121,7 +121,7 @@ class ClassifyTask(Task):
     def evaluate(self, model, data, split, cfg, device, rank, world_size):
         from convforge.train.evaluate import evaluate
 
-        view = data.eval_view if getattr(data, "is_store", False) or getattr(data, "is_shards", False) else None
+        view = data.eval_view if getattr(data, "has_crop_views", False) else None
         result = evaluate(model, data.split(split), data.mean, data.std, view=view,
                           batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp, tta=cfg.eval_tta,
                           channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
@@ -131,7 +131,7 @@ class ClassifyTask(Task):
     def meta(self, data: Any) -> dict[str, Any]:
         """Store and shard data: the evaluation transform, and its crop as the model's input size (FixRes: the
         evaluation crop may differ from the training crop; eval, predict, export and quantize use it)."""
-        if not (getattr(data, "is_store", False) or getattr(data, "is_shards", False)):
+        if not getattr(data, "has_crop_views", False):
             return {}
         return {"preprocess": data.preprocess(), "input_size": [data.channels, *data.eval_view[0]]}
 
