@@ -17,12 +17,13 @@ from convforge.models import create_model
 from convforge.train.checkpoint import save_checkpoint
 from helpers import SHARED, TINY_SYNTH, make_image_folder, save_image
 
-MODEL_COMMANDS = ("eval", "predict", "segment", "upscale", "bench", "export", "quantize", "prune", "filters")
+MODEL_COMMANDS = ("eval", "predict", "segment", "upscale", "bench", "export", "quantize", "prune", "filters", "explain",
+                  "robust")
 SOURCE_FLAGS = ("--model", "--weights", "--mean", "--std", "--num-classes", "--in-chans", "--model-arg")
 RUNTIME_FLAGS = ("--device", "--threads", "--json")
 # extra arguments each command needs besides the model source
 EXTRA = {"predict": ["img.png"], "segment": ["img.png", "--out", "m.png"], "upscale": ["img.png", "--out", "u.png"],
-         "prune": ["--method", "l1-filter", "--target-macs", "0.5"]}
+         "prune": ["--method", "l1-filter", "--target-macs", "0.5"], "explain": ["img.png", "--out", "d"]}
 SOURCES = {"checkpoint": ["run/best.safetensors"], "registry": ["resnet20"],
            "weights": ["--model", "resnet20", "--weights", "w.pth"]}
 

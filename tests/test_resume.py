@@ -20,6 +20,8 @@ EPOCHS = 4
 RECIPES = {
     "sgd": {},
     "adamw-ema": {"optimizer": "adamw", "ema": True},
+    "adv-fgsm-rs": {"adv_train": "fgsm-rs", "adv_eval_samples": 16},  # random starts seeded per batch
+    "adv-trades": {"adv_train": "trades", "adv_eval_samples": 0},
 }
 # Metrics that depend only on the computation (not on wall-clock time).
 DETERMINISTIC_KEYS = ("epoch", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr")

@@ -43,6 +43,12 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     random_erasing: float = 0.0
     drop_path: float | None = None
+    adv_train: str | None = None
+    adv_eps: float | None = None
+    adv_steps: int | None = None
+    adv_step_size: float | None = None
+    adv_beta: float | None = None
+    adv_eval_samples: int | None = None
     teachers: list[str] = field(default_factory=list)
     teacher_model: str | None = None
     teacher_weights: str | None = None
@@ -160,7 +166,7 @@ class TrainConfig:
 
 
 # Upper limits, so that an absurd value is a clear error here instead of an overflow deep in training.
-LIMITS = {"epochs": 1_000_000, "batch_size": 1 << 24, "eval_every": 1_000_000, "threads": 4096,
+LIMITS = {"adv_eval_samples": 10_000_000, "epochs": 1_000_000, "batch_size": 1 << 24, "eval_every": 1_000_000, "threads": 4096,
           "crop_padding": 4096, "store_size": 65536, "seed": 2**32 - 1}
 MAX_IMAGE_SIZE = 8192  # the largest image_size / eval_image_size side
 _MODEL_ARGS_MAX_DEPTH = 16
@@ -184,7 +190,7 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
     coerce_fields(dataclasses.asdict(cfg), "config")
     for name, high in LIMITS.items():
         value = getattr(cfg, name)
-        low = 0 if name in ("crop_padding", "seed") else 1
+        low = 0 if name in ("crop_padding", "seed", "adv_eval_samples") else 1
         if value is not None and not low <= value <= high:
             raise ConfigError(f"{name} must be in {low}..{high}, got {value}")
     if not 0 <= cfg.momentum <= 1:

@@ -35,6 +35,16 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--cutmix", "cutmix_alpha", float, "CutMix with Beta(a, a) box areas (default: 0, off; with --mixup: one of the two per batch)"),
     ("--random-erasing", "random_erasing", float, "probability of erasing a random rectangle per image (default: 0)"),
     ("--drop-path", "drop_path", float, "stochastic depth rate of the last block, linear in depth (models with drop_path_rate)"),
+    ("--adv-train", "adv_train", str, "adversarial training: pgd (Madry et al.), fgsm-rs (Wong et al. 2020, "
+                                      "'Fast is better than free') or trades (Zhang et al.) (default: off)"),
+    ("--adv-eps", "adv_eps", "fraction", "adversarial training: Linf radius on the [0, 1] pixel scale, e.g. 8/255 "
+                                         "(default: 8/255)"),
+    ("--adv-steps", "adv_steps", int, "adversarial training: attack steps (default: pgd 7, fgsm-rs 1, trades 10)"),
+    ("--adv-step-size", "adv_step_size", "fraction", "adversarial training: attack step, e.g. 2/255 (default: pgd "
+                                                     "2/255, fgsm-rs 10/255, trades 2/255, scaled with --adv-eps)"),
+    ("--adv-beta", "adv_beta", float, "TRADES's weight of the robustness (KL) term (default: 6)"),
+    ("--adv-eval-samples", "adv_eval_samples", int, "with --adv-train: PGD-10 accuracy at --adv-eps on this many "
+                                                    "seeded test images after each evaluation (default: 1000; 0: off)"),
     ("--teacher", "teachers", "append", "distil from this convforge checkpoint (repeatable: soft targets averaged)"),
     ("--teacher-model", "teacher_model", str, "distil from a foreign weight file: the teacher's model name"),
     ("--teacher-weights", "teacher_weights", str, "distil from a foreign weight file: the file (.pth/.th, weights_only)"),
@@ -106,6 +116,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
             train.add_argument(*names, dest=field, action="append", default=argparse.SUPPRESS, help=help_text)
         elif kind == "floats":
             train.add_argument(*names, dest=field, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        elif kind == "fraction":  # 8/255 or 0.0314
+            train.add_argument(*names, dest=field, type=_fraction, default=argparse.SUPPRESS, help=help_text,
+                               metavar="X")
         elif kind in ("ints", "sizes"):  # sizes: N or H W (one number stays a number in the config)
             train.add_argument(*names, dest=field, type=int, nargs="+", default=argparse.SUPPRESS, help=help_text,
                                metavar="N")
@@ -117,6 +130,15 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--model-arg", dest="model_args", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
                        help="extra model argument (value parsed as YAML), repeatable")
     add_json(train)
+
+
+def _fraction(text: str) -> float:
+    from convforge.measure.attacks import parse_eps
+
+    try:
+        return parse_eps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def train_config(args: argparse.Namespace):

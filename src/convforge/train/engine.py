@@ -146,7 +146,8 @@ def train_step(state: TrainingState, x: torch.Tensor, y: Any) -> bool:
     state.lr = lr_at(state.global_step, state.total_steps, state.warmup_steps, cfg.lr, cfg.schedule)
     for group in optimizer.param_groups:
         group["lr"] = state.lr
-    step = Step(cfg, state.data, state.epoch, state.batch_index, state.role.rank, state.loader, state.extras, x)
+    step = Step(cfg, state.data, state.epoch, state.batch_index, state.role.rank, state.loader, state.extras, x,
+                model=state.model, forward=state.forward)
     inputs, target = task.prepare_batch(x, y, step)
     with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
         output = state.forward(inputs)

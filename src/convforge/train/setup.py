@@ -16,6 +16,8 @@ from convforge.errors import CheckpointError, ConfigError, DataError
 from convforge.measure import count_macs, count_params
 from convforge.progress import echo
 from convforge.recipes import apply_recipe
+from convforge.train.adversarial import describe as describe_adversarial
+from convforge.train.adversarial import resolve_adversarial
 from convforge.train.checkpoint import load_train_state
 from convforge.train.distributed import barrier, broadcast_object, convert_sync_batchnorm, init_distributed
 from convforge.train.ema import ModelEma
@@ -112,7 +114,7 @@ def load_data(state: TrainingState) -> None:
         barrier()
     if data.train is None:
         raise DataError(f"{config.data} has no train split to train on (expected a train/ folder)")
-    cfg = config.resolved(data.channels, data.image_size, data.default_augment, role.world_size)
+    cfg = resolve_adversarial(config.resolved(data.channels, data.image_size, data.default_augment, role.world_size))
     for note in data.notes:
         state.say(f"note: {note}")
     state.model_args = task.model_args(cfg, data)
@@ -233,6 +235,8 @@ def banner(state: TrainingState) -> None:
         f"{' ema' if cfg.ema else ''}{' amp' if cfg.amp else ''}{' channels_last' if cfg.channels_last else ''}"
         f"{' compile' if cfg.compile else ''}  run dir: {state.run.path}"
     )
+    if cfg.adv_train:
+        state.say(f"  {describe_adversarial(cfg)}")
 
 
 def set_up(config: TrainConfig | None, role: ProcessRole | None, quiet: bool) -> TrainingState:

@@ -20,7 +20,7 @@ from convforge.models import create_model
 from convforge.train.checkpoint import CLASSLESS_TASKS
 
 # Options that only mean something for classification (mixing, smoothing, distillation, flip TTA).
-CLASSIFY_ONLY = ("mixup_alpha", "cutmix_alpha", "random_erasing", "teachers", "teacher_model", "eval_tta",
+CLASSIFY_ONLY = ("adv_train", "mixup_alpha", "cutmix_alpha", "random_erasing", "teachers", "teacher_model", "eval_tta",
                  "label_smoothing", "store_size")
 
 
@@ -36,6 +36,8 @@ class Step:
     loader: Any
     extras: dict[str, Any] = field(default_factory=dict)
     clean: torch.Tensor | None = None  # the batch as loaded, before prepare_batch
+    model: nn.Module | None = None  # the model being trained (unwrapped: attacks run on it directly)
+    forward: nn.Module | None = None  # the model as the step calls it (DDP- and compile-wrapped)
 
 
 def short_repr(value: Any, limit: int = 120) -> str:

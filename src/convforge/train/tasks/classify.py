@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 
 from convforge.errors import ConfigError
+from convforge.train.adversarial import (ADV_EVAL_STEPS, Adversary, TradesTargets, attack_generator, check_adversarial,
+                                         robust_top1)
 from convforge.train.distill import distillation_loss, load_teachers
 from convforge.train.mixing import MixedTargets, batch_rng, mix_batch, random_erase
 from convforge.train.tasks.base import Step, Task, short_repr
@@ -33,6 +35,7 @@ class ClassifyTask(Task):
         from convforge.data.loader import AUGMENTS
         from convforge.data.photos import PHOTO_AUGMENTS
 
+        check_adversarial(cfg)
         store = getattr(cfg, "store_size", None) is not None
         if cfg.augment is None or cfg.augment in (PHOTO_AUGMENTS if store else AUGMENTS):
             return
@@ -80,12 +83,20 @@ class ClassifyTask(Task):
 
     def start_training(self, cfg: Any, data: Any, device: torch.device) -> dict[str, Any]:
         teachers = load_teachers(cfg, data.num_classes, data.channels, data.mean, data.std, device)
-        return {"teachers": teachers,
-                "mean": torch.tensor(list(data.mean), device=device).view(1, -1, 1, 1),
-                "std": torch.tensor(list(data.std), device=device).view(1, -1, 1, 1)}
+        mean = torch.tensor(list(data.mean), device=device).view(1, -1, 1, 1)
+        std = torch.tensor(list(data.std), device=device).view(1, -1, 1, 1)
+        return {"teachers": teachers, "mean": mean, "std": std, "adversary": Adversary.from_config(cfg, mean, std)}
 
     def prepare_batch(self, x: torch.Tensor, y: Any, step: Step) -> tuple[torch.Tensor, Any]:
         cfg = step.cfg
+        adversary = step.extras.get("adversary")
+        if adversary is not None:
+            generator = attack_generator(cfg.seed, step.epoch, step.batch, step.rank, x.device)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                adv = adversary.perturb(step.model, x, y, generator)
+            if adversary.method == "trades":
+                return adv, TradesTargets(y, x, adversary.beta, step.forward)
+            return adv, MixedTargets(y, y, 1.0)
         if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or cfg.random_erasing > 0:
             rng = batch_rng(cfg.seed, step.epoch, step.batch, step.rank)
             x, targets = mix_batch(x, y, cfg.mixup_alpha, cfg.cutmix_alpha, rng)
@@ -126,7 +137,12 @@ class ClassifyTask(Task):
                           batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp, tta=cfg.eval_tta,
                           channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
                           world_size=world_size)
-        return {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
+        metrics = {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
+        if cfg.adv_eval_samples and split == "test":
+            robust = robust_top1(model, data, split, cfg, device)
+            if robust is not None:
+                metrics[f"pgd{ADV_EVAL_STEPS}_top1"] = robust
+        return metrics
 
     def meta(self, data: Any) -> dict[str, Any]:
         """Store and shard data: the evaluation transform, and its crop as the model's input size (FixRes: the
@@ -137,11 +153,14 @@ class ClassifyTask(Task):
 
     def epoch_text(self, record: dict[str, Any], eval_splits: list[str]) -> list[str]:
         train = [f"train {record['train_top1']:.2f}%"] if "train_top1" in record else []
-        return train + super().epoch_text(record, eval_splits)
+        robust_key = f"test_pgd{ADV_EVAL_STEPS}_top1"
+        robust = [f"PGD-{ADV_EVAL_STEPS} {record[robust_key]:.2f}%"] if robust_key in record else []
+        return train + super().epoch_text(record, eval_splits) + robust
 
     def summary_fields(self, final: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
         return {"test_top1": final.get("test_top1"), "test_top5": final.get("test_top5"),
                 "test_loss": final.get("test_loss"), "val_top1": final.get("val_top1"),
+                **({"test_pgd_top1": final[key]} if (key := f"test_pgd{ADV_EVAL_STEPS}_top1") in final else {}),
                 "best_top1": best["score"]}
 
     def done_text(self, final: dict[str, Any], select_key: str, wall_time_s: float) -> str:
