@@ -20,6 +20,7 @@ from convforge.measure.attacks import NormalizedClassifier, fgsm, pgd
 from convforge.measure.autoattack import (REFERENCE_COUNTS, STAGES, AutoAttackCounts, build_attacks,
                                           checked_adversarial, run_autoattack)
 from convforge.robust import evaluate_robustness
+from convforge.robust.corruption import corrupted_chunk, corruption_summary
 from convforge.train.inference import load_model
 from helpers import SHARED, save_image
 
@@ -253,6 +254,59 @@ def test_cli_robust_bad_arguments(digits_ckpt, capsys, flags, message):
     code = main(["robust", str(digits_ckpt), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "convforge robust: error" in err
+
+
+def test_mce_arithmetic_on_a_hand_case():
+    errors = {("a", 1): 10.0, ("a", 2): 30.0, ("b", 1): 50.0, ("b", 2): 50.0}
+    baseline = {("a", 1): 20.0, ("a", 2): 60.0, ("b", 1): 25.0, ("b", 2): 25.0}
+    summary = corruption_summary(errors, 5.0, baseline, 10.0)
+    a, b = summary["per_corruption"]
+    assert (a["corruption"], a["accuracy"], b["accuracy"]) == ("a", 80.0, 50.0) and summary["mean_accuracy"] == 65.0
+    assert (a["ce"], b["ce"], summary["mce"]) == (50.0, 200.0, 125.0)  # 40/80, 100/50
+    assert (a["relative_ce"], b["relative_ce"], summary["relative_mce"]) == (50.0, 300.0, 175.0)  # 30/60, 90/30
+    itself = corruption_summary(errors, 5.0, errors, 5.0)
+    assert itself["mce"] == itself["relative_mce"] == 100.0
+    assert "mce" not in corruption_summary(errors, 5.0)
+
+
+def test_corruptions_with_the_model_as_baseline_and_independent_of_batch_size(loaded, digits, tmp_path):
+    args = dict(attacks=(), corruptions="gaussian_noise,glass_blur,snow,contrast", severities="1,5", samples=24,
+                baseline=loaded, progress=False)
+    small = evaluate_robustness(loaded, digits, batch_size=7, out_dir=tmp_path / "a", **args)
+    whole = evaluate_robustness(loaded, digits, batch_size=24, **args)
+    section = small["corruption"]
+    assert small["results"] == [] and section["mce"] == 100.0 and section["relative_mce"] == 100.0
+    assert [(r["corruption"], r["severity"]) for r in section["rows"]][:3] == [
+        ("gaussian_noise", 1), ("gaussian_noise", 5), ("glass_blur", 1)]
+    assert all(r["accuracy"] == r["baseline_accuracy"] for r in section["rows"])
+    assert section["rows"] == [{**r, "seconds": a["seconds"]} for r, a in zip(whole["corruption"]["rows"],
+                                                                               section["rows"])]
+    assert min(r["accuracy"] for r in section["rows"]) < small["clean"]["accuracy"]  # corruptions do hurt
+    assert (tmp_path / "a" / "robust-corruptions.png").read_bytes()[:4] == b"\x89PNG"
+    images = digits.test.images[:10]
+    one = corrupted_chunk(images, "snow", 3, 0, 0, "auto")
+    parts = torch.cat([corrupted_chunk(images[:4], "snow", 3, 0, 0, "auto"),
+                       corrupted_chunk(images[4:], "snow", 3, 0, 4, "auto")])
+    assert torch.equal(one, parts) and one.shape == images.shape and one.dtype == torch.uint8
+    again = evaluate_robustness(loaded, digits, batch_size=7, out_dir=tmp_path / "a", **args)
+    assert again["resume"]["skipped_chunks"] == 4 * 2 * 4  # 4 corruptions x 2 severities x 4 chunks
+    assert [dict(r, resumed_chunks=0) for r in again["corruption"]["rows"]] == section["rows"]
+
+
+def test_cli_corruptions_with_baseline(digits_ckpt, tmp_path, capsys):
+    out = tmp_path / "c"
+    code = main(["robust", str(digits_ckpt), "--samples", "16", "--corruptions", "fog,contrast", "--severities",
+                 "1-2", "--baseline", str(digits_ckpt), "--out", str(out), "--json", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    section = json.loads(captured.out)["corruption"]
+    assert len(section["rows"]) == 4 and section["mce"] == 100.0 and section["severities"] == [1, 2]
+    assert json.loads((out / "robust.json").read_text())["corruption"]["mce"] == 100.0
+    assert (out / "robust-corruptions.png").exists() and not (out / "robust-curve.png").exists()
+    code = main(["robust", str(digits_ckpt), "--samples", "4", "--baseline", str(digits_ckpt), "--threads", "1"])
+    assert code == 2 and "--corruptions" in capsys.readouterr().err
+    code = main(["robust", str(digits_ckpt), "--corruptions", "fogg", "--threads", "1"])
+    assert code == 2 and "jpeg_compression" in capsys.readouterr().err
 
 
 CIFAR_TAR = SHARED / "datasets" / "cifar10-jpeg.tar.gz"

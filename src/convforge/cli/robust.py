@@ -26,14 +26,21 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to draw images from (default: test)")
     parser.add_argument("--samples", type=_positive_int, help="images drawn from the split by --seed (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn images and random starts (default: 0)")
-    parser.add_argument("--attack", default="pgd", help="comma-separated attacks: fgsm, pgd, pgd-l2, autoattack "
-                                                        "(default: pgd)")
+    parser.add_argument("--attack", help="comma-separated attacks: fgsm, pgd, pgd-l2, autoattack (default: pgd, "
+                                         "none when only --corruptions is given)")
     parser.add_argument("--eps", default="8/255", help="comma-separated perturbation sizes on the [0, 1] pixel "
                                                        "scale, e.g. 2/255,8/255 or 0.5 (default: 8/255)")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default: linf)")
     parser.add_argument("--steps", type=_positive_int, default=20, help="PGD steps (default: 20)")
     parser.add_argument("--step-size", help="PGD step size, e.g. 2/255 (default: 2.5 * eps / steps)")
     parser.add_argument("--restarts", type=_positive_int, default=1, help="PGD random restarts (default: 1)")
+    parser.add_argument("--corruptions", metavar="all|NAME,...", help="also the common corruptions (all 15, or "
+                                                                      "names from convforge.data.corruptions)")
+    parser.add_argument("--severities", default="1-5", help="corruption severities, e.g. 1-5 or 1,3,5 (default: 1-5)")
+    parser.add_argument("--corruption-params", default="auto", choices=("auto", "cifar", "imagenet"),
+                        help="corruption parameter table (default: auto: cifar for images up to 64 px)")
+    parser.add_argument("--baseline", metavar="CKPT", help="baseline checkpoint scored on the same corrupted images: "
+                                                           "CE per corruption, mCE and relative mCE")
     parser.add_argument("--out", help="folder for robust.json, robust-curve.png and the resume file "
                                       "robust-progress.json (a rerun with the same arguments skips finished work)")
     add_runtime(parser, batch_size=128, tta=False, batch_help="images attacked at once (one resumable chunk)")
@@ -71,7 +78,8 @@ def run_robust(args: argparse.Namespace) -> dict[str, Any]:
     from convforge.measure.attacks import parse_eps
     from convforge.robust import evaluate_robustness
 
-    attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
+    attack_text = args.attack if args.attack is not None else ("" if args.corruptions else "pgd")
+    attacks = [a.strip() for a in attack_text.split(",") if a.strip()]
     eps = [e.strip() for e in args.eps.split(",") if e.strip()]
     try:
         step_size = parse_eps(args.step_size) if args.step_size else None
@@ -79,13 +87,21 @@ def run_robust(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--step-size: {exc}") from None
     from convforge.robust.evaluation import eps_values, plan_attacks
 
-    eps_values(eps, plan_attacks(attacks, args.norm, args.steps, step_size, args.restarts))  # errors before loading
+    plans = plan_attacks(attacks, args.norm, args.steps, step_size, args.restarts, allow_none=bool(args.corruptions))
+    if plans:
+        eps_values(eps, plans)  # errors before loading
     device = runtime_device(args)
     loaded, data = _load(args, device)
+    baseline = None
+    if args.baseline:
+        from convforge.train.inference import load_model
+
+        baseline = load_model(args.baseline, device=device)
     result = evaluate_robustness(loaded, data, split=args.split, attacks=attacks, eps=eps, norm=args.norm,
                                  samples=args.samples, seed=args.seed, steps=args.steps, step_size=step_size,
                                  restarts=args.restarts, batch_size=args.batch_size, device=device,
-                                 out_dir=args.out)
+                                 out_dir=args.out, corruptions=args.corruptions, severities=args.severities,
+                                 baseline=baseline, corruption_params=args.corruption_params)
     if not args.json:
         print_robust(result)
     return result
@@ -115,8 +131,39 @@ def print_robust(result: dict[str, Any]) -> None:
             table.add_row(f"  after {stage['stage']}", row["eps_text"], f"{stage['robust_accuracy']:.2f}%",
                           str(row["points"]), "")
     console.print(table)
+    if result.get("corruption"):
+        print_corruptions(console, result["corruption"])
     for key, path in (result.get("files") or {}).items():
         console.print(f"{key}: {path}", markup=False)
+
+
+def print_corruptions(console: Any, section: dict[str, Any]) -> None:
+    """Accuracy per corruption and severity, the mean per corruption, CE (with a baseline) and the summary line."""
+    from rich.table import Table
+
+    levels = section["severities"]
+    accuracy = {(r["corruption"], r["severity"]): r["accuracy"] for r in section["rows"]}
+    table = Table(title=f"accuracy under corruption (%), severities {', '.join(map(str, levels))}")
+    table.add_column("corruption")
+    for level in levels:
+        table.add_column(str(level), justify="right")
+    table.add_column("mean", justify="right")
+    with_ce = "mce" in section
+    if with_ce:
+        table.add_column("CE", justify="right")
+        table.add_column("rel. CE", justify="right")
+    for record in section["per_corruption"]:
+        name = record["corruption"]
+        cells = [f"{accuracy[name, level]:.1f}" for level in levels] + [f"{record['accuracy']:.1f}"]
+        if with_ce:
+            cells += ["-" if record[k] is None else f"{record[k]:.1f}%" for k in ("ce", "relative_ce")]
+        table.add_row(name, *cells)
+    console.print(table)
+    line = f"mean corruption accuracy {section['mean_accuracy']:.2f}%"
+    if with_ce:
+        shown = ["-" if section[k] is None else f"{section[k]:.1f}%" for k in ("mce", "relative_mce")]
+        line += f"; against {section['baseline']}: mCE {shown[0]}, relative mCE {shown[1]}"
+    console.print(line, markup=False)
 
 
 COMMANDS = [
@@ -124,6 +171,7 @@ COMMANDS = [
             "Attack a classifier (CKPT, a registry model or --model NAME --weights FILE) on a seeded subset of a "
             "split: clean accuracy and robust accuracy per attack (fgsm, pgd, pgd-l2, autoattack: the standard "
             "AutoAttack of RobustBench) and eps, on the same images. With --out the work is recorded per chunk "
-            "of --batch-size images, so an interrupted run resumes where it stopped. AutoAttack needs "
+            "of --batch-size images, so an interrupted run resumes where it stopped. --corruptions adds accuracy under "
+            "the 15 common corruptions (and, with --baseline CKPT, CE and mCE). AutoAttack needs "
             "`pip install --no-deps torchattacks==3.5.1`."),
 ]

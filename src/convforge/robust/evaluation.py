@@ -23,6 +23,7 @@ NORMS = ("linf", "l2")
 DEFAULT_STEPS = 20
 RESULT_FILE = "robust.json"
 CURVE_FILE = "robust-curve.png"
+HEATMAP_FILE = "robust-corruptions.png"
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,9 @@ class AttackPlan:
 
 
 def plan_attacks(attacks: Sequence[str], norm: str, steps: int, step_size: float | None,
-                 restarts: int) -> list[AttackPlan]:
-    """The attacks named (``fgsm``, ``pgd``, ``pgd-l2``, ``autoattack``) with their settings; clear errors."""
+                 restarts: int, allow_none: bool = False) -> list[AttackPlan]:
+    """The attacks named (``fgsm``, ``pgd``, ``pgd-l2``, ``autoattack``) with their settings; clear errors
+    (no attack at all is one unless ``allow_none``)."""
     if norm not in NORMS:
         raise ConfigError(f"--norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if steps < 1 or restarts < 1:
@@ -62,7 +64,7 @@ def plan_attacks(attacks: Sequence[str], norm: str, steps: int, step_size: float
             plans.append(AttackPlan("autoattack", norm, steps=0, restarts=0))
         else:
             plans.append(AttackPlan("pgd", "l2" if name == "pgd-l2" else norm, steps, step_size, restarts))
-    if not plans:
+    if not plans and not allow_none:
         raise ConfigError(f"no attack given: choose from {', '.join(ATTACKS)}")
     return list(dict.fromkeys(plans))
 
@@ -194,14 +196,17 @@ def evaluate_attack(run: _Run, plan: AttackPlan, text: str, eps: float) -> dict[
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """robust.json and, with several eps, robust-curve.png in ``out_dir`` (atomic writes); their paths."""
+    """robust.json, robust-curve.png (several eps) and robust-corruptions.png (corruptions) in ``out_dir``
+    (atomic writes); their paths."""
     from convforge.fileio import atomic_write_bytes, atomic_write_json
-    from convforge.robust.plots import accuracy_curve
+    from convforge.robust.plots import accuracy_curve, corruption_heatmap
 
     folder = Path(out_dir)
     files = {"robust": str(folder / RESULT_FILE)}
     if len(result["eps"]) > 1:
         files["curve"] = str(atomic_write_bytes(folder / CURVE_FILE, accuracy_curve(result)))
+    if result.get("corruption"):
+        files["heatmap"] = str(atomic_write_bytes(folder / HEATMAP_FILE, corruption_heatmap(result)))
     atomic_write_json(folder / RESULT_FILE, {**result, "files": files})
     return files
 

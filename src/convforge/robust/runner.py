@@ -1,4 +1,4 @@
-"""``evaluate_robustness``: clean and robust accuracy of a classifier on the same seeded points."""
+"""``evaluate_robustness``: clean, attacked and corrupted accuracy of a classifier on the same seeded points."""
 
 from __future__ import annotations
 
@@ -35,23 +35,32 @@ def evaluate_robustness(
     out_dir: str | Path | None = None,
     progress: bool = True,
     autoattack_counts: AutoAttackCounts | None = None,
+    corruptions: str | Sequence[str] | None = None,
+    severities: str | Sequence[int] = (1, 2, 3, 4, 5),
+    baseline: Any = None,
+    corruption_params: str = "auto",
 ) -> dict[str, Any]:
-    """Clean accuracy and robust accuracy per attack and eps of ``loaded`` (a LoadedModel classifier) on
-    ``samples`` images of ``split`` of ``data`` (a spec or a loaded dataset) drawn by ``seed``.
+    """Clean accuracy, robust accuracy per attack and eps, and accuracy per corruption and severity of ``loaded``
+    (a LoadedModel classifier) on ``samples`` images of ``split`` of ``data`` (a spec or a loaded dataset) drawn
+    by ``seed``.
 
     Attacks: ``fgsm``, ``pgd`` (``steps``, ``step_size`` default 2.5 * eps / steps, random start, ``restarts``),
     ``pgd-l2`` and ``autoattack`` (the standard protocol; ``autoattack_counts`` overrides the reference counts).
+    ``corruptions`` ("all" or names of convforge.data.corruptions) at ``severities``; with ``baseline`` (another
+    LoadedModel scored on the same corrupted images) also CE per corruption, mCE and relative mCE.
     With ``out_dir`` every finished chunk of ``batch_size`` points is recorded in robust-progress.json (a rerun
-    skips it) and the result is written to robust.json (plus robust-curve.png for several eps).
+    skips it) and the result is written to robust.json (plus robust-curve.png for several eps and
+    robust-corruptions.png for corruptions).
     """
     started = time.perf_counter()
-    if getattr(loaded, "task", "classify") != "classify":
-        raise ConfigError(f"{loaded.label} is a {loaded.task} model: robust evaluation is for classifiers")
+    for model in (loaded, baseline):
+        if model is not None and getattr(model, "task", "classify") != "classify":
+            raise ConfigError(f"{model.label} is a {model.task} model: robust evaluation is for classifiers")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    plans = plan_attacks(attacks, norm, steps, step_size, restarts)
-    sizes = eps_values(eps, plans)
-    counts = autoattack_counts or REFERENCE_COUNTS
+    plans = plan_attacks(attacks, norm, steps, step_size, restarts, allow_none=corruptions is not None)
+    sizes = eps_values(eps, plans) if plans else []
+    names, levels = _corruption_plan(corruptions, severities, corruption_params, baseline, loaded)
     echo = log_function(progress)
     if isinstance(data, str):
         from convforge.train.inference import load_eval_data
@@ -69,11 +78,12 @@ def evaluate_robustness(
               "indices": indices_crc(points.indices), "batch_size": batch_size, "device": device.type}
     log = ProgressLog(out_dir, config, echo)
     run = _Run(model, points, torch.zeros(0, dtype=torch.bool), batch_size, device, seed, len(loaded.classes),
-               counts, log, progress)
+               autoattack_counts or REFERENCE_COUNTS, log, progress)
     began = time.perf_counter()
     run.clean = clean_correct(model, run)
     clean_seconds = time.perf_counter() - began
     rows = [evaluate_attack(run, plan, text, value) for plan in plans for text, value in sizes]
+    section = _corruption_section(run, names, levels, corruption_params, baseline, data, notes) if names else None
     if log.skipped:
         echo(f"skipped {log.skipped} chunks finished by an earlier run with the same arguments ({log.path})")
     n = len(points)
@@ -83,14 +93,54 @@ def evaluate_robustness(
         "eps_text": [t for t, _ in sizes], "attacks": [p.name if p.norm == norm else f"{p.name}-{p.norm}" for p in plans],
         "batch_size": batch_size, "mean": list(mean), "std": list(std),
         "clean": {"accuracy": 100.0 * int(run.clean.sum()) / n, "correct": int(run.clean.sum()), "points": n},
-        "results": rows,
-        "resume": {"skipped_chunks": log.skipped, "note": log.note},
+        "results": rows, "resume": {"skipped_chunks": log.skipped, "note": log.note},
         "timings": {"clean": round(clean_seconds, 3), "attacks": round(sum(r["seconds"] for r in rows), 3),
                     "total": round(time.perf_counter() - started, 3)},
         "notes": notes,
     }
+    if section is not None:
+        result["corruption"] = section
+        result["timings"]["corruptions"] = round(sum(r["seconds"] for r in section["rows"]), 3)
     if samples is not None:
         result["indices"] = points.indices.tolist()
     if out_dir is not None:
         result["files"] = write_outputs(result, out_dir)
     return result
+
+
+def _corruption_plan(corruptions: str | Sequence[str] | None, severities: str | Sequence[int], params: str,
+                     baseline: Any, loaded: Any) -> tuple[list[str], list[int]]:
+    """The corruption names and severities to evaluate (none without ``corruptions``); clear errors."""
+    if corruptions is None:
+        if baseline is not None:
+            raise ConfigError("--baseline is for corruption errors (mCE): add --corruptions all (or names)")
+        return [], []
+    from convforge.data.corruptions import PARAMS
+    from convforge.robust.corruption import corruption_names, parse_severities
+
+    if params not in PARAMS:
+        raise ConfigError(f"corruption parameters must be one of {', '.join(PARAMS)}, got {params!r}")
+    if baseline is not None and (list(baseline.classes) != list(loaded.classes)
+                                 or baseline.input_size[0] != loaded.input_size[0]):
+        raise ConfigError(f"the baseline {baseline.label} has other classes or channels than {loaded.label}: "
+                          "CE compares models of the same classes, in the same order, on the same images")
+    return corruption_names(corruptions), parse_severities(severities)
+
+
+def _corruption_section(run: _Run, names: list[str], levels: list[int], params: str, baseline: Any, data: Any,
+                        notes: list[str]) -> dict[str, Any]:
+    from convforge.robust.corruption import evaluate_corruptions
+    from convforge.train.inference import normalization_for
+
+    base_model = base_clean = fingerprint = None
+    if baseline is not None:
+        base_notes: list[str] = []
+        mean, std = normalization_for(baseline, data, base_notes)
+        notes.extend(f"baseline: {note}" for note in base_notes)
+        base_model = NormalizedClassifier(baseline.model.float().eval(), mean, std).to(run.device).eval()
+        fingerprint = f"{model_fingerprint(baseline.model)}:{','.join(f'{v:.6g}' for v in (*mean, *std))}"
+        base_clean = clean_correct(base_model, run)
+    section = evaluate_corruptions(run, names, levels, params, base_model, fingerprint, base_clean)
+    if baseline is not None:
+        section["baseline"] = baseline.label
+    return section
