@@ -8,7 +8,10 @@ What is read from ``RUN``:
   content whatever their name (``bench.json``, ``prune.json``, ``quantize.json``, ``export.json``
   are the suggested names);
 - ``RUN/*.safetensors`` other than best/last/resume: pruned checkpoints (their metadata);
-- ``RUN/filters/*.png`` and ``RUN/filters/*.json`` (``convforge filters --out RUN/filters``).
+- ``RUN/filters/*.png`` and ``RUN/filters/*.json`` (``convforge filters --out RUN/filters``);
+- ``robust.json`` in ``RUN`` or ``RUN/robust`` (``convforge robust --out``; read by
+  :mod:`convforge.report.robustness`) and ``explain.json`` in ``RUN/explain`` or ``RUN``
+  (``convforge explain --out``; read by :mod:`convforge.report.explanations`), with the PNGs beside them.
 
 Any other file is ignored.
 """
@@ -25,7 +28,8 @@ from convforge.errors import ConfigError
 from convforge.report.pictures import image_png  # noqa: F401  (the report's pictures; re-exported)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "best.safetensors", "last.safetensors")
-OWN_JSON = {"summary.json", "best.json", "last.json", "resume.json"}
+OWN_JSON = {"summary.json", "best.json", "last.json", "resume.json",
+            "robust.json", "robust-progress.json", "explain.json"}  # the last three: their own sections
 MAX_PICTURE_BYTES = 8 * 1024 * 1024
 MAX_WRONG = 16
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

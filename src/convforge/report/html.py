@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from convforge.report import plots
 from convforge.report.collect import RunData
+from convforge.report.explanations import explanations_section
+from convforge.report.robustness import robustness_section
 from convforge.report.markup import CSS, breakable, esc, fmt, img, notes, png_size, slug, table  # noqa: F401
 
 # ---------------------------------------------------------------- sections of one run
@@ -348,8 +350,9 @@ def filters_section(run: RunData) -> str:
 
 
 def run_sections(run: RunData, heading: bool) -> str:
-    parts = [notes(run.notes), facts(run), curves_section(run), evaluation_section(run), model_section(run),
-             bench_section(run), compression_section(run), filters_section(run),
+    parts = [notes(run.notes), facts(run), curves_section(run), evaluation_section(run), robustness_section(run.path),
+             explanations_section(run.path), model_section(run), bench_section(run), compression_section(run),
+             filters_section(run),
              "<h3>Configuration and environment</h3>" + environment(run)]
     body = "".join(p for p in parts if p)
     if heading:

@@ -163,3 +163,22 @@ def depth_curves(rows: list[dict[str, Any]], depth_key: str, metrics: list[str],
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
     return to_png(fig)
+
+
+def accuracy_eps(lines: dict[str, list[tuple[float, float]]], clean: float | None, title: str) -> bytes | None:
+    """Robust accuracy against eps (finite points), one line per attack, each from the clean accuracy at eps 0."""
+    lines = {label: points for label, points in lines.items() if points}
+    if not lines:
+        return None
+    fig = _figure(5.5, 3.8)
+    ax = fig.subplots()
+    for label, points in lines.items():
+        points = sorted(([(0.0, clean)] if clean is not None else []) + points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel("eps (pixels on [0, 1])")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return to_png(fig)
