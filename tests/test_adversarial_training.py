@@ -51,6 +51,7 @@ def test_defaults_are_the_papers_and_the_step_scales_with_eps(method):
     ({"adv_train": "pgd", "adv_eps": 8.0}, "write 8/255"),
     ({"adv_eps": 0.03}, "add --adv-train"),
     ({"adv_train": "pgd", "adv_beta": 6.0}, "with --adv-train trades"),
+    ({"adv_train": "trades", "adv_beta": -1.0}, "with --adv-train trades"),
     ({"adv_train": "fgsm-rs", "adv_steps": 3}, "fgsm-rs takes one step"),
     ({"adv_train": "pgd", "mixup_alpha": 0.2}, "cannot be combined with mixup_alpha"),
     ({"adv_train": "pgd", "task": "segment", "model": "unet", "data": "synthetic"}, "classification only"),
@@ -136,8 +137,9 @@ def _pgd_accuracy(checkpoint, eps: float) -> float:
 def test_adversarial_training_makes_a_model_robust_that_normal_training_does_not(tmp_path):
     common = dict(data="digits", epochs=6, batch_size=64, seed=0, model_args={"widths": [16, 32, 64]})
     fit(TrainConfig(out=str(tmp_path / "normal"), **common), quiet=True)
-    fit(TrainConfig(out=str(tmp_path / "robust"), adv_train="pgd", adv_eps=32 / 255, adv_steps=3,
-                    adv_eval_samples=200, **common), quiet=True)
+    summary = fit(TrainConfig(out=str(tmp_path / "robust"), adv_train="pgd", adv_eps=32 / 255, adv_steps=3,
+                              adv_eval_samples=200, **common), quiet=True)
+    assert summary["best_metric"] == "test_pgd10_top1"  # early stopping on robust accuracy
     eps = 32 / 255
     normal, robust = _pgd_accuracy(tmp_path / "normal", eps), _pgd_accuracy(tmp_path / "robust", eps)
     assert robust > normal + 0.25, (normal, robust)

@@ -36,7 +36,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--random-erasing", "random_erasing", float, "probability of erasing a random rectangle per image (default: 0)"),
     ("--drop-path", "drop_path", float, "stochastic depth rate of the last block, linear in depth (models with drop_path_rate)"),
     ("--adv-train", "adv_train", str, "adversarial training: pgd (Madry et al.), fgsm-rs (Wong et al. 2020, "
-                                      "'Fast is better than free') or trades (Zhang et al.) (default: off)"),
+                                      "'Fast is better than free'), trades (Zhang et al.) or none (default: none)"),
     ("--adv-eps", "adv_eps", "fraction", "adversarial training: Linf radius on the [0, 1] pixel scale, e.g. 8/255 "
                                          "(default: 8/255)"),
     ("--adv-steps", "adv_steps", int, "adversarial training: attack steps (default: pgd 7, fgsm-rs 1, trades 10)"),

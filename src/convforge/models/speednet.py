@@ -35,7 +35,10 @@ class SpeedNet(Classifier):
     """Whitening stem, three conv groups, global max pooling, linear head scaled by ``head_scale``.
 
     Call :meth:`init_from_data` with a batch of (normalised) training images before training: it
-    sets the stem to the whitening transform of the images' 2x2 patches and freezes it.
+    sets the stem to the whitening transform of the images' 2x2 patches and freezes it. ``whiten=False``
+    keeps a plain trainable stem instead: whitening multiplies the faintest patch directions by up to
+    1/sqrt(eps) (about 45x), which leaves small input perturbations free to move the logits, the
+    opposite of what adversarial training needs.
     """
 
     def __init__(
@@ -44,8 +47,10 @@ class SpeedNet(Classifier):
         in_chans: int = 3,
         widths: tuple[int, int, int] = (64, 256, 256),
         head_scale: float = 1 / 9,
+        whiten: bool = True,
     ) -> None:
         super().__init__()
+        self.whiten = whiten
         stem_width = 2 * in_chans * 4  # every eigenvector of the 2x2 patch covariance, with both signs
         self.stem = nn.Conv2d(in_chans, stem_width, 2, padding=0, bias=True)
         self.stem_act = nn.GELU()
@@ -61,7 +66,10 @@ class SpeedNet(Classifier):
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the stem to whiten the 2x2 patches of ``images`` (N, C, H, W) and freeze its weights."""
+        """Set the stem to whiten the 2x2 patches of ``images`` (N, C, H, W) and freeze its weights
+        (nothing with ``whiten=False``)."""
+        if not self.whiten:
+            return
         c = images.shape[1]
         patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # N, C, H-1, W-1, 2, 2
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4).double()
@@ -88,9 +96,12 @@ class SpeedNet(Classifier):
     num_classes=10,
     description="CPU-budget CIFAR net after airbench94 (whitening stem, widths 64/256/256)",
 )
-def speednet(num_classes: int = 10, in_chans: int = 3, widths: tuple[int, int, int] = (64, 256, 256)) -> SpeedNet:
-    """airbench94's layout: whitening stem, conv groups of widths 64/256/256."""
-    return SpeedNet(num_classes=num_classes, in_chans=in_chans, widths=tuple(widths))  # type: ignore[arg-type]
+def speednet(num_classes: int = 10, in_chans: int = 3, widths: tuple[int, int, int] = (64, 256, 256),
+             whiten: bool = True) -> SpeedNet:
+    """airbench94's layout: whitening stem (``whiten=False``: a plain trainable one), conv groups of widths
+    64/256/256."""
+    return SpeedNet(num_classes=num_classes, in_chans=in_chans, widths=tuple(widths),  # type: ignore[arg-type]
+                    whiten=whiten)
 
 
 @register_model(

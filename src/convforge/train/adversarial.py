@@ -40,7 +40,7 @@ INCOMPATIBLE = ("mixup_alpha", "cutmix_alpha", "random_erasing", "teachers", "te
 
 def check_adversarial(cfg: Any) -> None:
     """ConfigError for a bad --adv-train setting or options adversarial training cannot be combined with."""
-    if cfg.adv_train is None:
+    if cfg.adv_train in (None, "none"):
         given = [name for name in ("adv_eps", "adv_steps", "adv_step_size", "adv_beta") if getattr(cfg, name) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: settings of adversarial training: add --adv-train "
@@ -54,7 +54,7 @@ def check_adversarial(cfg: Any) -> None:
         raise ConfigError(f"adv_steps must be in 1..1000, got {cfg.adv_steps}")
     if cfg.adv_step_size is not None and not 0 < cfg.adv_step_size <= 1:
         raise ConfigError(f"adv_step_size must be in (0, 1], got {cfg.adv_step_size}")
-    if cfg.adv_beta is not None and (cfg.adv_train != "trades" or cfg.adv_beta < 0):
+    if cfg.adv_beta is not None and (cfg.adv_beta < 0 or cfg.adv_train != "trades" and cfg.adv_beta != 0):
         raise ConfigError(f"adv_beta is TRADES's weight of the robustness term (>= 0, with --adv-train trades), "
                           f"got {cfg.adv_beta} with --adv-train {cfg.adv_train}")
     if cfg.adv_train == "fgsm-rs" and cfg.adv_steps not in (None, 1):
@@ -67,8 +67,8 @@ def check_adversarial(cfg: Any) -> None:
 
 def resolve_adversarial(cfg: Any) -> Any:
     """A copy of ``cfg`` with the adversarial settings left unset filled from the method's paper."""
-    if cfg.adv_train is None:
-        return dataclasses.replace(cfg, adv_eval_samples=cfg.adv_eval_samples or 0)
+    if cfg.adv_train in (None, "none"):  # "none": off, also over a recipe that turns it on
+        return dataclasses.replace(cfg, adv_train=None, adv_eval_samples=0)
     eps, steps, step_size, beta = ADV_DEFAULTS[cfg.adv_train]
     eps_given = cfg.adv_eps is not None
     cfg = dataclasses.replace(
@@ -111,7 +111,8 @@ class Adversary:
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The adversarial version of the normalised batch ``x`` (normalised, detached, in x's memory format)."""
-        pixels = (x.detach().float() * self.std + self.mean).clamp(0, 1)
+        fmt = _memory_format(x)  # every tensor of the attack in x's layout (a mixed layout runs the slow path)
+        pixels = (x.detach().float() * self.std + self.mean).clamp(0, 1).contiguous(memory_format=fmt)
         was_training = model.training
         if self.method == "trades":
             model.eval()
@@ -119,7 +120,7 @@ class Adversary:
             adv = self._attack(model, pixels, y, generator)
         finally:
             model.train(was_training)
-        return ((adv - self.mean) / self.std).to(dtype=x.dtype, memory_format=_memory_format(x))
+        return ((adv - self.mean) / self.std).to(dtype=x.dtype, memory_format=fmt)
 
     def _attack(self, model: nn.Module, pixels: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator) -> torch.Tensor:
@@ -144,6 +145,8 @@ class Adversary:
 def _ascend(loss_of: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, start: torch.Tensor, eps: float,
             steps: int, step_size: float) -> torch.Tensor:
     """Linf projected sign-gradient ascent of ``loss_of`` from ``pixels + start``, inside [0, 1]."""
+    start = start.contiguous(memory_format=torch.channels_last) if pixels.is_contiguous(
+        memory_format=torch.channels_last) and not pixels.is_contiguous() else start
     delta = (pixels + project(start, eps, "linf")).clamp(0, 1) - pixels
     for _ in range(steps):
         delta.requires_grad_(True)

@@ -219,7 +219,7 @@ def wrap_model(state: TrainingState) -> None:
     state.eval_model = state.ema.module if state.ema is not None else state.model
     state.eval_splits = state.task.eval_splits(state.data)
     state.select_on = state.eval_splits[0]
-    state.select_key = f"{state.select_on}_{state.task.primary}"
+    state.select_key = f"{state.select_on}_{state.task.select_metric(cfg)}"
     state.check_every = 1 if device.type == "cpu" else 25
 
 

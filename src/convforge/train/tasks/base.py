@@ -169,6 +169,10 @@ class Task:
         """Metrics of ``model`` on ``split``; must include :attr:`primary`."""
         raise NotImplementedError(f"task {self.name!r} has no evaluate")
 
+    def select_metric(self, cfg: Any) -> str:
+        """The metric (higher is better) whose best epoch is saved as best.safetensors: :attr:`primary`."""
+        return self.primary
+
     def meta(self, data: Any) -> dict[str, Any]:
         """Task facts a checkpoint needs to be used without restating them."""
         return {}

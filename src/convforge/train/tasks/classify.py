@@ -138,11 +138,16 @@ class ClassifyTask(Task):
                           channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
                           world_size=world_size)
         metrics = {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
-        if cfg.adv_eval_samples and split == "test":
+        if cfg.adv_eval_samples and split == self.eval_splits(data)[0]:  # the split that selects the best epoch
             robust = robust_top1(model, data, split, cfg, device)
             if robust is not None:
                 metrics[f"pgd{ADV_EVAL_STEPS}_top1"] = robust
         return metrics
+
+    def select_metric(self, cfg: Any) -> str:
+        """Adversarial training with a per-epoch PGD evaluation keeps the epoch of best PGD accuracy (early
+        stopping against robust overfitting, Rice et al. 2020, and FGSM's catastrophic overfitting, Wong et al.)."""
+        return f"pgd{ADV_EVAL_STEPS}_top1" if cfg.adv_train and cfg.adv_eval_samples else self.primary
 
     def meta(self, data: Any) -> dict[str, Any]:
         """Store and shard data: the evaluation transform, and its crop as the model's input size (FixRes: the
@@ -153,14 +158,15 @@ class ClassifyTask(Task):
 
     def epoch_text(self, record: dict[str, Any], eval_splits: list[str]) -> list[str]:
         train = [f"train {record['train_top1']:.2f}%"] if "train_top1" in record else []
-        robust_key = f"test_pgd{ADV_EVAL_STEPS}_top1"
-        robust = [f"PGD-{ADV_EVAL_STEPS} {record[robust_key]:.2f}%"] if robust_key in record else []
+        robust = [f"{split} PGD-{ADV_EVAL_STEPS} {record[key]:.2f}%" for split in eval_splits
+                  if (key := f"{split}_pgd{ADV_EVAL_STEPS}_top1") in record]
         return train + super().epoch_text(record, eval_splits) + robust
 
     def summary_fields(self, final: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
         return {"test_top1": final.get("test_top1"), "test_top5": final.get("test_top5"),
                 "test_loss": final.get("test_loss"), "val_top1": final.get("val_top1"),
-                **({"test_pgd_top1": final[key]} if (key := f"test_pgd{ADV_EVAL_STEPS}_top1") in final else {}),
+                **({f"{split}_pgd_top1": final[key] for split in ("val", "test")
+                    if (key := f"{split}_pgd{ADV_EVAL_STEPS}_top1") in final}),
                 "best_top1": best["score"]}
 
     def done_text(self, final: dict[str, Any], select_key: str, wall_time_s: float) -> str:
