@@ -45,28 +45,34 @@ def train_twins(data: Path, runs: Path, extra: list[str]) -> dict[str, dict]:
 
 
 def evaluate_twins(data: Path, runs: Path, samples: int) -> dict[str, dict]:
-    """PGD-20 (full test), PGD-20 + AutoAttack (subset), the eps curve (subset), corruptions (full test)."""
+    """PGD-20 (full test), PGD-20 + AutoAttack (subset), the eps curve (subset), corruptions (full test),
+    saliency maps of four test images, the filters of both twins and their distribution shift."""
     spec = f"imagefolder:{data}"
+    images = [str(next(iter(sorted(folder.iterdir())))) for folder in sorted((data / "test").iterdir())[:4]]
     results: dict[str, dict] = {}
     for name in ("adversarial", "normal"):
-        ckpt = str(runs / name / "best.safetensors")
-        out = runs / f"eval-{name}"
-        full, _ = convforge_json("robust", ckpt, "--data", spec, "--attack", "pgd", "--steps", "20",
-                                 "--eps", "8/255", "--out", str(out / "pgd20-full"))
+        run = runs / name
+        ckpt = str(run / "best.safetensors")
         subset, subset_wall = convforge_json("robust", ckpt, "--data", spec, "--attack", "pgd,autoattack",
                                              "--steps", "20", "--eps", "8/255", "--samples", str(samples),
-                                             "--out", str(out / "autoattack"))
+                                             "--out", str(run / "robust"))
+        full, full_wall = convforge_json("robust", ckpt, "--data", spec, "--attack", "pgd", "--steps", "20",
+                                         "--eps", "8/255", "--out", str(run / "robust-pgd20-full"))
         curve, _ = convforge_json("robust", ckpt, "--data", spec, "--attack", "fgsm,pgd", "--steps", "20",
                                   "--eps", "1/255,2/255,4/255,8/255,16/255", "--samples", str(samples),
-                                  "--out", str(out / "curve"))
-        results[name] = {"pgd20_full": full, "autoattack": subset, "autoattack_wall": subset_wall, "curve": curve}
+                                  "--out", str(run / "robust-curve"))
+        filters, _ = convforge_json("filters", ckpt, "--out", str(run / "filters"))
+        explain, _ = convforge_json("explain", ckpt, *images, "--method", "all", "--out", str(run / "explain"))
+        results[name] = {"autoattack": subset, "autoattack_wall": subset_wall, "pgd20_full": full,
+                         "pgd20_full_wall": full_wall, "curve": curve, "filters": filters, "explain": explain}
     corruptions, corruption_wall = convforge_json(
         "robust", str(runs / "adversarial" / "best.safetensors"), "--data", spec, "--corruptions", "all",
-        "--baseline", str(runs / "normal" / "best.safetensors"), "--out", str(runs / "eval-corruptions"))
+        "--baseline", str(runs / "normal" / "best.safetensors"), "--out", str(runs / "adversarial" / "corruptions"))
     results["corruptions"] = {"result": corruptions, "wall": corruption_wall}
-    filters, _ = convforge_json("filters", str(runs / "normal" / "best.safetensors"), "--compare",
-                                str(runs / "adversarial" / "best.safetensors"), "--out", str(runs / "filters"))
-    results["filters"] = filters
+    shift, _ = convforge_json("filters", str(runs / "normal" / "best.safetensors"), "--compare",
+                              str(runs / "adversarial" / "best.safetensors"), "--no-pictures",
+                              "--out", str(runs / "filters-compare"))
+    results["filter_shift"] = shift
     (runs / "evaluation.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -110,7 +116,7 @@ def main() -> None:
     if args.stage in ("all", "eval"):
         runs = (args.runs / "latest").resolve()
         results = evaluate_twins(data, runs, args.samples)
-        print(json.dumps({k: v for k, v in results.items() if k != "filters"}, indent=1)[:4000])
+        print(json.dumps(results, indent=1)[:3000])
         print(f"evaluation written to {runs / 'evaluation.json'}")
 
 
