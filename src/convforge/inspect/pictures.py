@@ -5,7 +5,6 @@ Every function draws one figure and writes it atomically to ``path``; it returns
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,22 +12,16 @@ from typing import Any
 
 import numpy as np
 
+from convforge.figures import figure_png, new_figure
 from convforge.fileio import atomic_write_bytes
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100)
+def _figure(width: float, height: float) -> Any:
+    return new_figure(width, height, dpi=100, constrained=False)
 
 
-def _save(fig, path: str | Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
+def _save(fig: Any, path: str | Path) -> Path:
+    return atomic_write_bytes(path, figure_png(fig))
 
 
 def _grid(tiles: np.ndarray, cols: int, pad: int = 1, fill: float = np.nan) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from convforge.report.markup import esc, fmt, img, notes, png_size
-from convforge.report.sidecars import find, number, read_json, read_png, records, shown_name
+from convforge.report.sidecars import number, read_png, records, sections
 
 PLACES = ("explain/explain.json", "explain.json")
 MAX_IMAGES = 8
@@ -22,13 +22,8 @@ MAX_IMAGES = 8
 
 def explanations_section(run_path: Path, limit: int = MAX_IMAGES) -> str:
     """The section for every explain.json of the run directory ("" when there is none)."""
-    parts = []
-    for file in find(run_path, PLACES):
-        shown = shown_name(run_path, file)
-        result, problem = read_json(file, shown)
-        if problem is None and not isinstance(result, dict):
-            problem = f"{shown} is not a convforge explain result (no JSON object); left out"
-        parts.append(notes([problem]) if problem else _one_result(result, file.parent, shown, limit))
+    parts = sections(run_path, PLACES, "convforge explain",
+                     lambda result, folder, shown: _one_result(result, folder, shown, limit))
     if not parts:
         return ""
     return "<h3>Saliency maps (convforge explain)</h3>" + "".join(parts)

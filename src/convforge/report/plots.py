@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from convforge.figures import figure_png as to_png
+from convforge.figures import new_figure as _figure
 
-DPI = 110
 SPLIT_STYLE = {"train": "-", "val": ":", "test": "--"}
 SPLIT_COLOR = {"train": "#1f77b4", "val": "#2ca02c", "test": "#d62728"}
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def to_png(fig: Figure) -> bytes:
-    out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=DPI)
-    return out.getvalue()
 
 
 def _finite(values: Sequence[Any]) -> bool:

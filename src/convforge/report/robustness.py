@@ -17,7 +17,7 @@ from typing import Any
 
 from convforge.report import plots
 from convforge.report.markup import esc, fmt, img, notes, table
-from convforge.report.sidecars import find, number, read_json, read_png, records, shown_name
+from convforge.report.sidecars import number, read_png, records, sections
 
 PLACES = ("robust.json", "robust/robust.json")
 CURVE_FILE = "robust-curve.png"
@@ -26,13 +26,7 @@ HEATMAP_FILE = "robust-corruptions.png"
 
 def robustness_section(run_path: Path) -> str:
     """The section for every robust.json of the run directory ("" when there is none)."""
-    parts = []
-    for file in find(run_path, PLACES):
-        shown = shown_name(run_path, file)
-        result, problem = read_json(file, shown)
-        if problem is None and not isinstance(result, dict):
-            problem = f"{shown} is not a convforge robust result (no JSON object); left out"
-        parts.append(notes([problem]) if problem else _one_result(result, file.parent, shown))
+    parts = sections(run_path, PLACES, "convforge robust", _one_result)
     if not parts:
         return ""
     return "<h3>Robustness (convforge robust)</h3>" + "".join(parts)

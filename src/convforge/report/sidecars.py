@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from convforge.report.collect import MAX_PICTURE_BYTES, PNG_SIGNATURE
 
@@ -36,6 +36,22 @@ def read_json(file: Path, shown: str) -> tuple[Any, str | None]:
         return json.loads(file.read_text(encoding="utf-8")), None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         return None, f"{shown} could not be read ({type(exc).__name__}); left out"
+
+
+def sections(run_path: Path, places: tuple[str, ...], command: str,
+             render: Callable[[dict[str, Any], Path, str], str]) -> list[str]:
+    """``render(result, folder, shown)`` of every JSON file among ``places`` that holds an object, else a note
+    saying why it was left out (``command`` names what should have written it)."""
+    from convforge.report.markup import notes
+
+    parts = []
+    for file in find(run_path, places):
+        shown = shown_name(run_path, file)
+        result, problem = read_json(file, shown)
+        if problem is None and not isinstance(result, dict):
+            problem = f"{shown} is not a {command} result (no JSON object); left out"
+        parts.append(notes([problem]) if problem else render(result, file.parent, shown))
+    return parts
 
 
 def read_png(folder: Path, name: Any) -> bytes | None:

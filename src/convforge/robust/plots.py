@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-DPI = 110
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Any) -> bytes:
-    out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=DPI)
-    return out.getvalue()
+from convforge.figures import figure_png as _png
+from convforge.figures import new_figure as _figure
 
 
 def accuracy_curve(result: dict[str, Any]) -> bytes:
