@@ -34,3 +34,17 @@ def test_engine_initialises_the_stem_from_training_images(tmp_path):
     stem = load_checkpoint(tmp_path / "run").model.stem.weight
     assert not torch.allclose(stem, untouched)
     assert torch.allclose(stem[12:], -stem[:12])  # the whitening filters, frozen through training
+
+
+def test_whiten_false_keeps_a_plain_trainable_stem():
+    torch.manual_seed(0)
+    model = create_model("speednet", num_classes=10, widths=[16, 32, 32], whiten=False)
+    before = model.stem.weight.clone()
+    model.init_from_data(torch.randn(64, 3, 32, 32) * 3)
+    assert torch.equal(model.stem.weight, before) and model.stem.weight.requires_grad
+    whitened = create_model("speednet", num_classes=10, widths=[16, 32, 32])
+    smooth = torch.nn.functional.interpolate(torch.randn(64, 3, 8, 8), size=32, mode="bilinear")  # photo-like
+    whitened.init_from_data(smooth)
+    assert not whitened.stem.weight.requires_grad
+    # the whitening stem's gain on the faintest patch direction is what makes small perturbations strong
+    assert whitened.stem.weight.flatten(1).norm(dim=1).max() > 5 * model.stem.weight.flatten(1).norm(dim=1).max()
