@@ -90,16 +90,29 @@ def pgd(
 def _pgd_once(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
               norm: str, steps: int, step_size: float, random_start: bool, generator: torch.Generator | None,
               loss_fn: LossFn) -> torch.Tensor:
-    delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
-    delta = (x + delta).clamp(0, 1) - x
+    start = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+    return ascend(lambda images: loss_fn(model(images), y).sum(), x, start, eps, norm, steps, step_size)
+
+
+def ascend(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, start: torch.Tensor, eps: float,
+           norm: str, steps: int, step_size: float) -> torch.Tensor:
+    """Projected steepest ascent of the scalar ``loss_of(images)`` from ``x + start`` within the ``norm`` ball of
+    radius ``eps`` and [0, 1] (the loop of PGD and of adversarial training's attacks); ``start`` is taken in
+    x's memory layout (a mixed layout would run the slow convolution path)."""
+    delta = (x + project(start.contiguous(memory_format=memory_layout(x)), eps, norm)).clamp(0, 1) - x
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss = loss_fn(model(x + delta), y).sum()
-        (grad,) = torch.autograd.grad(loss, delta)
+        (grad,) = torch.autograd.grad(loss_of(x + delta), delta)
         with torch.no_grad():
             delta = project(delta + step_size * ascent_direction(grad, norm), eps, norm)
             delta = (x + delta).clamp(0, 1) - x
     return (x + delta).detach()
+
+
+def memory_layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor stored so, else the default layout."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def random_delta(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convforge.errors import ConfigError
-from convforge.measure.attacks import NormalizedClassifier, pgd, project, random_delta
+from convforge.measure.attacks import NormalizedClassifier, ascend, memory_layout, pgd, random_delta
 
 ADV_METHODS = ("pgd", "fgsm-rs", "trades")
 # method -> (eps, steps, step size, beta) of its paper's CIFAR-10 setting
@@ -111,7 +111,7 @@ class Adversary:
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The adversarial version of the normalised batch ``x`` (normalised, detached, in x's memory format)."""
-        fmt = _memory_format(x)  # every tensor of the attack in x's layout (a mixed layout runs the slow path)
+        fmt = memory_layout(x)  # every tensor of the attack in x's layout (a mixed layout runs the slow path)
         pixels = (x.detach().float() * self.std + self.mean).clamp(0, 1).contiguous(memory_format=fmt)
         was_training = model.training
         if self.method == "trades":
@@ -139,22 +139,7 @@ class Adversary:
 
             def loss_of(images: torch.Tensor) -> torch.Tensor:
                 return F.cross_entropy(logits_of(images), y, reduction="sum")
-        return _ascend(loss_of, pixels, start, self.eps, self.steps, self.step_size)
-
-
-def _ascend(loss_of: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, start: torch.Tensor, eps: float,
-            steps: int, step_size: float) -> torch.Tensor:
-    """Linf projected sign-gradient ascent of ``loss_of`` from ``pixels + start``, inside [0, 1]."""
-    start = start.contiguous(memory_format=torch.channels_last) if pixels.is_contiguous(
-        memory_format=torch.channels_last) and not pixels.is_contiguous() else start
-    delta = (pixels + project(start, eps, "linf")).clamp(0, 1) - pixels
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_of(pixels + delta), delta)
-        with torch.no_grad():
-            delta = project(delta + step_size * grad.sign(), eps, "linf")
-            delta = (pixels + delta).clamp(0, 1) - pixels
-    return (pixels + delta).detach()
+        return ascend(loss_of, pixels, start, self.eps, "linf", self.steps, self.step_size)
 
 
 def attack_generator(seed: int, epoch: int, batch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -181,10 +166,6 @@ class TradesTargets:
                           reduction="batchmean")
         return natural + self.beta * robust
 
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
 
 
 def robust_top1(model: nn.Module, data: Any, split: str, cfg: Any, device: torch.device) -> float | None:
