@@ -167,7 +167,6 @@ class TradesTargets:
         return natural + self.beta * robust
 
 
-
 def robust_top1(model: nn.Module, data: Any, split: str, cfg: Any, device: torch.device) -> float | None:
     """PGD-10 top-1 (%) at ``cfg.adv_eps`` of ``model`` on ``cfg.adv_eval_samples`` seeded images of ``split``
     (None for shard data, which has no random access). The model is evaluated in eval mode, float32."""
@@ -193,7 +192,9 @@ def robust_top1(model: nn.Module, data: Any, split: str, cfg: Any, device: torch
 
 
 def _seeded_views(data: Any, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, C, H, W) evaluation views and labels of ``count`` seeded images of ``split``."""
+    """uint8 (N, C, H, W) evaluation views and labels of ``count`` seeded images of ``split`` (what
+    train.inference.view_images does, which this module cannot import: inference reaches the tasks, which
+    import this module)."""
     part = data.split(split)
     generator = np.random.default_rng([seed, 0xE7A1])
     indices = np.sort(generator.permutation(len(part.labels))[:count])
