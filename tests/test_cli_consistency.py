@@ -18,7 +18,7 @@ from convforge.train.checkpoint import save_checkpoint
 from helpers import SHARED, TINY_SYNTH, make_image_folder, save_image
 
 MODEL_COMMANDS = ("eval", "predict", "segment", "upscale", "bench", "export", "quantize", "prune", "filters", "explain",
-                  "robust")
+                  "robust", "serve")
 SOURCE_FLAGS = ("--model", "--weights", "--mean", "--std", "--num-classes", "--in-chans", "--model-arg")
 RUNTIME_FLAGS = ("--device", "--threads", "--json")
 # extra arguments each command needs besides the model source

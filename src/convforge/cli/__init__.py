@@ -2,8 +2,8 @@
 
 train, recipes (cli/train.py); eval, predict, segment, upscale (cli/evaluate.py); models, import
 (cli/models.py); bench, export, quantize, prune (cli/deploy.py); filters (cli/filters.py); report
-(cli/report.py); explain (cli/explain.py); robust (cli/robust.py). Every model command takes the same model
-sources and runtime options (cli/common.py).
+(cli/report.py); explain (cli/explain.py); robust (cli/robust.py); serve (cli/serve.py). Every model command
+takes the same model sources and runtime options (cli/common.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from convforge.cli.common import Command
 from convforge.errors import ConvforgeError
 
-MODULES = ("train", "evaluate", "models", "deploy", "filters", "report", "explain", "robust")
+MODULES = ("train", "evaluate", "models", "deploy", "filters", "report", "explain", "robust", "serve")
 
 
 def all_commands() -> list[Command]:
