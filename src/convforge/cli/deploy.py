@@ -277,6 +277,15 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "(default: 0.1 structured, 0.02 global-magnitude)")
     parser.add_argument("--round-to", type=int, default=1,
                         help="keep a multiple of N channels per group (8 suits vectorised CPU kernels; default: 1)")
+    parser.add_argument("--global-pruning", action="store_true",
+                        help="rank the channels of all groups together, so groups lose different shares (default: the "
+                             "same share of every group)")
+    parser.add_argument("--normalizer", choices=("mean", "max"), default="mean",
+                        help="group-l2/taylor: divide a group's scores by their mean or max (default: mean)")
+    parser.add_argument("--sparsity-epochs", type=int, default=0,
+                        help="train this many epochs with the group regulariser before pruning (default: 0)")
+    parser.add_argument("--sparsity-reg", type=float, default=5e-4,
+                        help="group regulariser strength (default: 5e-4)")
     parser.add_argument("--finetune-epochs", type=float, default=0, help="fine-tuning epochs after pruning (default: 0)")
     parser.add_argument("--data", help="data spec for fine-tuning and evaluation (default: the checkpoint's own data)")
     parser.add_argument("--steps", type=int, default=1, help="prune then fine-tune in K steps (default: 1)")
@@ -300,7 +309,9 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
 
     device = runtime_device(args)
     options = {"target_macs": args.target_macs, "sparsity": args.sparsity, "min_share": args.min_share,
-               "round_to": args.round_to, "finetune_epochs": args.finetune_epochs, "data": args.data,
+               "round_to": args.round_to, "global_ranking": args.global_pruning, "normalizer": args.normalizer,
+               "sparsity_epochs": args.sparsity_epochs, "sparsity_reg": args.sparsity_reg,
+               "finetune_epochs": args.finetune_epochs, "data": args.data,
                "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "out": args.out,
                "dry_run": args.dry_run, "seed": args.seed, "amp": args.amp, "channels_last": args.channels_last,
                "image_size": args.image_size, "device": device, "threads": args.threads}

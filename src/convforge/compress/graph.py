@@ -119,6 +119,21 @@ class ChannelGraph:
                     found.add(root)
         return found
 
+    def dependency_groups(self) -> list[list[int]]:
+        """Prunable roots grouped by the set of parameter dimensions they index: one group per set of coupled
+        layers (e.g. all channels of a residual stage), each in increasing root order."""
+        roots = self.prunable_roots()
+        signature: dict[int, set] = {r: set() for r in roots}
+        for key, ids in self.params.items():
+            for i in ids:
+                r = self.uf.find(i)
+                if r in roots:
+                    signature[r].add(key)
+        grouped: dict[frozenset, list[int]] = {}
+        for r in sorted(roots):
+            grouped.setdefault(frozenset(signature[r]), []).append(r)
+        return list(grouped.values())
+
     def macs(self, keep: set[int] | None = None) -> int:
         """MACs of the convolutions and linear layers if only the roots in ``keep`` survived (None: all)."""
         def count(ids: list[int] | None) -> int:

@@ -1,26 +1,24 @@
 """Pruning: structured (filters and channels removed physically) and global magnitude (weights zeroed).
 
-Structured methods (``l1-filter``, ``l2-filter``, ``bn-scale``, ``random``) rank the coupled channels of
-each channel group (see :mod:`convforge.compress.graph`) and remove the same share from every group,
-never going below ``min_share`` of a group (and never below one channel). With ``target_macs`` the
-share is found by bisection so that the pruned model has at most that fraction of the MACs.
+Structured methods rank the coupled channels of each dependency group (see
+:mod:`convforge.compress.graph`; the criteria are in :mod:`convforge.compress.importance`:
+``l1-filter``, ``l2-filter``, ``bn-scale``, ``random``, and the group criteria ``group-l2`` and
+``taylor`` that aggregate over every coupled layer). By default the same share goes from every group;
+with ``global_ranking`` the channels of all groups are ranked together on their (normalised) scores, so
+groups lose different shares (Torch-Pruning's "global pruning"). Either way a group never goes below
+``min_share`` of its channels (and never below one). With ``target_macs`` the share is found by
+bisection so that the pruned model has at most that fraction of the MACs.
 
-- ``l1-filter`` / ``l2-filter``: L1 / L2 norm of the output filters of the group's layers
-  (Li et al., "Pruning Filters for Efficient ConvNets", 2017), summed over coupled layers;
-- ``bn-scale``: absolute BatchNorm / LayerNorm scale of the channel (Liu et al., "Learning Efficient
-  Convolutional Networks through Network Slimming", 2017; here without their sparsity training);
-- ``random``: a seeded random ranking (the baseline every method must beat);
-- ``global-magnitude``: unstructured; ranks every conv/linear weight by magnitude across layers and
-  zeroes the smallest, keeping at least ``min_share`` of each layer (Gupta et al., "Is Complexity
-  Required for Neural Network Pruning? A Case Study on Global Magnitude Pruning", 2022). The zeros do
-  not make dense kernels faster: the model keeps its shape and its dense MACs.
+``global-magnitude`` is unstructured: it ranks every conv/linear weight by magnitude across layers and
+zeroes the smallest, keeping at least ``min_share`` of each layer (Gupta et al., "Is Complexity Required
+for Neural Network Pruning? A Case Study on Global Magnitude Pruning", 2022). The zeros do not make
+dense kernels faster: the model keeps its shape and its dense MACs.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +26,13 @@ import torch
 import torch.nn as nn
 
 from convforge.compress.graph import ChannelGraph, build_graph
+from convforge.compress.importance import FILTER_CRITERIA, GROUP_CRITERIA, channel_scores
 from convforge.models.widths import is_depthwise, sync_module_attrs
 from convforge.errors import ConfigError, ConvforgeError
 from convforge.measure import count_macs, count_params
 from convforge.train.sparsity import apply_masks, prunable_weights
 
-STRUCTURED = ("l1-filter", "l2-filter", "bn-scale", "random")
+STRUCTURED = FILTER_CRITERIA + GROUP_CRITERIA
 METHODS = STRUCTURED + ("global-magnitude",)
 NO_SPEEDUP_NOTE = ("global-magnitude zeroes weights but keeps every tensor dense: dense kernels (PyTorch, "
                    "ONNX Runtime) run exactly as fast as before; the gain is in compressed size or sparse kernels")
@@ -75,6 +74,9 @@ def prune(
     round_to: int = 1,
     dry_run: bool = False,
     seed: int = 0,
+    global_ranking: bool = False,
+    normalizer: str = "mean",
+    gradients: dict[str, torch.Tensor] | None = None,
 ) -> PruneResult:
     """Prune a copy of ``model`` (``model`` itself is not changed).
 
@@ -82,7 +84,10 @@ def prune(
     channels of every group to remove (structured) or of all conv/linear weights to zero
     (global-magnitude). ``min_share``: the least share kept of each group / layer (default 0.1 for
     structured methods, 0.02 for global magnitude). ``round_to``: keep a multiple of this many channels
-    in every group (e.g. 8: vectorised CPU kernels prefer such widths).
+    in every group (e.g. 8: vectorised CPU kernels prefer such widths). ``global_ranking``: rank the
+    channels of all groups together (see the module docstring); ``normalizer``: ``mean`` or ``max``, how
+    the group criteria normalise scores within a group; ``gradients``: parameter name -> gradient of the
+    loss, what ``taylor`` needs (see :func:`convforge.compress.importance.loss_gradients`).
     """
     input_size = tuple(int(v) for v in input_size)
     if method not in METHODS:
@@ -104,86 +109,67 @@ def prune(
             raise ConfigError("global-magnitude zeroes single weights and does not reduce dense MACs: use --sparsity "
                               "(share of weights to zero), or a structured method for --target-macs")
         return _global_magnitude(model, input_size, float(sparsity), min_share, dry_run)
-    return _structured(model, input_size, method, target_macs, sparsity, min_share, dry_run, seed, round_to)
+    g = build_graph(model, input_size)
+    groups = g.dependency_groups()
+    scores = channel_scores(model, g, method, groups, seed=seed, normalizer=normalizer, gradients=gradients)
+    ranking = _Ranking(groups, scores, min_share, round_to, {g.uf.find(i) for i in g.group_units}, global_ranking)
+    result = _structured(model, input_size, g, ranking, target_macs, sparsity, dry_run)
+    result.method = method
+    return result
 
 
 # ---------------------------------------------------------------- structured
 
 
-def _groups(g: ChannelGraph) -> list[list[int]]:
-    """Prunable roots grouped by the set of parameter dimensions they index (one group per coupled layer set)."""
-    roots = g.prunable_roots()
-    signature: dict[int, set] = defaultdict(set)
-    for key, ids in g.params.items():
-        for i in ids:
-            r = g.uf.find(i)
-            if r in roots:
-                signature[r].add(key)
-    grouped: dict[frozenset, list[int]] = defaultdict(list)
-    for r in sorted(roots):
-        grouped[frozenset(signature[r])].append(r)
-    return list(grouped.values())
+class _Ranking:
+    """Which roots survive when a share of the channels goes: the same share of every group (default), or
+    the least important channels across groups (``global_ranking``); either way no group goes below its
+    minimum, and ``round_to`` rounds the kept count of a group up to a multiple (groups holding a root of
+    ``unrounded``, whole groups of a grouped conv, are not rounded)."""
+
+    def __init__(self, groups: list[list[int]], scores: dict[int, float], min_share: float, round_to: int,
+                 unrounded: set[int], global_ranking: bool) -> None:
+        # most important first in a group; ties broken by root id the same way in both orders
+        self.ordered = [sorted(group, key=lambda r: (-scores.get(r, 0.0), r)) for group in groups]
+        self.min_share, self.round_to, self.global_ranking = min_share, round_to, global_ranking
+        self.steps = [1 if unrounded.intersection(group) else round_to for group in self.ordered]
+        self.floors = [max(1, math.ceil(min_share * len(group) - 1e-9)) for group in self.ordered]
+        self.group_of = {r: j for j, group in enumerate(self.ordered) for r in group}
+        self.rank = sorted(self.group_of, key=lambda r: (scores.get(r, 0.0), -r))  # least important first
+        self.total = len(self.group_of)
+
+    def keep(self, share: float) -> set[int]:
+        """The roots kept when ``share`` of the channels goes."""
+        if self.global_ranking:
+            counts = [len(group) for group in self.ordered]
+            budget = math.floor(share * self.total + 1e-9)
+            for r in self.rank:
+                if budget <= 0:
+                    break
+                j = self.group_of[r]
+                if counts[j] > self.floors[j]:
+                    counts[j] -= 1
+                    budget -= 1
+        else:
+            counts = [max(floor, len(group) - math.floor(share * len(group) + 1e-9))
+                      for floor, group in zip(self.floors, self.ordered)]
+        keep: set[int] = set()
+        for group, k, step in zip(self.ordered, counts, self.steps):
+            keep.update(group[:min(len(group), math.ceil(k / step) * step)])
+        return keep
 
 
-def _importance(model: nn.Module, g: ChannelGraph, method: str, seed: int) -> dict[int, float]:
-    scores: dict[int, float] = defaultdict(float)
-    if method == "random":
-        gen = torch.Generator().manual_seed(seed)
-        n = len(g.uf.parent)
-        values = torch.rand(n, generator=gen).tolist()
-        return {i: values[i] for i in range(n)}
-    p = 2 if method == "l2-filter" else 1
-    outputs = {(f"{layer.name}.weight", 0) for layer in g.layers}
-    with torch.no_grad():
-        for key in outputs:
-            if key not in g.params:
-                continue
-            weight = model.get_parameter(key[0]).detach().float()
-            norms = weight.flatten(1).norm(p=p, dim=1).tolist()
-            for pos, i in enumerate(g.params[key]):
-                scores[g.uf.find(i)] += norms[pos]
-        if method == "bn-scale":
-            gammas: dict[int, float] = defaultdict(float)
-            for name, ids in g.norms.items():
-                key = (f"{name}.weight", 0)
-                if key in g.params:
-                    values = model.get_parameter(key[0]).detach().abs().tolist()
-                    for pos, i in enumerate(ids):
-                        gammas[g.uf.find(i)] += values[pos]
-            for root, value in gammas.items():
-                scores[root] = value  # channels without a norm keep their filter norm
-    return scores
-
-
-def _keep_set(ordered: list[list[int]], share: float, min_share: float, round_to: int = 1,
-              unrounded: set[int] | None = None) -> set[int]:
-    """The roots kept when ``share`` of every coupled set goes; ``round_to`` rounds the kept count of a set up to
-    a multiple (sets holding a root of ``unrounded``, whole groups of a grouped conv, are not rounded)."""
-    keep: set[int] = set()
-    for group in ordered:
-        n = len(group)
-        k = max(1, math.ceil(min_share * n - 1e-9), n - math.floor(share * n + 1e-9))
-        step = 1 if unrounded and unrounded.intersection(group) else round_to
-        k = min(n, math.ceil(k / step) * step)
-        keep.update(group[:k])
-    return keep
-
-
-def _structured(model, input_size, method, target_macs, sparsity, min_share, dry_run, seed, round_to=1) -> PruneResult:
-    g = build_graph(model, input_size)
+def _structured(model, input_size, g: ChannelGraph, ranking: _Ranking, target_macs, sparsity, dry_run) -> PruneResult:
     macs_before = count_macs(model, input_size)
     params_before = count_params(model)
     other_macs = macs_before - g.macs()  # MACs the graph does not model (matmuls of attention, ...): unchanged
-    scores = _importance(model, g, method, seed)
-    ordered = [sorted(group, key=lambda r: -scores.get(r, 0.0)) for group in _groups(g)]
+    ordered = ranking.ordered
     if not ordered:
         raise ConvforgeError(f"{type(model).__name__} has no prunable channel group (every channel is coupled to "
                              f"the input, the logits or an operation that cannot be pruned)")
 
-    units = {g.uf.find(i) for i in g.group_units}
-
     def macs_at(share: float) -> int:
-        return g.macs(_keep_set(ordered, share, min_share, round_to, units)) + other_macs
+        return g.macs(ranking.keep(share)) + other_macs
 
     if sparsity is not None:
         share = float(sparsity)
@@ -193,8 +179,8 @@ def _structured(model, input_size, method, target_macs, sparsity, min_share, dry
         if floor_macs > target * (1 + 1e-9):
             raise ConvforgeError(
                 f"--target-macs {target_macs:g} is below what this model can reach: with every channel group kept at "
-                f"its minimum (--min-share {min_share:g}, at least one channel) it still needs {floor_macs:,} of "
-                f"{macs_before:,} MACs, i.e. the reachable minimum is --target-macs {floor_macs / macs_before:.4f}"
+                f"its minimum (--min-share {ranking.min_share:g}, at least one channel) it still needs {floor_macs:,} "
+                f"of {macs_before:,} MACs, i.e. the reachable minimum is --target-macs {floor_macs / macs_before:.4f}"
             )
         lo, hi = 0.0, 1.0  # macs_at(lo) > target >= macs_at(hi)
         if macs_at(0.0) <= target:
@@ -207,8 +193,8 @@ def _structured(model, input_size, method, target_macs, sparsity, min_share, dry
                 else:
                     lo = mid
         share = hi
-    keep = _keep_set(ordered, share, min_share, round_to, units)
-    if sparsity is None and round_to == 1:
+    keep = ranking.keep(share)
+    if sparsity is None and ranking.round_to == 1:
         keep = _refine(g, ordered, keep, target_macs * macs_before - other_macs)
     plan = _plan(g, keep)
     notes = list(g.notes)
@@ -219,12 +205,12 @@ def _structured(model, input_size, method, target_macs, sparsity, min_share, dry
     if dry_run:
         macs_after = g.macs(keep) + other_macs
         removed_params = _removed_params(model, g, keep)
-        return PruneResult(None, method, macs_before, macs_after, params_before, params_before - removed_params,
+        return PruneResult(None, "", macs_before, macs_after, params_before, params_before - removed_params,
                            plan, share, notes=notes)
     pruned = copy.deepcopy(model)
     apply_keep(pruned, g, keep)
     _check_forward(pruned, input_size)
-    return PruneResult(pruned, method, macs_before, count_macs(pruned, input_size), params_before,
+    return PruneResult(pruned, "", macs_before, count_macs(pruned, input_size), params_before,
                        count_params(pruned), plan, share, notes=notes)
 
 
