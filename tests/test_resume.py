@@ -22,6 +22,9 @@ RECIPES = {
     "adamw-ema": {"optimizer": "adamw", "ema": True},
     "adv-fgsm-rs": {"adv_train": "fgsm-rs", "adv_eval_samples": 16},  # random starts seeded per batch
     "adv-trades": {"adv_train": "trades", "adv_eval_samples": 0},
+    # BatchNorm frozen from epoch 3; the activation ranges (EMA) are model buffers, compared with the weights
+    "qat-int8": {"qat": "int8", "qat_freeze_bn_fraction": 0.5},
+    "binary": {"binary": "weights+activations"},
 }
 # Metrics that depend only on the computation (not on wall-clock time).
 DETERMINISTIC_KEYS = ("epoch", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr")

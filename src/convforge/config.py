@@ -49,6 +49,10 @@ class TrainConfig:
     adv_step_size: float | None = None
     adv_beta: float | None = None
     adv_eval_samples: int | None = None
+    qat: str | None = None
+    qat_freeze_bn_fraction: float | None = None
+    binary: str | None = None
+    binary_method: str | None = None
     teachers: list[str] = field(default_factory=list)
     teacher_model: str | None = None
     teacher_weights: str | None = None

@@ -185,6 +185,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     """``convforge quantize``: static int8 with ONNX Runtime; fp32 vs int8 top-1 and speed."""
     from convforge.export import quantize_int8
 
+    if _trained_quantized(args):  # a --qat / --binary checkpoint: its own ranges and weights, no calibration
+        return _export_trained_quantized(args)
     if not args.calib_data:
         raise ConfigError("static int8 quantization needs calibration data: pass --calib-data SPEC (e.g. "
                           "cifar10:DIR or imagefolder:DIR); its images set the activation ranges")
@@ -262,6 +264,36 @@ def _quantized_speed(loaded: Any, report: dict[str, Any], x: Any, threads: int |
             times = time_fn(fn, warmup=2, repeats=5)
         speed[name] = 256 / sorted(times)[len(times) // 2]
     return speed
+
+
+def _trained_quantized(args: argparse.Namespace) -> bool:
+    """The model source is a checkpoint of a --qat or --binary run."""
+    from convforge.export.qat import is_trained_quantized
+    from convforge.train.checkpoint import read_checkpoint_meta
+    from convforge.train.inference import is_checkpoint_path
+
+    return (bool(args.source) and not args.model and not args.weights and is_checkpoint_path(args.source)
+            and is_trained_quantized(read_checkpoint_meta(args.source)))
+
+
+def _export_trained_quantized(args: argparse.Namespace) -> dict[str, Any]:
+    """``convforge quantize`` of a --qat / --binary checkpoint: export it (QDQ int8 / binarised float) and
+    evaluate on --data, --calib-data or its own data."""
+    from convforge.export.qat import quantize_trained, report_rows
+
+    runtime_device(args)
+    loaded, size = _model_input(args)
+    spec = args.data or args.calib_data or loaded.meta.get("data", {}).get("spec")
+    data = _deploy_data(spec, loaded, size, sized=False) if spec else None
+    suffix = "-binary.onnx" if loaded.meta["quantization"].get("kind") == "binary" else "-int8.onnx"
+    out = Path(args.out) if args.out else _default_out(loaded, suffix)
+    report = quantize_trained(loaded, size, out, data, split=args.split, eval_samples=args.eval_samples,
+                              batch_size=args.batch_size, threads=args.threads)
+    if not args.json:
+        print_table(f"trained {report['kind']} checkpoint exported (ONNX Runtime)", report_rows(report))
+        for note in report["notes"]:
+            print(f"note: {note}")
+    return report
 
 
 def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:

@@ -45,6 +45,14 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--adv-beta", "adv_beta", float, "TRADES's weight of the robustness (KL) term (default: 6)"),
     ("--adv-eval-samples", "adv_eval_samples", int, "with --adv-train: PGD-10 accuracy at --adv-eps on this many "
                                                     "seeded test images after each evaluation (default: 1000; 0: off)"),
+    ("--qat", "qat", str, "quantization-aware training: int8 (per-channel int8 weights, uint8 activations, BatchNorm "
+                          "folded; with --init CKPT and a small --lr) or none (default: none)"),
+    ("--qat-freeze-bn-fraction", "qat_freeze_bn_fraction", float, "with --qat: freeze the BatchNorm statistics after "
+                                                                  "this share of the epochs (default: 0.5; 1: never)"),
+    ("--binary", "binary", str, "binary network: weights or weights+activations (first and last layer full "
+                                "precision) or none (default: none)"),
+    ("--binary-method", "binary_method", str, "with --binary: xnor (scale mean|W| per output channel, XNOR-Net) or "
+                                              "dorefa (one scale per layer, DoReFa-Net) (default: xnor)"),
     ("--teacher", "teachers", "append", "distil from this convforge checkpoint (repeatable: soft targets averaged)"),
     ("--teacher-model", "teacher_model", str, "distil from a foreign weight file: the teacher's model name"),
     ("--teacher-weights", "teacher_weights", str, "distil from a foreign weight file: the file (.pth/.th, weights_only)"),

@@ -205,6 +205,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             from convforge.models.widths import apply_widths
 
             apply_widths(model, meta["pruned"], shown)
+        if "quantization" in meta:  # trained quantized (--qat / --binary): the same layer swap as in training
+            from convforge.train.qat import prepare_from_record
+
+            model = prepare_from_record(model, meta["quantization"], shown)
     except Exception as exc:  # noqa: BLE001 - a model builder given damaged arguments can fail in any way
         reason = str(exc) if isinstance(exc, ConvforgeError) else f"{type(exc).__name__}: {exc}"
         raise CheckpointError(

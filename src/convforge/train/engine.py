@@ -28,6 +28,8 @@ from convforge.train.callbacks import Callback, CallbackList, EpochEndHook
 from convforge.train.checkpoint import save_checkpoint
 from convforge.train.distributed import all_ranks_agree, all_reduce_sum, shutdown_distributed
 from convforge.train.optim import lr_at
+from convforge.train.qat import quantization_meta
+from convforge.train.qat import start_epoch as start_quantized_epoch
 from convforge.train.rundir import ProcessRole
 from convforge.train.setup import set_up
 from convforge.train.state import TrainingState
@@ -119,6 +121,7 @@ def run_epoch(state: TrainingState, epoch: int) -> None:
     resumed = epoch == state.start_epoch and state.start_batch
     state.epoch = epoch
     state.model.train()
+    start_quantized_epoch(state.model, cfg, epoch)  # --qat: BatchNorm statistics frozen late in training
     state.loader.set_epoch(epoch)
     state.sums = {"loss": 0.0, **{k: 0.0 for k in state.task.stat_keys}, "seen": 0.0, "time": 0.0}
     if resumed and role.is_main:
@@ -247,6 +250,7 @@ def save_checkpoints(state: TrainingState, record: dict[str, Any]) -> None:
                            state.input_size)
     if state.init is not None:
         meta.update(state.init.meta)
+    meta.update(quantization_meta(state.cfg, state.eval_model))
     if state.is_main:
         save_checkpoint(state.run.file("last.safetensors"), state.eval_model, meta)
         if state.select_key in record and record[state.select_key] > state.best["score"]:

@@ -22,6 +22,8 @@ from convforge.train.checkpoint import load_train_state
 from convforge.train.distributed import barrier, broadcast_object, convert_sync_batchnorm, init_distributed
 from convforge.train.ema import ModelEma
 from convforge.train.optim import build_optimizer
+from convforge.train.qat import (check_init_not_quantized, describe_quantization, prepare_for_training,
+                                  resolve_quantization)
 from convforge.train.rundir import ProcessRole, RunDir, default_run_dir
 from convforge.train.sparsity import apply_masks, prunable_weights
 from convforge.train.state import TrainingState
@@ -115,10 +117,12 @@ def load_data(state: TrainingState) -> None:
     if data.train is None:
         raise DataError(f"{config.data} has no train split to train on (expected a train/ folder)")
     cfg = resolve_adversarial(config.resolved(data.channels, data.image_size, data.default_augment, role.world_size))
+    cfg = resolve_quantization(cfg)
     for note in data.notes:
         state.say(f"note: {note}")
     state.model_args = task.model_args(cfg, data)
     if cfg.init:
+        _check_init_float(cfg.init)
         init = load_init(cfg.init, cfg.model, task.name, data, state.model_args, pretrained)
         cfg.model, state.model_args = init.model_name, init.model_args
         cfg.init = init.meta["init"]["checkpoint"]  # absolute: a resume from elsewhere finds it
@@ -133,6 +137,15 @@ def load_data(state: TrainingState) -> None:
                           "or choose another --out")
 
 
+def _check_init_float(path: str) -> None:
+    """--init must name a float model (a --qat or --binary checkpoint's layers are already swapped)."""
+    from convforge.train.checkpoint import read_checkpoint_meta
+    from convforge.train.init import is_foreign_weights
+
+    if not is_foreign_weights(path):
+        check_init_not_quantized(read_checkpoint_meta(path), path)
+
+
 def build_model(state: TrainingState) -> None:
     """The model (fresh or from --init), the task's per-run helpers, its size, optimizer and EMA."""
     cfg, task, data, device = state.cfg, state.task, state.data, state.device
@@ -145,6 +158,7 @@ def build_model(state: TrainingState) -> None:
         raise
     state.hold_zeros = _zero_holder(model, state.say) if cfg.keep_sparsity else None
     task.prepare_model(model, data, cfg, from_init=state.init is not None)
+    model = prepare_for_training(model, cfg)  # --qat / --binary: layers swapped on the traced model
     state.extras = task.start_training(cfg, data, device)
     state.params = count_params(model)
     state.input_size = tuple(task.input_size(data, model))
@@ -237,6 +251,8 @@ def banner(state: TrainingState) -> None:
     )
     if cfg.adv_train:
         state.say(f"  {describe_adversarial(cfg)}")
+    if cfg.qat or cfg.binary:
+        state.say(f"  {describe_quantization(cfg)}")
 
 
 def set_up(config: TrainConfig | None, role: ProcessRole | None, quiet: bool) -> TrainingState:

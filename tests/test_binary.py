@@ -1,0 +1,127 @@
+"""Binary networks: XNOR-Net / DoReFa weights, sign activations and their straight-through gradients, the layer
+swap, training on the engine, and the ONNX export that ONNX Runtime runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+from convforge import TrainConfig, fit
+from convforge.data import load, normalize
+from convforge.errors import ConfigError
+from convforge.export.onnx import run_session, session
+from convforge.export.qat import export_quantized
+from convforge.layers.binary import BinaryConv2d, binarize_weight, binary_activation
+from convforge.models import create_model
+from convforge.train.binary import prepare_binary
+from convforge.train.inference import load_model
+from helpers import read_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def test_xnor_weights_are_plus_minus_the_mean_magnitude_of_each_output_channel():
+    weight = torch.randn(5, 3, 3, 3) * torch.linspace(0.1, 3.0, 5).view(-1, 1, 1, 1)
+    binary = binarize_weight(weight, "xnor").numpy()
+    alpha = np.abs(weight.numpy()).reshape(5, -1).mean(axis=1)
+    for c in range(5):
+        low, high = np.unique(binary[c])  # exactly two values per channel ...
+        assert low == -high and high == pytest.approx(alpha[c], rel=1e-6)  # ... +-mean|W_c|
+    np.testing.assert_array_equal(np.sign(binary), np.where(weight.numpy() >= 0, 1.0, -1.0))
+
+
+def test_dorefa_weights_share_one_scale_per_layer():
+    weight = torch.randn(4, 2, 3, 3)
+    binary = binarize_weight(weight, "dorefa").numpy()
+    scale = np.float32(np.abs(weight.numpy()).mean())
+    assert np.allclose(np.unique(binary), [-scale, scale], rtol=1e-6)
+
+
+def test_sign_gradient_is_zero_outside_the_clip_range():
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], requires_grad=True)
+    y = binary_activation(x)
+    assert y.tolist() == [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
+    y.backward(torch.full_like(x, 3.0))
+    assert x.grad.tolist() == [0.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.0]
+
+
+def test_xnor_weight_gradient_is_the_papers_and_dorefa_passes_it_straight():
+    torch.manual_seed(0)
+    weight = (torch.randn(3, 4) * 0.8).requires_grad_()
+    upstream = torch.randn(3, 4)
+    (binarize_weight(weight, "xnor") * upstream).sum().backward()
+    w, g = weight.detach().numpy(), upstream.numpy()
+    sign = np.where(w >= 0, 1.0, -1.0)
+    alpha = np.abs(w).mean(axis=1, keepdims=True)
+    # d/dW of alpha * sign(W): through alpha (1/n sign(W) per channel) and the clipped straight-through sign
+    expected = sign / w.shape[1] * (g * sign).sum(axis=1, keepdims=True) + alpha * g * (np.abs(w) <= 1)
+    np.testing.assert_allclose(weight.grad.numpy(), expected, rtol=1e-5, atol=1e-6)
+    weight.grad = None
+    (binarize_weight(weight, "dorefa") * upstream).sum().backward()
+    np.testing.assert_array_equal(weight.grad.numpy(), g)
+
+
+@pytest.mark.parametrize("mode", ["weights", "weights+activations"])
+def test_swap_keeps_first_and_last_layer_in_full_precision(mode):
+    gm = prepare_binary(create_model("resnet20"), mode)
+    assert type(gm.conv1) is nn.Conv2d and type(gm.linear) is nn.Linear
+    binary = [m for m in gm.modules() if isinstance(m, BinaryConv2d)]
+    assert len(binary) == 18 and all(m.binary_input == (mode != "weights") for m in binary)
+    relus = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.relu]
+    hardtanh = [m for m in gm.modules() if isinstance(m, nn.Hardtanh)]
+    assert (len(relus), len(hardtanh)) == ((19, 0) if mode == "weights" else (0, 19))
+
+
+def test_binary_settings_are_checked():
+    with pytest.raises(ConfigError, match="weights\\+activations"):
+        TrainConfig(binary="activations").validate()
+    with pytest.raises(ConfigError, match="--binary"):
+        TrainConfig(binary_method="xnor").validate()
+    with pytest.raises(ConfigError, match="xnor"):
+        TrainConfig(binary="weights", binary_method="sign").validate()
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("binary") / "run"
+    summary = fit(TrainConfig(model="smallcnn", data="digits", epochs=4, batch_size=64, threads=1, seed=0,
+                              optimizer="adamw", lr=0.01,  # Adam, as XNOR-Net and Bi-Real Net train
+                              model_args={"widths": [16, 32, 64]}, binary="weights+activations", out=str(out)),
+                  quiet=True)
+    return {"summary": summary, "run_dir": out}
+
+
+def test_a_tiny_binary_network_trains(binary_run):
+    records = read_jsonl(binary_run["run_dir"] / "metrics.jsonl")
+    assert records[-1]["train_loss"] < 0.5 * records[0]["train_loss"]
+    assert binary_run["summary"]["test_top1"] > 50  # ten classes: chance is 10%
+    meta = json.loads((binary_run["run_dir"] / "best.json").read_text())["quantization"]
+    assert (meta["kind"], meta["mode"], meta["method"]) == ("binary", "weights+activations", "xnor")
+    assert meta["full_precision"] == ["stem.0", "fc"]
+
+
+def test_onnx_runtime_runs_the_exported_binary_model_as_pytorch_does(binary_run, tmp_path):
+    loaded = load_model(binary_run["run_dir"])
+    report = export_quantized(loaded.model, tmp_path / "binary.onnx", loaded.input_size, meta=dict(loaded.meta))
+    data = load("digits")
+    x = normalize(data.test.images, loaded.mean, loaded.std)
+    with torch.no_grad():
+        expected = loaded.model(x).numpy()
+    got = run_session(session(report["onnx"]), x)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert np.abs(got - expected).max() < 1e-4  # float arithmetic on the same +-1 inputs and +-alpha weights
+    proto = onnx.load(report["onnx"])
+    binary_weights = [numpy_helper.to_array(i) for i in proto.graph.initializer if i.dims and len(i.dims) == 4
+                      and len(np.unique(numpy_helper.to_array(i))) <= 2 * i.dims[0]]
+    assert len(binary_weights) == 2  # the two inner convolutions, each channel exactly +-alpha_c
+    for weight in binary_weights:
+        assert all(len(np.unique(np.abs(channel))) == 1 for channel in weight)
