@@ -239,3 +239,30 @@ def test_quantize_command_exports_a_qat_checkpoint_without_calibration(qat_run, 
     assert report["eval"] == {"data": "digits", "split": "test", "images": 360}  # the checkpoint's own data
     assert report["top1_int8"] == report["top1_torch"] == pytest.approx(qat_run["summary"]["test_top1"])
     assert set(report["images_per_s_batch256"]) == {"torch eager fp32", "onnxruntime fp32", "onnxruntime int8"}
+
+
+def test_quantization_training_benchmark_smoke(tmp_path):
+    """benchmarks/quantization_training.py --smoke: fp32 -> PTQ and QAT int8 with speed; binary twins."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quantization_training.py"
+    spec = importlib.util.spec_from_file_location("quantization_training_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = path.parent / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    result = bench.main(["--smoke", "--threads", "1", "--work", str(tmp_path)])
+    qat = result["qat"]
+    assert qat["qat"]["epochs"] == 1 and qat["qat"]["model"] == "smallcnn"
+    assert qat["export"]["top1_int8"] == qat["export"]["top1_torch"] == pytest.approx(qat["qat"]["test_top1"])
+    assert 0 <= qat["ptq_top1"] <= 100 and (tmp_path / "qat" / "fp32" / "ptq-int8.onnx").is_file()
+    assert set(qat["export"]["images_per_s_batch256"]) == {"torch eager fp32", "onnxruntime fp32", "onnxruntime int8"}
+    runs = result["binary"]["runs"]
+    assert list(runs) == ["fp32", "binary weights", "binary weights+activations"]
+    assert all(run["epochs"] == 1 and run["model"] == "resnet20" for run in runs.values())
+    binary = json.loads((Path(runs["binary weights"]["run_dir"]) / "best.json").read_text())["quantization"]
+    assert binary["mode"] == "weights"
+    assert result["binary"]["export"]["top1_onnx"] == pytest.approx(runs["binary weights+activations"]["test_top1"])
+    assert (results.read_text() if results.exists() else None) == before  # --smoke records nothing
+    assert json.loads((tmp_path / "result.json").read_text())["qat"]["ptq_top1"] == qat["ptq_top1"]
