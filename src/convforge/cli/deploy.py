@@ -170,9 +170,30 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    from convforge.compress.quantization.calibration import METHODS
+
     add_model_source(parser)
     parser.add_argument("--calib-data", help="data spec whose train split calibrates the activation ranges (required)")
     parser.add_argument("--calib-samples", type=int, default=512, help="calibration images (default: 512)")
+    parser.add_argument("--calib-method", default="minmax", choices=METHODS,
+                        help="activation ranges: min-max, percentile of |x|, entropy (KL, TensorRT's 2048 bins) or the "
+                             "clip with the least mean squared quantization error (default: minmax)")
+    parser.add_argument("--calib-percentile", type=float,
+                        help="percentile for --calib-method percentile (default: 99.999)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="one int8 scale per weight tensor (default: one per output channel)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="int8 activations with zero point 0 (default: uint8 asymmetric, the fast x86 path)")
+    parser.add_argument("--equalize", action="store_true",
+                        help="cross-layer equalization of consecutive convolutions before quantizing (Nagel et al. "
+                             "2019; ReLU6 between them becomes ReLU)")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="subtract the mean output shift of int8 weights from each bias (calibration images)")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="rank the layers by the output error of quantizing each alone (table and JSON)")
+    parser.add_argument("--max-drop", type=float, metavar="P",
+                        help="keep the fewest most sensitive layers in float until int8 top-1 is within P points of "
+                             "fp32 on the evaluation split (implies --sensitivity)")
     parser.add_argument("--data", help="data spec to evaluate on (default: --calib-data)")
     parser.add_argument("--split", default="test", choices=("test", "val", "train"),
                         help="evaluation split (default: test)")
@@ -181,89 +202,44 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime(parser, tta=False, batch_help="evaluation batch size")
 
 
+def _ptq_options(args: argparse.Namespace):
+    from convforge.compress.quantization import CalibrationSettings, PTQOptions
+
+    if args.calib_percentile is not None and args.calib_method != "percentile":
+        raise ConfigError(f"--calib-percentile applies to --calib-method percentile only (got --calib-method "
+                          f"{args.calib_method}); drop it or add --calib-method percentile")
+    settings = CalibrationSettings(args.calib_method, symmetric=args.symmetric,
+                                   **({"percentile": args.calib_percentile} if args.calib_percentile else {}))
+    return PTQOptions(calibration=settings, per_channel=not args.per_tensor, equalize=args.equalize,
+                      bias_correction=args.bias_correction)
+
+
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     """``convforge quantize``: static int8 with ONNX Runtime; fp32 vs int8 top-1 and speed."""
-    from convforge.export import quantize_int8
+    from convforge.compress.quantization.command import quantize_loaded, report_tables
+    from convforge.progress import echo
 
     if _trained_quantized(args):  # a --qat / --binary checkpoint: its own ranges and weights, no calibration
         return _export_trained_quantized(args)
     if not args.calib_data:
         raise ConfigError("static int8 quantization needs calibration data: pass --calib-data SPEC (e.g. "
                           "cifar10:DIR or imagefolder:DIR); its images set the activation ranges")
+    options = _ptq_options(args)
     runtime_device(args)  # ONNX Runtime runs on the CPU
     loaded, size = _model_input(args)
     calibration, calib_data = _calibration_images(args.calib_data, loaded, args.calib_samples, size)
     out = Path(args.out) if args.out else _default_out(loaded, "-int8.onnx")
-    report = quantize_int8(loaded.model, out, size, calibration, meta=dict(loaded.meta))
-    if args.data and args.data != args.calib_data:
-        data = _deploy_data(args.data, loaded, size, sized=False)
-    else:
-        data = calib_data
-    scores, x = _quantized_top1(loaded, data, report, args)
-    report.update(scores)
-    report["images_per_s_batch256"] = speed = _quantized_speed(loaded, report, x, args.threads)
-    report["speedup_int8_vs_torch"] = speed["onnxruntime int8"] / speed["torch eager fp32"]
+    data = _deploy_data(args.data, loaded, size, sized=False) if args.data and args.data != args.calib_data \
+        else calib_data
+    report = quantize_loaded(loaded, size, calibration, data, out, options, split=args.split,
+                             eval_samples=args.eval_samples, batch_size=args.batch_size, threads=args.threads,
+                             sensitivity=args.sensitivity, max_drop=args.max_drop, log=echo)
     if not args.json:
-        print_table("int8 quantization (ONNX Runtime, QDQ)", [
-            ("int8 model", report["onnx"]),
-            ("calibration", f"{report['calibration_images']} images from {args.calib_data}"),
-            ("top-1 fp32 (ONNX)", f"{report['top1_fp32']:.2f}%  (PyTorch {report['top1_torch']:.2f}%)"),
-            ("top-1 int8", f"{report['top1_int8']:.2f}%  ({report['top1_int8'] - report['top1_fp32']:+.2f} points, "
-                           f"{report['eval']['images']} {args.split} images)"),
-            ("size", f"{report['bytes'] / 1e6:.2f} MB (fp32 {report['fp32_bytes'] / 1e6:.2f} MB)"),
-            *[(f"{k} (batch 256)", f"{v:.0f} img/s") for k, v in speed.items()],
-        ])
+        for title, rows in report_tables(report, args.calib_data):
+            print_table(title, rows)
+        for note in report["notes"]:
+            print(f"note: {note}")
     return report
-
-
-def _quantized_top1(loaded: Any, data: Any, report: dict[str, Any], args: argparse.Namespace) -> tuple[dict, Any]:
-    """Top-1 of the fp32 and int8 ONNX models and of PyTorch on the (first --eval-samples of the) split, one
-    batch of evaluation views at a time (the split is never held in memory whole), and the first 256
-    normalised images (for timing)."""
-    import torch
-
-    from convforge.data import normalize
-    from convforge.export.onnx import run_session, session
-    from convforge.train.inference import eval_views, normalization_for
-
-    notes: list[str] = []
-    mean, std = normalization_for(loaded, data, notes)
-    sessions = {"top1_fp32": session(report["fp32_onnx"], args.threads), "top1_int8": session(report["onnx"], args.threads)}
-    correct = dict.fromkeys([*sessions, "top1_torch"], 0)
-    seen, kept = 0, []
-    loaded.model.eval()
-    for images, labels in eval_views(loaded, data, args.split, notes, batch_size=args.batch_size,
-                                     limit=args.eval_samples or None):
-        x = normalize(images, mean, std)
-        with torch.no_grad():
-            correct["top1_torch"] += int((loaded.model(x).argmax(1) == labels).sum())
-        for key, sess in sessions.items():
-            correct[key] += int((torch.from_numpy(run_session(sess, x)).argmax(1) == labels).sum())
-        seen += len(labels)
-        if sum(len(k) for k in kept) < 256:
-            kept.append(x[:256])
-    if not seen:
-        raise ConfigError(f"the {args.split} split of {data.spec} holds no images to evaluate the int8 model on")
-    scores = {key: 100.0 * count / seen for key, count in correct.items()}
-    return {"eval": {"data": data.spec, "split": args.split, "images": seen}, **scores}, torch.cat(kept)[:256]
-
-
-def _quantized_speed(loaded: Any, report: dict[str, Any], x: Any, threads: int | None) -> dict[str, float]:
-    """Images per second at batch 256: PyTorch eager fp32, ONNX Runtime fp32 and int8."""
-    import torch
-
-    from convforge.export.onnx import run_session, session
-    from convforge.measure.bench import time_fn
-
-    batch = x[:256] if len(x) >= 256 else x.repeat((256 + len(x) - 1) // len(x), 1, 1, 1)[:256]
-    speed = {}
-    for name, fn in (("torch eager fp32", lambda: loaded.model(batch)),
-                     ("onnxruntime fp32", (lambda s: lambda: run_session(s, batch))(session(report["fp32_onnx"], threads))),
-                     ("onnxruntime int8", (lambda s: lambda: run_session(s, batch))(session(report["onnx"], threads)))):
-        with torch.inference_mode():
-            times = time_fn(fn, warmup=2, repeats=5)
-        speed[name] = 256 / sorted(times)[len(times) // 2]
-    return speed
 
 
 def _trained_quantized(args: argparse.Namespace) -> bool:
@@ -413,10 +389,13 @@ COMMANDS = [
     Command("export", "export a model to ONNX, checked against PyTorch", _add_export_arguments, run_export,
             "Write the model as ONNX (plus a JSON sidecar) and check ONNX Runtime against PyTorch: the largest "
             "absolute logit difference must be <= 1e-4 (exit code 5 otherwise)."),
-    Command("quantize", "static int8 with ONNX Runtime (QDQ, per-channel weights)", _add_quantize_arguments,
-            run_quantize, "BatchNorm folded, exported to ONNX, quantized statically to int8 (QDQ, per-channel int8 "
-                          "weights, uint8 activations) with activation ranges calibrated on real images; reports "
-                          "fp32 vs int8 top-1 and speed on the evaluation split."),
+    Command("quantize", "static int8 with ONNX Runtime (QDQ; calibration methods, mixed precision)",
+            _add_quantize_arguments, run_quantize,
+            "BatchNorm folded (optionally cross-layer equalized and bias-corrected), exported to ONNX, quantized "
+            "statically to int8 (QDQ, per-channel or per-tensor int8 weights, uint8 or symmetric int8 activations) "
+            "with activation ranges calibrated on real images by min-max, percentile, entropy or MSE; optionally "
+            "ranks the layers by sensitivity and keeps the fewest in float for a --max-drop target; reports fp32 vs "
+            "int8 top-1 and speed on the evaluation split."),
     Command("prune", "structured pruning (real speed-ups) or global magnitude pruning", _add_prune_arguments,
             run_prune, "Structured methods remove filters and channels physically (consistent across residual "
                        "additions, concatenations, depthwise convolutions and the classifier) and save a smaller "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 import tempfile
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -156,6 +155,59 @@ class _Reader:
         pass
 
 
+def calibration_batches(calibration: torch.Tensor | None, calib_batch: int = 64) -> list[np.ndarray]:
+    """``calibration`` (normalised images, N x C x H x W) as float32 arrays of ``calib_batch`` images."""
+    if calibration is None or len(calibration) == 0:
+        raise ConfigError("int8 quantization needs calibration images: pass --calib-data SPEC (real images of the "
+                          "kind the model will see; their activation ranges set the int8 scales)")
+    data = calibration.float().numpy()
+    return [data[i:i + calib_batch] for i in range(0, len(data), calib_batch)]
+
+
+def export_for_quantization(folded: nn.Module, path: Path, input_size: Sequence[int], opset: int,
+                            workdir: str | Path) -> tuple[dict[str, Any], Path]:
+    """Export the BatchNorm-folded ``folded`` to ``path`` (``*-fp32.onnx``, dynamic batch, parity-checked) and
+    run ONNX Runtime's pre-processing (shape inference, recommended by its docs) into ``workdir``; returns the
+    export report and the model to quantize (the export itself when pre-processing fails)."""
+    fp32 = to_onnx(folded, path, input_size, opset=opset, dynamic_batch=True)
+    try:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = Path(workdir) / "pre.onnx"
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+        return fp32, pre
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
+        return fp32, path
+
+
+def quantize_qdq(source: str | Path, path: str | Path, *, batches: Sequence[np.ndarray] | None = None,
+                 cache: str | Path | None = None, calibrate_method: str = "MinMax", per_channel: bool = True,
+                 symmetric_activations: bool = False, nodes_to_exclude: Sequence[str] = (),
+                 nodes_to_quantize: Sequence[str] = ()) -> None:
+    """ONNX Runtime's static QDQ quantization of the fp32 ONNX ``source`` into ``path`` (written atomically):
+    int8 weights (symmetric), uint8 activations (int8 symmetric with ``symmetric_activations``).
+
+    Activation ranges come from ``batches`` (ONNX Runtime calibrates with ``calibrate_method``) or from a
+    calibration ``cache`` (ONNX Runtime's JSON of tensor ranges; written from ``batches`` when it does not
+    exist, read without calibrating when it does)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    options = {"CalibTensorRangeSymmetric": symmetric_activations, "ActivationSymmetric": symmetric_activations}
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantize_static(str(source), tmp, None if batches is None else _Reader(batches, "input"),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod[calibrate_method],
+                            nodes_to_exclude=list(nodes_to_exclude), nodes_to_quantize=list(nodes_to_quantize),
+                            calibration_cache_path=None if cache is None else str(cache), extra_options=options)
+
+    atomic_write(Path(path), write)
+
+
 def quantize_int8(
     model: nn.Module,
     path: str | Path,
@@ -168,53 +220,20 @@ def quantize_int8(
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Static int8 (QDQ, per-channel int8 weights, uint8 activations) of ``model`` after BatchNorm folding,
-    with activation ranges calibrated on ``calibration`` (normalised images, N x C x H x W).
+    with min-max activation ranges calibrated on ``calibration`` (normalised images, N x C x H x W).
 
     Writes ``path`` (int8 .onnx) and ``path.json``; returns a report (the fp32 export is kept next to
-    it as ``*-fp32.onnx`` for comparison)."""
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    if calibration is None or len(calibration) == 0:
-        raise ConfigError("int8 quantization needs calibration images: pass --calib-data SPEC (real images of the "
-                          "kind the model will see; their activation ranges set the int8 scales)")
-    path = Path(path)
-    if path.suffix != ".onnx":
-        path = path.with_suffix(".onnx")
-    folded = fold_for_inference(model)
+    it as ``*-fp32.onnx`` for comparison). Other calibration methods, equalization and mixed precision:
+    :func:`convforge.compress.quantization.quantize_model`."""
+    batches = calibration_batches(calibration, calib_batch)
+    path = Path(path).with_suffix(".onnx")
     fp32_path = path.with_name(path.stem + "-fp32.onnx")
-    fp32 = to_onnx(folded, fp32_path, input_size, opset=opset, dynamic_batch=True)
-    data = calibration.float().numpy()
-    batches = [data[i:i + calib_batch] for i in range(0, len(data), calib_batch)]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
-        # ONNX Runtime's shape inference before quantization (recommended by its docs); optional.
-        source = fp32_path
-        try:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            pre = os.path.join(tmpdir, "pre.onnx")
-            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                quant_pre_process(str(fp32_path), pre, skip_symbolic_shape=True)
-            source = Path(pre)
-        except Exception:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
-            pass
-
-        def write(tmp: str) -> None:
-            with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                quantize_static(str(source), tmp, _Reader(batches, "input"), quant_format=QuantFormat.QDQ,
-                                per_channel=per_channel, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                                extra_options={"CalibTensorRangeSymmetric": False})
-
-        atomic_write(path, write)
+        fp32, source = export_for_quantization(fold_for_inference(model), fp32_path, input_size, opset, tmpdir)
+        quantize_qdq(source, path, batches=batches, per_channel=per_channel)
     report = {"onnx": str(path), "fp32_onnx": str(fp32_path), "format": "QDQ", "weights": "int8 per-channel"
               if per_channel else "int8 per-tensor", "activations": "uint8 per-tensor (MinMax calibration)",
-              "batchnorm_folded": True, "calibration_images": len(data), "fp32_parity": fp32["max_abs_diff"],
+              "batchnorm_folded": True, "calibration_images": len(calibration), "fp32_parity": fp32["max_abs_diff"],
               "bytes": path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size}
     atomic_write_json(sidecar_path(path), {**(meta or {}), "onnx": report})
     return report

@@ -1,6 +1,12 @@
 """MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018).
 
 Layout and parameter names follow torchvision (``features.{i}.conv.{j}``, ``classifier.1``).
+
+``mobilenet_v2_cifar``: the same network for 32x32 inputs with the strides of the common CIFAR port
+(kuangliu/pytorch-cifar ``models/mobilenetv2.py``): stem convolution and the second stage (c=24) at stride 1,
+so the last feature map is 4x4. Unlike that port, stride-1 blocks that change the width get no 1x1 projection
+shortcut (the paper's and torchvision's blocks are kept): 2,236,682 parameters with 10 classes (the port: about
+2.30 M).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ INVERTED_RESIDUAL_SETTING = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+# CIFAR (32x32 inputs): the second stage keeps the resolution (with a stride-1 stem: 32 -> 32 -> 16 -> 8 -> 4)
+CIFAR_INVERTED_RESIDUAL_SETTING = tuple((t, c, n, 1 if c == 24 else s) for t, c, n, s in INVERTED_RESIDUAL_SETTING)
 
 
 class InvertedResidual(nn.Module):
@@ -51,13 +59,19 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(Classifier):
     def __init__(
-        self, num_classes: int = 1000, in_chans: int = 3, width_mult: float = 1.0, dropout: float = 0.2
+        self,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        width_mult: float = 1.0,
+        dropout: float = 0.2,
+        stem_stride: int = 2,
+        setting: tuple[tuple[int, int, int, int], ...] = INVERTED_RESIDUAL_SETTING,
     ) -> None:
         super().__init__()
         channels = make_divisible(32 * width_mult, 8)
         last_channels = make_divisible(1280 * max(1.0, width_mult), 8)
-        layers: list[nn.Module] = [ConvNormAct(in_chans, channels, 3, stride=2, act=nn.ReLU6)]
-        for t, c, n, s in INVERTED_RESIDUAL_SETTING:
+        layers: list[nn.Module] = [ConvNormAct(in_chans, channels, 3, stride=stem_stride, act=nn.ReLU6)]
+        for t, c, n, s in setting:
             out_channels = make_divisible(c * width_mult, 8)
             for i in range(n):
                 layers.append(InvertedResidual(channels, out_channels, s if i == 0 else 1, t))
@@ -90,3 +104,19 @@ class MobileNetV2(Classifier):
 )
 def mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, width_mult: float = 1.0, dropout: float = 0.2) -> MobileNetV2:
     return MobileNetV2(num_classes=num_classes, in_chans=in_chans, width_mult=width_mult, dropout=dropout)
+
+
+@register_model(
+    "mobilenet_v2_cifar",
+    family="mobilenet_v2",
+    paper=PAPER,
+    year=2018,
+    input_size=(3, 32, 32),
+    num_classes=10,
+    description="MobileNetV2 1.0 for 32x32 inputs (stride-1 stem and second stage, 4x4 last feature map)",
+)
+def mobilenet_v2_cifar(num_classes: int = 10, in_chans: int = 3, width_mult: float = 1.0,
+                       dropout: float = 0.0) -> MobileNetV2:
+    """MobileNetV2 with the CIFAR port's strides; no dropout before the classifier, as in that port."""
+    return MobileNetV2(num_classes=num_classes, in_chans=in_chans, width_mult=width_mult, dropout=dropout,
+                       stem_stride=1, setting=CIFAR_INVERTED_RESIDUAL_SETTING)

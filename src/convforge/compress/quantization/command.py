@@ -1,0 +1,130 @@
+"""``convforge quantize`` after its arguments are read: quantize a loaded model, score fp32 against int8 on an
+evaluation split, time both, and print the tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from convforge.compress.quantization.ptq import PTQOptions, quantize_model
+from convforge.compress.quantization.sensitivity import keep_in_float
+from convforge.errors import ConfigError
+
+
+def _normalised_batches(loaded: Any, data: Any, split: str, batch_size: int, limit: int | None,
+                        notes: list[str]):
+    from convforge.data import normalize
+    from convforge.train.inference import eval_views, normalization_for
+
+    mean, std = normalization_for(loaded, data, notes)
+    for images, labels in eval_views(loaded, data, split, notes, batch_size=batch_size, limit=limit):
+        yield normalize(images, mean, std), labels
+
+
+def onnx_evaluator(loaded: Any, data: Any, split: str, *, batch_size: int = 256, limit: int | None = None,
+                   threads: int | None = None) -> Callable[[Path], float]:
+    """``evaluate(onnx path) -> top-1 (percent)`` on the (first ``limit`` images of the) split, its normalised
+    images held in memory so that the ``--max-drop`` search scores many models on the same images."""
+    from convforge.export.onnx import run_session, session
+
+    batches = list(_normalised_batches(loaded, data, split, batch_size, limit, []))
+    if not batches:
+        raise ConfigError(f"the {split} split of {data.spec} holds no images to evaluate the int8 model on")
+    total = sum(len(labels) for _, labels in batches)
+
+    def evaluate(path: Path) -> float:
+        sess = session(path, threads)
+        correct = sum(int((torch.from_numpy(run_session(sess, x)).argmax(1) == y).sum()) for x, y in batches)
+        return 100.0 * correct / total
+
+    return evaluate
+
+
+def quantized_top1(loaded: Any, data: Any, report: dict[str, Any], split: str, *, batch_size: int = 256,
+                   limit: int | None = None, threads: int | None = None) -> tuple[dict, torch.Tensor]:
+    """Top-1 of the fp32 and int8 ONNX models and of PyTorch on the (first ``limit`` images of the) split, one
+    batch at a time (the split is never held in memory whole), and the first 256 normalised images (for
+    timing)."""
+    from convforge.export.onnx import run_session, session
+
+    sessions = {"top1_fp32": session(report["fp32_onnx"], threads), "top1_int8": session(report["onnx"], threads)}
+    correct = dict.fromkeys([*sessions, "top1_torch"], 0)
+    seen, kept = 0, []
+    loaded.model.eval()
+    for x, labels in _normalised_batches(loaded, data, split, batch_size, limit, []):
+        with torch.no_grad():
+            correct["top1_torch"] += int((loaded.model(x).argmax(1) == labels).sum())
+        for key, sess in sessions.items():
+            correct[key] += int((torch.from_numpy(run_session(sess, x)).argmax(1) == labels).sum())
+        seen += len(labels)
+        if sum(len(k) for k in kept) < 256:
+            kept.append(x[:256])
+    if not seen:
+        raise ConfigError(f"the {split} split of {data.spec} holds no images to evaluate the int8 model on")
+    scores = {key: 100.0 * count / seen for key, count in correct.items()}
+    return {"eval": {"data": data.spec, "split": split, "images": seen}, **scores}, torch.cat(kept)[:256]
+
+
+def quantized_speed(loaded: Any, report: dict[str, Any], x: torch.Tensor, threads: int | None) -> dict[str, float]:
+    """Images per second at batch 256: PyTorch eager fp32, ONNX Runtime fp32 and int8."""
+    from convforge.export.onnx import run_session, session
+    from convforge.measure.bench import time_fn
+
+    batch = x[:256] if len(x) >= 256 else x.repeat((256 + len(x) - 1) // len(x), 1, 1, 1)[:256]
+    speed = {}
+    for name, fn in (("torch eager fp32", lambda: loaded.model(batch)),
+                     ("onnxruntime fp32", (lambda s: lambda: run_session(s, batch))(session(report["fp32_onnx"], threads))),
+                     ("onnxruntime int8", (lambda s: lambda: run_session(s, batch))(session(report["onnx"], threads)))):
+        with torch.inference_mode():
+            times = time_fn(fn, warmup=2, repeats=5)
+        speed[name] = 256 / sorted(times)[len(times) // 2]
+    return speed
+
+
+def quantize_loaded(loaded: Any, size: tuple[int, ...], calibration: torch.Tensor, data: Any, out: Path,
+                    options: PTQOptions, *, split: str = "test", eval_samples: int | None = None,
+                    batch_size: int = 256, threads: int | None = None, sensitivity: bool = False,
+                    max_drop: float | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Quantize ``loaded`` with ``options`` (ranking the layers with ``sensitivity``, keeping the fewest in float
+    for a top-1 drop within ``max_drop`` points on ``split`` of ``data``); then score and time it."""
+    then = None
+    if sensitivity or max_drop is not None:
+        evaluate = None
+        if max_drop is not None:
+            evaluate = onnx_evaluator(loaded, data, split, batch_size=batch_size, limit=eval_samples, threads=threads)
+        then = keep_in_float(calibration.float().numpy(), max_drop=max_drop, evaluate=evaluate, threads=threads,
+                             log=log)
+    report = quantize_model(loaded.model, out, size, calibration, options, meta=dict(loaded.meta), then=then)
+    scores, x = quantized_top1(loaded, data, report, split, batch_size=batch_size, limit=eval_samples,
+                               threads=threads)
+    report.update(scores)
+    report["images_per_s_batch256"] = speed = quantized_speed(loaded, report, x, threads)
+    report["speedup_int8_vs_torch"] = speed["onnxruntime int8"] / speed["torch eager fp32"]
+    return report
+
+
+def report_tables(report: dict[str, Any], calib_spec: str, top: int = 10) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(title, rows) of the summary table and, when ranked, of the most sensitive layers."""
+    rows = [("int8 model", report["onnx"]),
+            ("calibration", f"{report['calibration']['method']} on {report['calibration_images']} images from "
+                            f"{calib_spec}; weights {report['weights']}, activations {report['activations']}"),
+            ("top-1 fp32 (ONNX)", f"{report['top1_fp32']:.2f}%  (PyTorch {report['top1_torch']:.2f}%)"),
+            ("top-1 int8", f"{report['top1_int8']:.2f}%  ({report['top1_int8'] - report['top1_fp32']:+.2f} points, "
+                           f"{report['eval']['images']} {report['eval']['split']} images)"),
+            ("size", f"{report['bytes'] / 1e6:.2f} MB (fp32 {report['fp32_bytes'] / 1e6:.2f} MB)"),
+            *[(f"{k} (batch 256)", f"{v:.0f} img/s") for k, v in report["images_per_s_batch256"].items()]]
+    mixed = report.get("mixed_precision")
+    if mixed:
+        names = ", ".join(layer["layer"] for layer in mixed["float_layers"]) or "none"
+        rows.append(("kept in float", f"{len(mixed['float_layers'])} layer(s) ({names}): drop {mixed['drop']:+.2f} "
+                                      f"points, {'within' if mixed['met'] else 'NOT within'} --max-drop "
+                                      f"{mixed['max_drop']:g}"))
+    tables = [("int8 quantization (ONNX Runtime, QDQ)", rows)]
+    if "sensitivity" in report:
+        ranked = report["sensitivity"]["layers"]
+        tables.append((f"most sensitive layers (relative output error with the layer alone in int8, "
+                       f"{report['sensitivity']['images']} images)",
+                       [(r["layer"], f"{r['error']:.3g}  ({r['sqnr_db']:.1f} dB)") for r in ranked[:top]]))
+    return tables
