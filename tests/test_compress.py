@@ -317,3 +317,28 @@ def test_image_folders_load_at_the_checkpoint_input_size(tmp_path, monkeypatch):
     assert shapes and set(shapes) == {(3, 8, 8)}
     tuned = load_checkpoint(report["history"][0]["finetune"]["run_dir"])
     assert tuned.input_size == (3, 8, 8) and tuned.meta["data"]["train"] == 24
+
+
+def test_compress_benchmark_smoke_prunes_fine_tunes_controls_and_times(tmp_path):
+    """benchmarks/compress.py --smoke: group pruning after a regularised epoch, the control, the speed table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compress_bench", Path(__file__).resolve().parents[1] /
+                                                  "benchmarks" / "compress.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--smoke", "--no-record", "--model", "resnet20", "--method", "group-l2", "--global-pruning",
+                          "--normalizer", "max", "--sparsity-epochs", "1", "--threads", "1", "--work", str(tmp_path),
+                          "--data", "synthetic:classes=10,size=32,train=128,test=32"])
+    assert summary["macs_ratio"] <= 0.5 and summary["params_after"] < summary["params_before"]
+    pruned = load_checkpoint(tmp_path / f"{summary['tag']}.safetensors").model
+    assert count_macs(pruned, (3, 32, 32)) == summary["macs_after"]
+    assert summary["budget_epochs"] == 2 and summary["sparsity_training"]["epochs"] == 1
+    assert summary["top1_control"] is not None and summary["finetune"]["epochs"] == 1
+    speed = summary["speed"]
+    for backend in ("torch", "torch-fused"):
+        ratio = speed[f"{backend}/pruned"]["images_per_s"] / speed[f"{backend}/unpruned"]["images_per_s"]
+        assert summary["speedup"][backend] == pytest.approx(ratio)
+    assert max(summary["fused_max_abs_diff"].values()) < 1e-3  # BatchNorm folding keeps the logits
+    saved = json.loads((tmp_path / f"{summary['tag']}.summary.json").read_text())
+    assert saved["macs_after"] == summary["macs_after"]

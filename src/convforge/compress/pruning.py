@@ -158,6 +158,29 @@ class _Ranking:
             keep.update(group[:min(len(group), math.ceil(k / step) * step)])
         return keep
 
+    def refine(self, g: ChannelGraph, keep: set[int], budget: float) -> set[int]:
+        """Give channels back (a group's rounding step at a time, its most important first; with global ranking
+        the most important of all groups first) while the MACs stay within ``budget``: bisection is coarse."""
+        keep = set(keep)
+        current = g.macs(keep)
+        progress = True
+        while progress:
+            progress = False
+            blocks = [[r for r in group if r not in keep][:step] for group, step in zip(self.ordered, self.steps)]
+            if self.global_ranking:
+                position = {r: n for n, r in enumerate(self.rank)}
+                blocks.sort(key=lambda block: -position[block[0]] if block else 0)
+            for block in blocks:
+                if not block:
+                    continue
+                candidate = keep | set(block)
+                macs = g.macs(candidate)
+                if current < macs <= budget:
+                    keep, current, progress = candidate, macs, True
+            if len(self.ordered) > 200:
+                break  # large graphs: one pass is close enough
+        return keep
+
 
 def _structured(model, input_size, g: ChannelGraph, ranking: _Ranking, target_macs, sparsity, dry_run) -> PruneResult:
     macs_before = count_macs(model, input_size)
@@ -194,8 +217,8 @@ def _structured(model, input_size, g: ChannelGraph, ranking: _Ranking, target_ma
                     lo = mid
         share = hi
     keep = ranking.keep(share)
-    if sparsity is None and ranking.round_to == 1:
-        keep = _refine(g, ordered, keep, target_macs * macs_before - other_macs)
+    if sparsity is None:
+        keep = ranking.refine(g, keep, target_macs * macs_before - other_macs)
     plan = _plan(g, keep)
     notes = list(g.notes)
     grouped = [layer.name for layer in g.layers if layer.kind == "grouped"]
@@ -212,26 +235,6 @@ def _structured(model, input_size, g: ChannelGraph, ranking: _Ranking, target_ma
     _check_forward(pruned, input_size)
     return PruneResult(pruned, "", macs_before, count_macs(pruned, input_size), params_before,
                        count_params(pruned), plan, share, notes=notes)
-
-
-def _refine(g: ChannelGraph, ordered: list[list[int]], keep: set[int], budget: float) -> set[int]:
-    """Give channels back, one group at a time, while the MACs stay within ``budget`` (bisection is coarse)."""
-    keep = set(keep)
-    current = g.macs(keep)
-    progress = True
-    while progress:
-        progress = False
-        for group in ordered:
-            missing = [r for r in group if r not in keep]
-            if not missing:
-                continue
-            candidate = keep | {missing[0]}
-            macs = g.macs(candidate)
-            if macs <= budget and macs > current:
-                keep, current, progress = candidate, macs, True
-        if len(ordered) > 200:
-            break  # large graphs: one pass is close enough
-    return keep
 
 
 def _removed_params(model: nn.Module, g: ChannelGraph, keep: set[int]) -> int:
