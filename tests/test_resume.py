@@ -25,6 +25,10 @@ RECIPES = {
     # BatchNorm frozen from epoch 3; the activation ranges (EMA) are model buffers, compared with the weights
     "qat-int8": {"qat": "int8", "qat_freeze_bn_fraction": 0.5},
     "binary": {"binary": "weights+activations"},
+    # airbench94's pieces: Lookahead state, 64x norm lr, alternating flips (per-run draw), reflect crops, shift TTA
+    "airbench": {"lookahead": True, "norm_lr_scale": 64.0, "decay_all": True, "schedule": "triangle",
+                 "momentum": 0.85, "augment": "crop-altflip", "pad_mode": "reflect", "crop_padding": 1,
+                 "eval_tta": True, "eval_tta_shift": 1},
 }
 # Metrics that depend only on the computation (not on wall-clock time).
 DETERMINISTIC_KEYS = ("epoch", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr")

@@ -14,7 +14,8 @@ import yaml
 from convforge.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("onecycle", "cosine", "constant", "step")
+SCHEDULES = ("onecycle", "cosine", "constant", "step", "triangle")
+PAD_MODES = ("zeros", "reflect")
 NAN_POLICIES = ("stop", "skip-batch")
 DEFAULT_RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (w / h), torchvision's default
 DEFAULT_RANDAUGMENT = (2, 9)  # RandAugment's ops per image and magnitude level, torchvision's defaults
@@ -36,6 +37,8 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None
+    decay_all: bool = False
+    norm_lr_scale: float = 1.0
     schedule: str = "onecycle"
     warmup_epochs: float | None = None
     label_smoothing: float = 0.0
@@ -62,6 +65,7 @@ class TrainConfig:
     kd_temperature: float = 4.0
     kd_consistent: bool = False
     eval_tta: bool = False
+    eval_tta_shift: int = 0
     filter_health: bool = False
     report: bool = False
     tensorboard: bool = False
@@ -70,12 +74,14 @@ class TrainConfig:
     nan_policy: str = "stop"
     ema: bool = False
     ema_decay: float = 0.999
+    lookahead: bool = False
     augment: str | None = None
     scale: int = 3
     dice_weight: float = 0.0
     seg_crop: list[float] | None = None
     seg_scales: list[float] = field(default_factory=lambda: [0.5, 2.0])
     crop_padding: int | None = None
+    pad_mode: str = "zeros"
     image_size: int | list[int] | None = None
     store_size: int | None = None
     crop_pct: float | None = None
@@ -114,7 +120,9 @@ class TrainConfig:
             cfg.lr = (0.1 if cfg.optimizer == "sgd" else 2e-3) * cfg.batch_size * world_size / 128
         if cfg.weight_decay is None:
             cfg.weight_decay = 5e-4 if cfg.optimizer == "sgd" else 0.05
-        if cfg.warmup_epochs is None:
+        if cfg.warmup_epochs is None and cfg.schedule == "triangle":
+            cfg.warmup_epochs = round(cfg.epochs * 0.23, 3)  # airbench94's share of the steps
+        elif cfg.warmup_epochs is None:
             cfg.warmup_epochs = round(min(2.0, cfg.epochs * 0.15), 3)
         if cfg.augment is None:
             cfg.augment = default_augment
@@ -133,6 +141,13 @@ class TrainConfig:
             (self.weight_decay is None or self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (not (self.ema and self.lookahead), "--ema and --lookahead both keep a slow copy of the weights: "
+                                                 "choose one"),
+            (0 < self.norm_lr_scale <= 1000, f"norm_lr_scale must be in (0, 1000], got {self.norm_lr_scale}"),
+            (self.pad_mode in PAD_MODES, f"pad_mode must be one of {', '.join(PAD_MODES)}, got {self.pad_mode!r}"),
+            (0 <= self.eval_tta_shift <= 8, f"eval_tta_shift must be in 0..8 pixels, got {self.eval_tta_shift}"),
+            (self.eval_tta or not self.eval_tta_shift, "--eval-tta-shift adds shifted views to the flip TTA: "
+                                                      "add --eval-tta"),
             (self.warmup_epochs is None or 0 <= self.warmup_epochs <= self.epochs,
              f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),

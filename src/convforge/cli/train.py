@@ -25,10 +25,14 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--lr", "lr", float, "peak learning rate (default: 0.1*batch/128 for sgd, 2e-3*batch/128 for adamw)"),
     ("--optimizer", "optimizer", str, "sgd (Nesterov momentum) or adamw (default: sgd)"),
     ("--momentum", "momentum", float, "SGD momentum (default: 0.9)"),
-    ("--schedule", "schedule", str, "onecycle, cosine, constant or step (/10 at 50%% and 75%%) (default: onecycle)"),
-    ("--warmup-epochs", "warmup_epochs", float, "linear warm-up length (default: 15%% of epochs, at most 2)"),
+    ("--schedule", "schedule", str, "onecycle, cosine, constant, step (/10 at 50%% and 75%%) or triangle (0.2 -> 1 "
+     "over the warm-up -> 0.07 x lr, airbench94's) (default: onecycle)"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear warm-up length (default: 15%% of epochs, at most 2; triangle: 23%%)"),
     ("--label-smoothing", "label_smoothing", float, "label smoothing (default: 0)"),
     ("--weight-decay", "weight_decay", float, "weight decay, not applied to norm and bias parameters (default: 5e-4 sgd, 0.05 adamw)"),
+    ("--decay-all", "decay_all", "flag", "apply weight decay to biases and norm parameters too (airbench94)"),
+    ("--norm-lr-scale", "norm_lr_scale", float, "multiply the learning rate of norm layers' parameters by F and "
+     "divide their weight decay by F (airbench94: 64) (default: 1)"),
     ("--grad-clip", "grad_clip", float, "clip the gradient norm to this value (default: off)"),
     ("--nan-policy", "nan_policy", str, "on a NaN/inf loss or gradient: stop (default) or skip-batch"),
     ("--mixup", "mixup_alpha", float, "mixup with Beta(a, a) mixing weights (default: 0, off)"),
@@ -62,16 +66,21 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--kd-temperature", "kd_temperature", float, "distillation temperature (default: 4)"),
     ("--kd-consistent", "kd_consistent", "flag", "teacher sees the student's augmented view (default: the clean image)"),
     ("--eval-tta", "eval_tta", "flag", "evaluate with flip test-time augmentation (alias: --tta)"),
+    ("--eval-tta-shift", "eval_tta_shift", int, "with --eval-tta: also average the flip TTA of the images shifted by "
+     "N pixels up-left and down-right (airbench94's level 2: N=1) (default: 0)"),
     ("--filter-health", "filter_health", "flag", "per-epoch 3x3 filter metrics in metrics.jsonl; warn when a layer degenerates"),
     ("--report", "report", "flag", "write RUN_DIR/report.html when training ends (see `convforge report`)"),
     ("--tensorboard", "tensorboard", "flag", "also log epochs to RUN_DIR/tensorboard (needs the tensorboard package)"),
     ("--recipe", "recipe", str, "start from a named recipe (`convforge recipes`); other options override it"),
     ("--ema", "ema", "flag", "evaluate and save an exponential moving average of the weights"),
     ("--ema-decay", "ema_decay", float, "EMA decay (default: 0.999)"),
-    ("--augment", "augment", str, "none, flip, crop or crop-flip; store data (--store-size): rrc-flip, rrc-flip-ta "
+    ("--lookahead", "lookahead", "flag", "airbench94's Lookahead: every 5 steps pull the weights to a slow copy "
+     "(decay 0.95^5 x (t/T)^3); the slow copy is evaluated and saved"),
+    ("--augment", "augment", str, "none, flip, crop, crop-flip or crop-altflip (alternating flip, airbench94); store data (--store-size): rrc-flip, rrc-flip-ta "
                                    "(TrivialAugment), rrc-flip-ra (RandAugment) or center; segment: also "
                                    "scale-crop-flip (default: per dataset)"),
     ("--crop-padding", "crop_padding", int, "padding of the random crop (default: image size / 8)"),
+    ("--pad-mode", "pad_mode", str, "padding of the random crop: zeros or reflect (default: zeros)"),
     ("--image-size", "image_size", "sizes", "N or H W: resize image folders to this size (default: their own "
                                              "size); with --store-size: the training crop (default: 128)"),
     ("--store-size", "store_size", int, "imagefolder:DIR of any image sizes: keep the images (shorter side <= N) "

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from convforge.data.dataset import Split
 from convforge.errors import ConfigError
 
-AUGMENTS = ("none", "flip", "crop", "crop-flip")
+AUGMENTS = ("none", "flip", "crop", "crop-flip", "crop-altflip")
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -42,14 +42,33 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return torch.addcmul(shift, x.float(), scale)
 
 
-def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Pad every image by ``padding`` zeros and crop back at per-image ``offsets`` (N, 2) in [0, 2*padding]."""
+def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor, pad_mode: str = "zeros") -> torch.Tensor:
+    """Pad every image by ``padding`` pixels (zeros, or ``pad_mode="reflect"``: mirrored without repeating the
+    edge) and crop back at per-image ``offsets`` (N, 2) in [0, 2*padding]."""
     n, c, h, w = x.shape
+    if pad_mode == "reflect":
+        rows = _reflect(offsets[:, 0:1] - padding + torch.arange(h, device=x.device), h)
+        cols = _reflect(offsets[:, 1:2] - padding + torch.arange(w, device=x.device), w)
+        picked = x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w))
+        return picked.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
     picked = padded.gather(2, rows)
     cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
     return picked.gather(3, cols)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices outside 0..size-1 mirrored back inside (edge not repeated), as ``F.pad(mode="reflect")`` does."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def alternating_flips(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """airbench94's alternating flip: a per-run random flip per image, inverted on every odd epoch, so each
+    image is seen both ways in every pair of epochs (random flipping repeats a side half the time)."""
+    base = torch.rand(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + 4_242_424)) < 0.5
+    return base ^ bool(epoch % 2)
 
 
 def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -97,6 +116,7 @@ class BatchLoader(ShardedLoader):
         shuffle: bool = False,
         augment: str = "none",
         crop_padding: int = 4,
+        pad_mode: str = "zeros",
         drop_last: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
@@ -114,7 +134,7 @@ class BatchLoader(ShardedLoader):
             images = images.to(self.device, non_blocking=True)  # the whole uint8 split lives on the accelerator
         self.images, self.labels = images, split.labels.to(self.device)
         self.batch_size, self.mean, self.std = batch_size, tuple(mean), tuple(std)
-        self.shuffle, self.augment, self.crop_padding = shuffle, augment, crop_padding
+        self.shuffle, self.augment, self.crop_padding, self.pad_mode = shuffle, augment, crop_padding, pad_mode
         self.drop_last, self.seed, self.channels_last = drop_last, seed, channels_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -135,13 +155,15 @@ class BatchLoader(ShardedLoader):
         # Augmentation draws are per sample index (not per batch position) so sharding does not change them.
         offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen)
         flips = torch.rand(n, generator=gen) < 0.5
+        if self.augment == "crop-altflip":
+            flips = alternating_flips(n, self.seed, self.epoch)
         for idx in self._batches()[start_batch:]:
             self.last_indices = idx
             x = self.images[idx.to(self.images.device)] if self.device.type != "cpu" else self.images[idx]
             y = self.labels[idx.to(self.labels.device)]
-            if self.augment in ("crop", "crop-flip") and self.crop_padding > 0 and min(h, w) > 1:
-                x = random_crop(x, self.crop_padding, offsets[idx].to(x.device))
-            if self.augment in ("flip", "crop-flip"):
+            if self.augment in ("crop", "crop-flip", "crop-altflip") and self.crop_padding > 0 and min(h, w) > 1:
+                x = random_crop(x, self.crop_padding, offsets[idx].to(x.device), self.pad_mode)
+            if self.augment in ("flip", "crop-flip", "crop-altflip"):
                 x = flip_where(x, flips[idx].to(x.device))
             x = normalize(x, self.mean, self.std)
             if self.channels_last:

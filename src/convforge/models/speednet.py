@@ -19,20 +19,41 @@ from convforge.models.registry import register_model
 class ConvGroup(nn.Sequential):
     """conv3x3 -> 2x2 max-pool -> BN -> GELU -> conv3x3 -> BN -> GELU."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, norm: "NormSettings | None" = None) -> None:
+        norm = norm or NormSettings()
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
             nn.MaxPool2d(2),
-            nn.BatchNorm2d(c_out),
+            norm.make(c_out),
             nn.GELU(),
             nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
+            norm.make(c_out),
             nn.GELU(),
         )
 
 
+class NormSettings:
+    """How SpeedNet's BatchNorms are built. airbench94 uses ``momentum=0.4`` (its 0.6 in the other convention),
+    ``eps=1e-12`` and a frozen scale (only the shift trains): ``NormSettings.airbench()``."""
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, train_scale: bool = True) -> None:
+        self.momentum, self.eps, self.train_scale = momentum, eps, train_scale
+
+    @classmethod
+    def airbench(cls) -> "NormSettings":
+        return cls(momentum=0.4, eps=1e-12, train_scale=False)
+
+    def make(self, channels: int) -> nn.BatchNorm2d:
+        norm = nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum)
+        norm.weight.requires_grad_(self.train_scale)
+        return norm
+
+
 class SpeedNet(Classifier):
     """Whitening stem, three conv groups, global max pooling, linear head scaled by ``head_scale``.
+
+    ``airbench=True`` takes airbench94's BatchNorms (momentum 0.4, eps 1e-12, scale frozen at 1) and
+    initialisation (PyTorch's default, then identity kernels in the first c_in filters of every conv).
 
     Call :meth:`init_from_data` with a batch of (normalised) training images before training: it
     sets the stem to the whitening transform of the images' 2x2 patches and freezes it. ``whiten=False``
@@ -48,6 +69,7 @@ class SpeedNet(Classifier):
         widths: tuple[int, int, int] = (64, 256, 256),
         head_scale: float = 1 / 9,
         whiten: bool = True,
+        airbench: bool = False,
     ) -> None:
         super().__init__()
         self.whiten = whiten
@@ -55,14 +77,18 @@ class SpeedNet(Classifier):
         self.stem = nn.Conv2d(in_chans, stem_width, 2, padding=0, bias=True)
         self.stem_act = nn.GELU()
         chans = (stem_width, *widths)
-        self.stages = nn.Sequential(*(ConvGroup(a, b) for a, b in zip(chans[:-1], chans[1:])))
+        norm = NormSettings.airbench() if airbench else NormSettings()
+        self.stages = nn.Sequential(*(ConvGroup(a, b, norm) for a, b in zip(chans[:-1], chans[1:])))
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.num_features = widths[-1]
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         self.head_scale = head_scale
         for m in self.stages.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if airbench:  # airbench94: PyTorch's default init, then the first c_in filters pass their input through
+                    nn.init.dirac_(m.weight[:m.in_channels])
+                else:
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -97,11 +123,11 @@ class SpeedNet(Classifier):
     description="CPU-budget CIFAR net after airbench94 (whitening stem, widths 64/256/256)",
 )
 def speednet(num_classes: int = 10, in_chans: int = 3, widths: tuple[int, int, int] = (64, 256, 256),
-             whiten: bool = True) -> SpeedNet:
+             whiten: bool = True, airbench: bool = False) -> SpeedNet:
     """airbench94's layout: whitening stem (``whiten=False``: a plain trainable one), conv groups of widths
-    64/256/256."""
+    64/256/256; ``airbench=True``: airbench94's BatchNorm settings and initialisation too."""
     return SpeedNet(num_classes=num_classes, in_chans=in_chans, widths=tuple(widths),  # type: ignore[arg-type]
-                    whiten=whiten)
+                    whiten=whiten, airbench=airbench)
 
 
 @register_model(

@@ -148,7 +148,7 @@ def train_step(state: TrainingState, x: torch.Tensor, y: Any) -> bool:
     cfg, task, optimizer = state.cfg, state.task, state.optimizer
     state.lr = lr_at(state.global_step, state.total_steps, state.warmup_steps, cfg.lr, cfg.schedule)
     for group in optimizer.param_groups:
-        group["lr"] = state.lr
+        group["lr"] = state.lr * group.get("lr_scale", 1.0)
     step = Step(cfg, state.data, state.epoch, state.batch_index, state.role.rank, state.loader, state.extras, x,
                 model=state.model, forward=state.forward)
     inputs, target = task.prepare_batch(x, y, step)
@@ -272,7 +272,7 @@ def checkpoint_meta(cfg: TrainConfig, data: Any, model_args: dict, metrics: dict
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
         "data": {"spec": data.spec, "train": len(data.train),
                  "test": len(data.test) if getattr(data, "test", None) is not None else 0},
-        "weights": "ema" if cfg.ema else "trained",
+        "weights": "ema" if cfg.ema else "lookahead" if cfg.lookahead else "trained",
         "epoch": epoch,
         "metrics": metrics,
         "recipe": recipe,

@@ -10,17 +10,34 @@ import torch.nn as nn
 from convforge.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights of convs and linears decay; biases and norm parameters (ndim <= 1) do not."""
-    decay, no_decay = [], []
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, norm_lr_scale: float = 1.0,
+                 decay_all: bool = False) -> list[dict]:
+    """Parameter groups: conv and linear weights decay; biases and norm parameters do not (``decay_all``: they
+    do too, as in airbench94). ``norm_lr_scale`` multiplies the learning rate of normalisation layers'
+    parameters and divides their weight decay, so the decay per step (lr x wd) is unchanged (airbench94's
+    ``bias_scaler``). Each group's ``lr_scale`` is applied by the training step."""
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    decay, no_decay, norm = [], [], []
     for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        if id(param) in norm_ids and norm_lr_scale != 1.0:
+            norm.append(param)
+        else:
+            (no_decay if param.ndim <= 1 and not decay_all else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if norm:
+        norm_decay = weight_decay / norm_lr_scale if decay_all else 0.0
+        groups.append({"params": norm, "weight_decay": norm_decay, "lr_scale": norm_lr_scale})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay or 0.0)
+    groups = param_groups(model, cfg.weight_decay or 0.0, cfg.norm_lr_scale, cfg.decay_all)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -33,9 +50,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
     - ``cosine``: linear warm-up from 0 to peak, then cosine annealing to 0;
     - ``constant``: linear warm-up, then ``peak``;
     - ``step``: linear warm-up, then ``peak`` divided by 10 at 50% and again at 75% of the steps
-      (He et al. 2016's CIFAR schedule: 32k and 48k of 64k iterations).
+      (He et al. 2016's CIFAR schedule: 32k and 48k of 64k iterations);
+    - ``triangle``: linear from 0.2 x peak to peak over the warm-up, then linear to 0.07 x peak at the end
+      (airbench94's schedule, with 23% of the steps as warm-up there).
     """
     total_steps = max(total_steps, 1)
+    if schedule == "triangle":
+        if step < warmup_steps:
+            return peak * (0.2 + 0.8 * step / warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return peak * (1.0 - 0.93 * progress)
     if schedule == "onecycle":
         start, end = peak / 25.0, peak / 1e4
     else:

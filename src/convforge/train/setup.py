@@ -20,7 +20,7 @@ from convforge.train.adversarial import describe as describe_adversarial
 from convforge.train.adversarial import resolve_adversarial
 from convforge.train.checkpoint import load_train_state
 from convforge.train.distributed import barrier, broadcast_object, convert_sync_batchnorm, init_distributed
-from convforge.train.ema import ModelEma
+from convforge.train.ema import Lookahead, ModelEma
 from convforge.train.optim import build_optimizer
 from convforge.train.qat import (check_init_not_quantized, describe_quantization, prepare_for_training,
                                   resolve_quantization)
@@ -194,6 +194,8 @@ def build_loader(state: TrainingState) -> None:
         )
     state.total_steps = state.steps_per_epoch * cfg.epochs
     state.warmup_steps = round(cfg.warmup_epochs * state.steps_per_epoch)
+    if cfg.lookahead:  # its schedule needs the step count, known only now
+        state.ema = Lookahead(state.model, state.total_steps)
 
 
 def restore(state: TrainingState) -> None:

@@ -78,7 +78,7 @@ class ClassifyTask(Task):
         from convforge.data import BatchLoader
 
         return BatchLoader(data.train, cfg.batch_size, data.mean, data.std, shuffle=True, augment=cfg.augment,
-                           crop_padding=cfg.crop_padding, drop_last=True, seed=cfg.seed, device=device,
+                           crop_padding=cfg.crop_padding, pad_mode=cfg.pad_mode, drop_last=True, seed=cfg.seed, device=device,
                            channels_last=cfg.channels_last, rank=rank, world_size=world_size)
 
     def start_training(self, cfg: Any, data: Any, device: torch.device) -> dict[str, Any]:
@@ -135,6 +135,7 @@ class ClassifyTask(Task):
         view = data.eval_view if getattr(data, "has_crop_views", False) else None
         result = evaluate(model, data.split(split), data.mean, data.std, view=view,
                           batch_size=max(256, cfg.batch_size), device=device, amp=cfg.amp, tta=cfg.eval_tta,
+                          tta_shift=cfg.eval_tta_shift,
                           channels_last=cfg.channels_last, num_classes=data.num_classes, details=False, rank=rank,
                           world_size=world_size)
         metrics = {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"]}
