@@ -12,6 +12,7 @@ import torch
 
 from test_serve_helpers import (
     assert_same_top,
+    in_background,
     metric_samples,
     npy_bytes,
     offline_top,
@@ -19,6 +20,7 @@ from test_serve_helpers import (
     running,
     tiny,  # noqa: F401 - a fixture
     tiny_checkpoint,
+    wait_for,
 )
 
 
@@ -147,27 +149,6 @@ def _slow(served, gate: threading.Event):
     return dataclasses.replace(served, run_batch=run_batch)
 
 
-def _in_background(function, count: int) -> tuple[list[threading.Thread], list]:
-    results: list = [None] * count
-
-    def work(i: int) -> None:
-        results[i] = function(i)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    return threads, results
-
-
-def _wait_for(condition, seconds: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
-
-
 def test_concurrent_requests_run_in_batches(tiny):
     gate = threading.Event()
     images = tiny["images"]
@@ -176,9 +157,9 @@ def test_concurrent_requests_run_in_batches(tiny):
     with running(_slow(tiny["served"], gate), max_batch=8, max_delay_ms=20) as (url, state), \
             httpx.Client(timeout=60, limits=httpx.Limits(max_connections=count)) as client:
         gate.clear()  # the warm-up batch is done; hold the model so that the requests pile up
-        threads, answers = _in_background(
+        threads, answers = in_background(
             lambda i: _predict_raw(client, url, images[i % len(images)].read_bytes()), count)
-        _wait_for(lambda: state.admission.count == count)
+        wait_for(lambda: state.admission.count == count)
         gate.set()
         for thread in threads:
             thread.join(60)
@@ -200,8 +181,8 @@ def test_a_full_queue_answers_429_with_retry_after_then_recovers(tiny):
     with running(_slow(tiny["served"], gate), max_queue=3, max_delay_ms=0) as (url, state), \
             httpx.Client(timeout=60) as client:
         gate.clear()
-        threads, answers = _in_background(lambda i: _predict_raw(client, url, good), 3)
-        _wait_for(lambda: state.admission.count == 3)
+        threads, answers = in_background(lambda i: _predict_raw(client, url, good), 3)
+        wait_for(lambda: state.admission.count == 3)
         refused = _predict_raw(client, url, good)
         assert refused.status_code == 429
         assert int(refused.headers["Retry-After"]) >= 1

@@ -127,3 +127,24 @@ def assert_same_top(got: list[dict], expected: list[dict], atol: float = 1e-6) -
     assert [t["class"] for t in got] == [t["class"] for t in expected]
     assert [t["index"] for t in got] == [t["index"] for t in expected]
     assert np.allclose([t["probability"] for t in got], [t["probability"] for t in expected], atol=atol, rtol=0)
+
+
+def in_background(function, count: int) -> tuple[list[threading.Thread], list]:
+    """``function(i)`` for i < ``count``, each in a started thread; the threads and the list their results fill."""
+    results: list = [None] * count
+
+    def work(i: int) -> None:
+        results[i] = function(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def wait_for(condition, seconds: float = 30.0) -> None:
+    """Poll ``condition()`` until it is true; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
