@@ -125,10 +125,13 @@ def test_global_ranking_removes_the_lowest_normalised_scores_across_groups():
     assert torch.equal(same(x), model(x))
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2_cifar"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2 (depthwise, inverted residual)"])
 def test_group_methods_honour_the_mac_target_and_change_nothing_at_full_keep(name):
+    from convforge.models.mobilenet_v2 import MobileNetV2
+
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10).eval()
+    model = (create_model("resnet20", num_classes=10) if name == "resnet20" else
+             MobileNetV2(num_classes=10, width_mult=0.25)).eval()
     size = (3, 16, 16)
     x = torch.randn(2, *size)
     macs = count_macs(model, size)
@@ -259,3 +262,23 @@ def test_cli_prune_takes_the_group_options(tmp_path, capsys):
     assert len(set(widths)) > 2  # global ranking: stages lose different shares
     assert main(["prune", str(path), "--method", "taylor", "--target-macs", "0.5", "--dry-run"]) == 2
     assert "pass --data" in capsys.readouterr().err
+
+
+def test_iterative_group_pruning_reaches_the_mac_target_in_steps(tmp_path):
+    path = _resnet_checkpoint(tmp_path)
+    report = prune_checkpoint(path, "group-l2", target_macs=0.5, steps=3, global_ranking=True, round_to=1,
+                              evaluate_split=None, out=tmp_path / "k3.safetensors", log=lambda _m: None)
+    macs = [entry["macs"] for entry in report["history"]]
+    assert len(macs) == 3 and macs[0] > macs[1] > macs[2] == report["macs_after"]
+    assert 0.475 <= report["macs_ratio"] <= 0.5
+    # each step prunes a third of the way from the full model to the target
+    for k, value in enumerate(macs, start=1):
+        assert value <= (1 - 0.5 * k / 3) * report["macs_before"]
+        assert value >= (1 - 0.5 * k / 3) * report["macs_before"] * 0.95
+
+
+def test_taylor_pruning_reads_training_images_of_the_data(digits_run, tmp_path):
+    kwargs = {"target_macs": 0.6, "data": "digits", "evaluate_split": None, "log": lambda _m: None}
+    plan = prune_checkpoint(digits_run["run_dir"], "taylor", dry_run=True, **kwargs)["plan"]
+    report = prune_checkpoint(digits_run["run_dir"], "taylor", out=tmp_path / "taylor.safetensors", **kwargs)
+    assert report["macs_ratio"] <= 0.6 and report["plan"] == plan  # same seeded images: same ranking

@@ -231,7 +231,7 @@ def prune_checkpoint(
     spec = data or ckpt.meta.get("data", {}).get("spec")
     if dry_run:
         dataset = _load_data(spec, ckpt, needed=method == "taylor")
-        gradients = _taylor_gradients(ckpt.model, ckpt, dataset, seed) if method == "taylor" else None
+        gradients = _taylor_gradients(ckpt.model, ckpt, dataset, seed + 1) if method == "taylor" else None  # step 1
         checked = prune(ckpt.model, input_size, method, dry_run=True, gradients=gradients, **target)
         return {"checkpoint": str(ckpt.path), "dry_run": True, **checked.as_dict()}
     # The check that the whole target is reachable (it depends on the structure alone) comes before any

@@ -68,6 +68,9 @@ class GroupRegularizer(Callback):
             raise ConfigError(f"the trained model has no parameter {missing[0]!r}: the group regulariser was "
                               f"built for another architecture")
         self._params = {name: params[name] for name, _, _ in self.slices}
+        device = params[self.slices[0][0]].device if self.slices else torch.device("cpu")
+        self.slices = [(name, dim, index.to(device)) for name, dim, index in self.slices]
+        self.group_index, self.count = self.group_index.to(device), self.count.to(device)
         self._handle = optimizer.register_step_pre_hook(lambda *_: self.apply())
 
     def on_start(self, state: Any) -> None:
@@ -81,17 +84,17 @@ class GroupRegularizer(Callback):
     @torch.no_grad()
     def scales(self) -> torch.Tensor:
         """gamma of every prunable channel (dense index) for the current weights; 0 in uniform groups."""
-        total = torch.zeros(len(self.count), dtype=torch.float64)
+        device = self.count.device
+        total = torch.zeros(len(self.count), dtype=torch.float64, device=device)
         for name, dim, index in self.slices:
-            weight = self._params[name].detach()
-            squares = weight.double().square()
+            squares = self._params[name].detach().double().square()
             sums = squares if squares.dim() == 1 else squares.transpose(0, dim).flatten(1).sum(1)
             keep = index >= 0
-            total.index_add_(0, index[keep], sums.cpu()[keep])
+            total.index_add_(0, index[keep], sums[keep])
         importance = (total / self.count.clamp(min=1)).sqrt()
-        high = torch.full((self.groups,), -torch.inf, dtype=torch.float64).scatter_reduce(
+        high = torch.full((self.groups,), -torch.inf, dtype=torch.float64, device=device).scatter_reduce(
             0, self.group_index, importance, "amax")
-        low = torch.full((self.groups,), torch.inf, dtype=torch.float64).scatter_reduce(
+        low = torch.full((self.groups,), torch.inf, dtype=torch.float64, device=device).scatter_reduce(
             0, self.group_index, importance, "amin")
         spread = (high - low)[self.group_index]
         relative = torch.where(spread > 0, (high[self.group_index] - importance) / spread.clamp(min=1e-300), 0.0)
@@ -105,7 +108,7 @@ class GroupRegularizer(Callback):
             param = self._params[name]
             if param.grad is None:
                 continue
-            per_position = torch.where(index >= 0, gamma[index.clamp(min=0)], 0.0).to(param.device, param.dtype)
+            per_position = torch.where(index >= 0, gamma[index.clamp(min=0)], 0.0).to(param.dtype)
             shape = [1] * param.dim()
             shape[dim] = -1
             param.grad.add_(self.reg * per_position.view(shape) * param.detach())
