@@ -54,8 +54,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="model worker threads, each running one batch at a time (default: 1)")
     parser.add_argument("--decode-threads", type=int, default=2, help="threads decoding images (default: 2)")
-    parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MB; larger "
-                                                                        "ones get 413 (default: 16)")
+    parser.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MB; larger ones "
+                                                                       "get 413; memory stays below about --max-queue "
+                                                                       "times this (default: 8)")
     parser.add_argument("--max-images", type=int, default=64, help="images per request (default: 64)")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default: warning)")

@@ -26,7 +26,7 @@ class Limits:
     """Per-request limits: body bytes (413 above), images per request, pixels per decoded image (the
     decompression-bomb guard; below the data loader's own 64 M-pixel limit)."""
 
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024
     max_images: int = 64
     max_pixels: int = 40_000_000
 
