@@ -266,3 +266,10 @@ def test_quantization_training_benchmark_smoke(tmp_path):
     assert result["binary"]["export"]["top1_onnx"] == pytest.approx(runs["binary weights+activations"]["test_top1"])
     assert (results.read_text() if results.exists() else None) == before  # --smoke records nothing
     assert json.loads((tmp_path / "result.json").read_text())["qat"]["ptq_top1"] == qat["ptq_top1"]
+
+
+def test_export_command_points_a_qat_checkpoint_to_quantize(qat_run, tmp_path, capsys):
+    from convforge.cli import main
+
+    assert main(["export", str(qat_run["run_dir"]), "--out", str(tmp_path / "m.onnx")]) == ConfigError.exit_code
+    assert "convforge quantize CKPT" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

@@ -158,6 +158,10 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 
     runtime_device(args)  # export and the parity check run on the CPU
     loaded, size = _model_input(args)
+    if (loaded.meta.get("quantization") or {}).get("kind") == "qat":
+        raise ConfigError(f"{loaded.label} is a quantization-aware (--qat) checkpoint: export it as int8 QDQ with "
+                          "`convforge quantize CKPT` (no calibration needed; ONNX Runtime's int8 arithmetic may "
+                          "differ from PyTorch's by one quantization step, beyond this command's 1e-4 parity check)")
     out = Path(args.out) if args.out else _default_out(loaded, ".onnx")
     report = to_onnx(loaded.model, out, size, opset=args.opset, dynamic_batch=args.dynamic_batch,
                      batch_size=args.batch_size, meta=dict(loaded.meta))
