@@ -5,7 +5,8 @@ at 224 px, random init, PyTorch eager, with Imagewoof photos):
 
 1. A server with batching (``--max-batch 32``) and ``--max-queue`` = the clients: N clients, each sending one
    image at a time as fast as answers come, for T seconds: throughput, p50/p95/p99 latency, errors, lost requests.
-2. Overload on the same server: 2N clients (more than the queue holds) for T/2 s: 429s, the server's RSS.
+2. Overload on the same server: 2N clients (more than the queue holds) for T/2 s: 429s, the server's RSS; a
+   refused client waits 50-150 ms and sends again.
 3. Recovery: N clients again for T/2 s: the throughput of step 1 again?
 4. The same as step 1 on a server without batching (``--max-batch 1``).
 
@@ -197,6 +198,10 @@ class Server:
 # ---------------------------------------------------------------- the load client
 
 
+class _Unanswered(ConnectionError):
+    """The connection failed before any byte of an answer arrived."""
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection. Hand-written on asyncio streams: the load client must cost the 2-core
     machine as little CPU as possible, so that the figures measure the server, not the client."""
@@ -207,15 +212,30 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes, kind: str) -> tuple[int, bytes]:
+        """Status and body of one POST; a kept-alive connection the server had closed before this request (no
+        byte of an answer came) is replaced and the request sent once more, as HTTP clients do."""
+        reused = self.writer is not None
+        try:
+            return await self._post(path, body, kind)
+        except _Unanswered:
+            self.close()
+            if not reused:
+                raise
+            return await self._post(path, body, kind)
+
+    async def _post(self, path: str, body: bytes, kind: str) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {kind}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        self.writer.write(head + body)
-        await self.writer.drain()
-        status_line = await self.reader.readline()
+        try:
+            self.writer.write(head + body)
+            await self.writer.drain()
+            status_line = await self.reader.readline()
+        except (ConnectionError, OSError) as exc:
+            raise _Unanswered(str(exc)) from None
         if not status_line:
-            raise ConnectionError("the server closed the connection")
+            raise _Unanswered("the server closed the connection")
         headers = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             key, _, value = line.decode("latin-1").partition(":")
@@ -259,8 +279,8 @@ async def client(server: Server, target: Target, phase: Phase, start: int, stop_
         if status == 200:
             phase.latencies.append(time.perf_counter() - began)
             phase.mismatches += not matches(payload, target.expected[index])
-        elif status == 429:
-            await asyncio.sleep(0.01)  # refused: try again soon (a client of a real service would back off)
+        elif status == 429:  # refused: back off briefly (not the full Retry-After, to keep the pressure on)
+            await asyncio.sleep(0.05 + 0.1 * ((i * 7919) % 100) / 100)
     connection.close()
 
 

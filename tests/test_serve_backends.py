@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -201,3 +202,29 @@ def test_a_missing_serve_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install 'convforge\[serve\]'.*uvicorn"):
         require_serve_extra()
+
+
+def test_the_command_line_quantizes_a_checkpoint_on_start(tiny, tmp_path):
+    from convforge.cli import build_parser
+    from convforge.cli.serve import _served
+    from convforge.serve.backends import is_int8
+    from convforge.train.inference import class_probabilities, load_images
+    from helpers import make_image_folder
+
+    make_image_folder(tmp_path / "data", {"train": 4, "test": 1}, size=(16, 16))
+    args = build_parser().parse_args(["serve", str(tiny["ckpt"]), "--backend", "onnxruntime-int8", "--calib-data",
+                                      f"imagefolder:{tmp_path / 'data'}", "--calib-samples", "8", "--threads", "1"])
+    served = _served(args, "cpu")
+    folder = Path(served.workdir.name)
+    try:
+        assert served.backend == "onnxruntime-int8" and served.label == str(tiny["ckpt"])
+        assert is_int8(folder / "model.onnx")
+        assert served.meta["classes"] == tiny["loaded"].classes
+        views = load_images(tiny["images"], (16, 16), 3)
+        int8 = torch.stack(served.run_batch(views))
+        fp32 = class_probabilities(tiny["loaded"], torch.stack(views))
+        assert torch.allclose(int8.sum(1), torch.ones(len(views)), atol=1e-5)
+        assert (int8 - fp32).abs().max() < 0.02  # int8 rounding, not another model
+    finally:
+        served.close()
+    assert not folder.exists()
