@@ -222,7 +222,10 @@ def test_model_description_health_readiness_and_metrics(tiny):
         for _ in range(3):
             assert _predict_raw(client, url, tiny["images"][1].read_bytes(), "image/jpeg").status_code == 200
         metrics = client.get(f"{url}/metrics")
-        assert client.get(f"{url}/nowhere").status_code == 404
+        nowhere, wrong_method = client.get(f"{url}/nowhere"), client.get(f"{url}/v1/predict")
+    assert (nowhere.status_code, nowhere.json()["error"]["code"]) == (404, "not_found")
+    assert (wrong_method.status_code, wrong_method.json()["error"]["code"]) == (405, "method_not_allowed")
+    assert wrong_method.headers["allow"] == "POST"
     assert described["task"] == "classify" and described["name"] == "smallcnn"
     assert described["classes"] == meta["classes"] and described["num_classes"] == 10
     assert described["input_size"] == [3, 16, 16]

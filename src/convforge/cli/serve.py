@@ -94,8 +94,6 @@ def run_serve(args: argparse.Namespace) -> None:
                            limits=Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                                          max_images=args.max_images))
     options.check()
-    if args.max_images < 1:
-        raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
     served = _served(args, device)
 
     def announce(info: dict[str, Any]) -> None:

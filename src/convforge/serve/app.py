@@ -45,8 +45,9 @@ class ServeOptions:
         """A ConfigError naming the first option out of range."""
         for name, value, low in (("--max-batch", self.max_batch, 1), ("--max-queue", self.max_queue, 1),
                                  ("--workers", self.workers, 1), ("--max-delay-ms", self.max_delay_ms, 0),
-                                 ("--timeout-s", self.timeout_s, 0.001), ("decode threads", self.decode_threads, 1),
-                                 ("--max-body-mb", self.limits.max_body_bytes, 1)):
+                                 ("--timeout-s", self.timeout_s, 0.001), ("--decode-threads", self.decode_threads, 1),
+                                 ("--max-images", self.limits.max_images, 1),
+                                 ("the body limit in bytes (--max-body-mb)", self.limits.max_body_bytes, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
 
@@ -177,6 +178,7 @@ def create_app(served: Served, options: ServeOptions | None = None,
 def _add_routes(app: Any, state: ServerState) -> None:
     from fastapi import Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     from convforge.serve.page import page_html
 
@@ -187,7 +189,13 @@ def _add_routes(app: Any, state: ServerState) -> None:
     async def failed(request: Request, exc: Exception) -> JSONResponse:
         return await refused(request, ServeError(500, "internal", f"{type(exc).__name__}: {exc}"))
 
+    async def routing(request: Request, exc: HTTPException) -> JSONResponse:  # unknown path, wrong method
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return await refused(request, ServeError(exc.status_code, code, f"{request.method} {request.url.path}: "
+                                                 f"{exc.detail}; endpoints: {', '.join(ENDPOINTS)}", exc.headers))
+
     app.add_exception_handler(ServeError, refused)
+    app.add_exception_handler(HTTPException, routing)
     app.add_exception_handler(Exception, failed)
 
     @app.post("/v1/predict")
