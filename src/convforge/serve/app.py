@@ -75,7 +75,7 @@ class ServerState:
 
         self.decode_pool = ThreadPoolExecutor(self.options.decode_threads, thread_name_prefix="convforge-decode")
         self.batcher.start()
-        await self.batcher.submit([torch.zeros(self.served.input_size, dtype=torch.uint8)])
+        await self.batcher.warm_up(torch.zeros(self.served.input_size, dtype=torch.uint8))
         self.ready = True
 
     async def stop(self) -> None:

@@ -55,6 +55,10 @@ class Batcher:
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="convforge-model")
         self._tasks = [asyncio.get_running_loop().create_task(self._collect()) for _ in range(self.workers)]
 
+    async def warm_up(self, view: torch.Tensor) -> None:
+        """Run one image through the model on a worker thread, unrecorded (first calls allocate and plan)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, [view])
+
     async def submit(self, views: list[torch.Tensor]) -> list[Any]:
         """The outputs of ``views``, each run in some batch; cancelled waits leave their jobs to be skipped."""
         if self._queue is None:
