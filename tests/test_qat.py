@@ -127,7 +127,7 @@ def _input_is_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return False
 
 
-@pytest.mark.parametrize("name, unfolded", [("resnet20", 0), ("mobilenet_v2", 0), ("speednet_small", 3)])
+@pytest.mark.parametrize("name, unfolded", [("resnet20", 0), ("mobilenet_v2_cifar", 0), ("speednet_small", 3)])
 def test_swap_folds_every_batchnorm_after_a_conv_and_quantizes_every_layer_input(name, unfolded):
     model = create_model(name, num_classes=10)
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
