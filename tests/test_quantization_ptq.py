@@ -218,3 +218,19 @@ def test_cli_calibration_options_and_sidecar(digits_run, tmp_path, capsys):
     assert onnx.TensorProto.UINT8 not in types  # symmetric: int8 activations, no uint8 zero points
     code = main(["quantize", str(digits_run["run_dir"]), "--calib-data", "digits", "--calib-percentile", "99"])
     assert code == 2 and "--calib-method percentile" in capsys.readouterr().err
+
+
+def test_cli_registry_model_takes_the_class_names_of_the_data(tmp_path, capsys):
+    from helpers import TINY_SYNTH
+
+    from convforge.cli import main
+
+    code = main(["quantize", "smallcnn", "--in-chans", "3", "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25",
+                 "0.25", "--calib-data", TINY_SYNTH, "--calib-samples", "16", "--calib-method", "mse", "--equalize",
+                 "--bias-correction", "--threads", "1", "--out", str(tmp_path / "s.onnx"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["eval"]["images"] == 32 and report["calibration"]["method"] == "mse"
+    assert report["equalization"]["pairs"] == [["stem.0", "stages.0.0.0"]]  # the others meet a max-pool first
+    assert report["bias_correction"]["layers"] == 4

@@ -35,10 +35,9 @@ def _input_size(text: str) -> tuple[int, int, int]:
     return parse_input(text)
 
 
-def _model_input(args: argparse.Namespace, device: str = "cpu"):
+def _model_input(args: argparse.Namespace, device: str = "cpu", **overrides: Any):
     """The LoadedModel and its (C, H, W) input: --input CxHxW (old spelling), else --image-size, else its own."""
     size = getattr(args, "input", None)
-    overrides: dict[str, Any] = {}
     if size is not None:
         if args.in_chans is None:
             overrides["in_chans"] = size[0]
@@ -218,6 +217,16 @@ def _ptq_options(args: argparse.Namespace):
                       bias_correction=args.bias_correction)
 
 
+def _foreign_classes(args: argparse.Namespace) -> dict[str, Any]:
+    """A registry model or foreign weights takes the class names (and count) of the data it is scored on."""
+    from convforge.train.inference import classes_for, is_checkpoint_path, load_data
+
+    if args.source and is_checkpoint_path(args.source) and not (args.model or args.weights):
+        return {}
+    data = load_data(args.data or args.calib_data)
+    return {"num_classes": args.num_classes or data.num_classes, "classes": classes_for(data, args.num_classes)}
+
+
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     """``convforge quantize``: static int8 with ONNX Runtime; fp32 vs int8 top-1 and speed."""
     from convforge.compress.quantization.command import quantize_loaded, report_tables
@@ -230,7 +239,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
                           "cifar10:DIR or imagefolder:DIR); its images set the activation ranges")
     options = _ptq_options(args)
     runtime_device(args)  # ONNX Runtime runs on the CPU
-    loaded, size = _model_input(args)
+    loaded, size = _model_input(args, **_foreign_classes(args))
     calibration, calib_data = _calibration_images(args.calib_data, loaded, args.calib_samples, size)
     out = Path(args.out) if args.out else _default_out(loaded, "-int8.onnx")
     data = _deploy_data(args.data, loaded, size, sized=False) if args.data and args.data != args.calib_data \

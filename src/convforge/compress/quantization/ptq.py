@@ -117,6 +117,7 @@ def prepare(model: nn.Module, path: str | Path, input_size: Sequence[int], calib
     batches = calibration_batches(calibration, options.calib_batch)
     path = Path(path).with_suffix(".onnx")
     fp32_path = path.with_name(path.stem + "-fp32.onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".convforge-ptq-") as tmp:
         with torch.no_grad():
             reference, target, report = _float_model(model, options, calibration)
