@@ -191,8 +191,11 @@ def test_known_bad_combinations_warn_with_a_fix():
     per_tensor = advice(depthwise, PTQOptions(per_channel=False))
     assert len(per_tensor) == 1 and "per-channel" in per_tensor[0] and "--equalize" in per_tensor[0]
     assert advice(depthwise, PTQOptions(per_channel=False, equalize=True)) == []
-    assert "minmax or mse" in advice(depthwise, PTQOptions(CalibrationSettings("entropy")))[0]
-    assert advice(create_model("resnet20"), PTQOptions(CalibrationSettings("entropy"), per_channel=False)) == []
+    assert "depthwise" in advice(depthwise, PTQOptions(CalibrationSettings("entropy")))[0]
+    resnet = create_model("resnet20")
+    assert advice(resnet, PTQOptions(CalibrationSettings("mse"), per_channel=False)) == []
+    entropy = advice(resnet, PTQOptions(CalibrationSettings("entropy")))
+    assert len(entropy) == 1 and "ReLU outputs" in entropy[0] and "minmax or mse" in entropy[0]
 
 
 def test_cli_calibration_options_and_sidecar(digits_run, tmp_path, capsys):

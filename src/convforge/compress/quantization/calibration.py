@@ -18,7 +18,9 @@ leaves a single candidate (the full range); the calibrators are driven here with
 
 from __future__ import annotations
 
+import io
 import tempfile
+from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -153,9 +155,6 @@ def calibrate(source: str | Path, batches: Iterable[np.ndarray], settings: Calib
               input_name: str = "input"):
     """ONNX Runtime ``TensorsData`` of every tensor ``quantize_static`` quantizes in the fp32 ONNX ``source``,
     by ``settings.method`` over ``batches`` (float32 arrays)."""
-    import io
-    from contextlib import redirect_stdout
-
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 
     with tempfile.TemporaryDirectory(prefix="convforge-calib-") as workdir, redirect_stdout(io.StringIO()):
