@@ -12,7 +12,7 @@ from convforge.compress.quantization.sensitivity import (
     fewest_float_layers,
     keep_in_float,
     relative_error,
-    weighted_nodes,
+    quantizable_nodes,
 )
 from convforge.data import load, normalize
 from convforge.errors import ConfigError
@@ -75,10 +75,15 @@ def test_sensitive_layer_ranks_first_and_is_kept_in_float(digits, tmp_path):
     assert fp32 == mixed["fp32_top1"] and fp32 - int8 == pytest.approx(mixed["drop"])  # the written model
     import onnx
 
-    weights = {init.name: init.data_type for init in onnx.load(report["onnx"]).graph.initializer}
-    assert weights["stages.0.0.0.weight"] == onnx.TensorProto.FLOAT  # kept in float
+    graph = onnx.load(report["onnx"]).graph
+    weights = {init.name: init.data_type for init in graph.initializer}
+    assert weights["stages.0.0.0.weight"] == onnx.TensorProto.FLOAT  # kept in float: weights ...
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    victim = next(node for node in graph.node if node.name == ranked[0]["node"])
+    assert producer[victim.input[0]] != "DequantizeLinear"  # ... and the activation it reads
     assert weights["stages.1.0.0.weight_quantized"] == onnx.TensorProto.INT8  # the others are int8
-    assert [n["layer"] for n in weighted_nodes(report["fp32_onnx"])] == ["stem.0", "stages.0.0.0", "stages.1.0.0", "fc"]
+    assert [n["layer"] for n in quantizable_nodes(report["fp32_onnx"])] == ["stem.0", "stages.0.0.0", "stages.1.0.0",
+                                                                            "fc"]
 
 
 def test_large_max_drop_keeps_every_layer_in_int8(digits, tmp_path):

@@ -193,7 +193,9 @@ def quantize_qdq(source: str | Path, path: str | Path, *, batches: Sequence[np.n
     exist, read without calibrating when it does)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    options = {"CalibTensorRangeSymmetric": symmetric_activations, "ActivationSymmetric": symmetric_activations}
+    options = {"CalibTensorRangeSymmetric": symmetric_activations, "ActivationSymmetric": symmetric_activations,
+               # a ReLU folded into its output's uint8 range would vanish with the Q/DQ pair float_inputs removes
+               "QDQKeepRemovableActivations": bool(nodes_to_exclude)}
 
     def write(tmp: str) -> None:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
@@ -204,8 +206,43 @@ def quantize_qdq(source: str | Path, path: str | Path, *, batches: Sequence[np.n
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod[calibrate_method],
                             nodes_to_exclude=list(nodes_to_exclude), nodes_to_quantize=list(nodes_to_quantize),
                             calibration_cache_path=None if cache is None else str(cache), extra_options=options)
+        if nodes_to_exclude:
+            float_inputs(tmp, nodes_to_exclude)
 
     atomic_write(Path(path), write)
+
+
+def float_inputs(path: str | Path, nodes: Sequence[str]) -> int:
+    """Let each of ``nodes`` of the QDQ model at ``path`` read its activations before quantization (rewritten in
+    place): ONNX Runtime keeps an excluded node's weights in float, but still quantizes an input whose producer or
+    other readers are int8. Q/DQ pairs and constants left unread are removed; returns the inputs rewired."""
+    import onnx  # one graph edit: ONNX Runtime's quantizer has no switch for it
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    constants = {init.name for init in graph.initializer}
+    wanted, rewired = set(nodes), 0
+    for node in graph.node:
+        for i, name in enumerate(node.input if node.name in wanted else ()):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in constants:
+                node.input[i] = q.input[0]
+                rewired += 1
+    while True:
+        read = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+        unread = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                  and not any(out in read for out in n.output)]
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
+    onnx.save(model, str(path))
+    return rewired
 
 
 def quantize_int8(

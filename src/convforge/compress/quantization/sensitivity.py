@@ -1,10 +1,11 @@
 """Per-layer sensitivity of an int8 model and mixed precision: which layers to keep in float.
 
-Sensitivity of a layer (a convolution or linear node of the ONNX graph): the error of the network's output
-when that layer alone is quantized (its weights, its input and its output activation, from the shared
-calibration ranges), relative to the float output on the same images: mean((y_q - y)^2) / mean(y^2), also
-given as SQNR in dB. ``--max-drop P`` keeps the k most sensitive layers in float, k = 0, 1, 2, ... in ranking
-order, and stops at the first k whose top-1 drop against the fp32 model is at most P points.
+Sensitivity of a layer (a convolution, linear, addition, multiplication or concatenation node of the ONNX
+graph): the error of the network's output when that layer alone is quantized (its weights, its inputs and its
+output activation, from the shared calibration ranges), relative to the float output on the same images:
+mean((y_q - y)^2) / mean(y^2), also given as SQNR in dB. ``--max-drop P`` keeps the k most sensitive layers in
+float (weights and the activations they read), k = 0, 1, 2, ... in ranking order, and stops at the first k whose
+top-1 drop against the fp32 model is at most P points.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from convforge.compress.quantization.ptq import Prepared
 from convforge.errors import ConfigError
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MERGING_OPS = ("Add", "Mul", "Concat")  # residual additions, gates, concatenations: int8 in ONNX Runtime too
 SENSITIVITY_IMAGES = 128
 
 
-def weighted_nodes(path: str | Path) -> list[dict[str, str]]:
-    """The convolution and linear nodes of an ONNX model that have a constant weight, in graph order:
-    ``{"node": ONNX node name, "op": type, "layer": the PyTorch module (from the weight's name)}``."""
+def quantizable_nodes(path: str | Path) -> list[dict[str, str]]:
+    """The layers of an ONNX model that int8 can be kept from, in graph order: convolution and linear nodes
+    with a constant weight (``layer``: the PyTorch module, from the weight's name) and additions,
+    multiplications and concatenations (``layer``: the module that holds them and the op, e.g.
+    ``layer1.0 (Add)``); each ``{"node": ONNX node name, "op": type, "layer": ...}``."""
     import onnx
 
     graph = onnx.load(str(path)).graph
@@ -34,7 +38,12 @@ def weighted_nodes(path: str | Path) -> list[dict[str, str]]:
         if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in constants:
             weight = node.input[1]
             layer = weight[: -len(".weight")] if weight.endswith(".weight") else node.name
-            nodes.append({"node": node.name, "op": node.op_type, "layer": layer})
+        elif node.op_type in MERGING_OPS:
+            parts = [p for p in node.name.split("/") if p]
+            layer = f"{parts[-2] if len(parts) > 1 else 'model'} ({node.op_type})"
+        else:
+            continue
+        nodes.append({"node": node.name, "op": node.op_type, "layer": layer})
     return nodes
 
 
@@ -53,11 +62,11 @@ def _outputs(path: Path, inputs: np.ndarray, threads: int | None) -> np.ndarray:
 
 def rank_layers(prepared: Prepared, inputs: np.ndarray, workdir: str | Path, *, threads: int | None = None,
                 log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Every weighted layer, most sensitive first: ``node``, ``op``, ``layer``, ``error`` (relative output
+    """Every quantizable layer, most sensitive first: ``node``, ``op``, ``layer``, ``error`` (relative output
     error with that layer alone quantized) and ``sqnr_db``, on ``inputs`` (normalised images)."""
     reference = _outputs(prepared.fp32_path, inputs, threads)
     rows = []
-    nodes = weighted_nodes(prepared.source)
+    nodes = quantizable_nodes(prepared.source)
     for i, row in enumerate(nodes):
         single = prepared.quantize(Path(workdir) / "single.onnx", only=[row["node"]])
         error = relative_error(reference, _outputs(single, inputs, threads))
