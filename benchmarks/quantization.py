@@ -10,11 +10,14 @@ command's default):
    per-channel int8 weights, uint8 activations;
 2. ``max_drop``: --max-drop P (default 0.2 points, min-max): the layers ranked by sensitivity and the fewest
    kept in float;
-3. ``per_tensor``: per-tensor int8 weights (min-max), plain, with --equalize, and with --bias-correction too.
+3. ``per_tensor``: per-tensor int8 weights (min-max), plain, with --equalize, and with --bias-correction too;
+4. ``zeroq``: int8 calibrated on the real train images vs on ZeroQ distilled images (data-free, --zeroq-samples);
+5. ``w4``: W4A8, 4-bit per-channel weights by round-to-nearest vs AdaRound (--adaround-iterations), uint8
+   activations through ONNX Runtime, and the storage of the packed 4-bit weights.
 
 Prints a Markdown table per section (nothing is written to RESULTS.md):
 
-    python benchmarks/quantization.py [--sections calibration,max_drop,per_tensor] [--threads 2] [--eval-samples N]
+    python benchmarks/quantization.py [--sections calibration,max_drop,per_tensor,zeroq,w4] [--threads 2] [--eval-samples N]
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Bench:
     work: Path
     threads: int
     max_drop: float
+    zeroq_samples: int = 32
+    adaround_iterations: int = 500
 
     def top1(self, path: str | Path) -> float:
         return onnx_top1(path, self.x, self.y, threads=self.threads)
@@ -69,7 +74,7 @@ def prepare(work: Path, args: argparse.Namespace) -> Bench:
     count = args.eval_samples or len(data.test.labels)
     return Bench(model.eval(), normalize(data.train.images[pick], MEAN, STD),
                  normalize(data.test.images[:count], MEAN, STD), data.test.labels[:count], work, args.threads,
-                 args.max_drop)
+                 args.max_drop, args.zeroq_samples, args.adaround_iterations)
 
 
 def calibration(bench: Bench) -> list[str]:
@@ -124,8 +129,63 @@ def per_tensor(bench: Bench) -> list[str]:
     return lines
 
 
+def zeroq(bench: Bench) -> list[str]:
+    """int8 (min-max, per-channel) calibrated on the real train images vs on ZeroQ distilled images (no data:
+    N(0, 1) inputs optimised for 500 Adam steps so that each BatchNorm's input matches its running statistics)."""
+    from convforge.compress.quantization.zeroq import ITERATIONS, distill_calibration_images, zeroq_loss
+
+    start = time.perf_counter()
+    distilled = distill_calibration_images(bench.model, bench.zeroq_samples, SIZE, seed=0)
+    distil_s = time.perf_counter() - start
+    noise = torch.randn((len(distilled), *SIZE), generator=torch.Generator().manual_seed(0))
+    lines = ["| calibration images | fp32 top-1 (ONNX) | int8 top-1 | change (points) | wall s |",
+             "|---|---:|---:|---:|---:|"]
+    for label, images, extra_s in ((f"real: {len(bench.calibration)} train images", bench.calibration, 0.0),
+                                   (f"ZeroQ: {len(distilled)} distilled, {ITERATIONS} steps (no data)", distilled,
+                                    distil_s)):
+        start = time.perf_counter()
+        report = quantize_model(bench.model, bench.work / "resnet56-zeroq.onnx", SIZE, images)
+        fp32, int8 = bench.top1(report["fp32_onnx"]), bench.top1(report["onnx"])
+        lines.append(f"| {label} | {fp32:.2f}% | {int8:.2f}% | {int8 - fp32:+.2f} | "
+                     f"{time.perf_counter() - start + extra_s:.0f} |")
+        print(lines[-1], flush=True)
+    return lines + ["", f"ZeroQ objective (BN statistics distance): {zeroq_loss(bench.model, noise):.1f} for N(0, 1) "
+                        f"noise, {zeroq_loss(bench.model, distilled):.1f} for the distilled images."]
+
+
+def w4(bench: Bench) -> list[str]:
+    """W4A8: 4-bit per-channel weights (the first conv and the classifier stay 8-bit) by round-to-nearest and by
+    AdaRound (on the first 256 calibration images), exported as int4 QDQ with uint8 activations (min-max, all 512
+    calibration images) and run by ONNX Runtime, which dequantizes int4 weights to a float Conv: storage, not speed."""
+    from convforge.compress.quantization.adaround import adaround_quantize, quantize_weights_nearest
+    from convforge.compress.quantization.grid_onnx import export_grid_qdq
+    from convforge.export import to_onnx
+    from convforge.export.onnx import fold_for_inference
+
+    fp32_path = bench.work / "resnet56-w4-fp32.onnx"
+    to_onnx(fold_for_inference(bench.model), fp32_path, SIZE, dynamic_batch=True)
+    fp32 = bench.top1(fp32_path)
+    lines = ["| weights | top-1 (ONNX Runtime) | change (points) | weight storage | int4 .onnx | wall s |",
+             "|---|---:|---:|---:|---:|---:|", f"| fp32 | {fp32:.2f}% | - | {fp32_path.stat().st_size / 1e6:.2f} MB "
+             f"(.onnx) | - | - |"]
+    for label, method in (("W4A8 round-to-nearest", lambda: quantize_weights_nearest(bench.model, 4,
+                                                                                       example=bench.calibration[:1])),
+                          (f"W4A8 AdaRound ({bench.adaround_iterations} it/layer)",
+                           lambda: adaround_quantize(bench.model, bench.calibration[:256], 4,
+                                                     iterations=bench.adaround_iterations, seed=0))):
+        start = time.perf_counter()
+        model, report = method()
+        exported = export_grid_qdq(model, report, bench.work / "resnet56-w4.onnx", SIZE, bench.calibration)
+        top1 = bench.top1(exported["onnx"])
+        lines.append(f"| {label} | {top1:.2f}% | {top1 - fp32:+.2f} | {report['quantized_bytes'] / 1e6:.3f} MB packed "
+                     f"(fp32 {report['fp32_bytes'] / 1e6:.2f} MB) | {exported['bytes'] / 1e6:.2f} MB | "
+                     f"{time.perf_counter() - start:.0f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 SECTIONS: dict[str, Callable[[Bench], list[str]]] = {"calibration": calibration, "max_drop": max_drop,
-                                                      "per_tensor": per_tensor}
+                                                      "per_tensor": per_tensor, "zeroq": zeroq, "w4": w4}
 
 
 def main() -> None:
@@ -135,6 +195,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, help="evaluate on the first N test images (default: all)")
     parser.add_argument("--max-drop", type=float, default=0.2)
+    parser.add_argument("--zeroq-samples", type=int, default=32, help="ZeroQ distilled images (default: 32)")
+    parser.add_argument("--adaround-iterations", type=int, default=500, help="AdaRound steps per layer (default: 500)")
     parser.add_argument("--work", help="folder for the ONNX files (default: a temporary one)")
     args = parser.parse_args()
     names = args.sections.split(",")
