@@ -17,7 +17,8 @@ command's default):
 
 Prints a Markdown table per section (nothing is written to RESULTS.md):
 
-    python benchmarks/quantization.py [--sections calibration,max_drop,per_tensor,zeroq,w4] [--threads 2] [--eval-samples N]
+    python benchmarks/quantization.py [--sections calibration,max_drop,per_tensor,zeroq,w4] [--threads 2]
+        [--eval-samples N] [--zeroq-samples 32] [--adaround-iterations 500]
 """
 
 from __future__ import annotations

@@ -128,3 +128,19 @@ def test_per_image_statistics_match_every_image(bn_model):
         assert float((std / bn.running_var.sqrt() - 1).abs().max()) < 0.05
     with pytest.raises(ConfigError, match="'batch' or 'image'"):
         zeroq_loss(bn_model, distilled, statistics="pixel")
+
+
+def test_cli_quantize_with_zeroq_calibration(digits_run, tmp_path, capsys):
+    import json
+
+    from convforge.cli import main
+
+    out = tmp_path / "digits-zeroq-int8.onnx"
+    code = main(["quantize", str(digits_run["run_dir"]), "--calib-data", "zeroq", "--calib-samples", "16",
+                 "--data", "digits", "--threads", "1", "--out", str(out), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert out.is_file() and report["calibration_images"] == 16 and report["eval"]["images"] == 360
+    assert abs(report["top1_int8"] - report["top1_fp32"]) <= 2.0
+    assert main(["quantize", str(digits_run["run_dir"]), "--calib-data", "zeroq", "--out", str(out)]) == 2
+    assert "--data SPEC" in capsys.readouterr().err

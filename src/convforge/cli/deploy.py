@@ -176,8 +176,11 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     from convforge.compress.quantization.calibration import METHODS
 
     add_model_source(parser)
-    parser.add_argument("--calib-data", help="data spec whose train split calibrates the activation ranges (required)")
-    parser.add_argument("--calib-samples", type=int, default=512, help="calibration images (default: 512)")
+    parser.add_argument("--calib-data", help="data spec whose train split calibrates the activation ranges (required), "
+                                             "or zeroq: data-free, images distilled from the model's BatchNorm "
+                                             "statistics (ZeroQ; --data then names the images to score on)")
+    parser.add_argument("--calib-samples", type=int,
+                        help=f"calibration images (default: 512; {ZEROQ_SAMPLES} with --calib-data zeroq)")
     parser.add_argument("--calib-method", default="minmax", choices=METHODS,
                         help="activation ranges: min-max, percentile of |x|, entropy (KL, TensorRT's 2048 bins) or the "
                              "clip with the least mean squared quantization error (default: minmax)")
@@ -227,6 +230,18 @@ def _foreign_classes(args: argparse.Namespace) -> dict[str, Any]:
     return {"num_classes": args.num_classes or data.num_classes, "classes": classes_for(data, args.num_classes)}
 
 
+ZEROQ_SAMPLES = 32
+
+
+def _zeroq_images(args: argparse.Namespace, loaded: Any, size: tuple[int, ...]):
+    """--calib-data zeroq: calibration images distilled from the model's BatchNorm statistics (no data needed)."""
+    from convforge.compress.quantization.zeroq import distill_calibration_images
+
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise ConfigError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    return distill_calibration_images(loaded.model, args.calib_samples or ZEROQ_SAMPLES, size, seed=0)
+
+
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     """``convforge quantize``: static int8 with ONNX Runtime; fp32 vs int8 top-1 and speed."""
     from convforge.compress.quantization.command import quantize_loaded, report_tables
@@ -237,10 +252,17 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if not args.calib_data:
         raise ConfigError("static int8 quantization needs calibration data: pass --calib-data SPEC (e.g. "
                           "cifar10:DIR or imagefolder:DIR); its images set the activation ranges")
+    if args.calib_data == "zeroq" and not args.data:
+        raise ConfigError("--calib-data zeroq calibrates without data, but the int8 model is scored on images: pass "
+                          "--data SPEC (the data to evaluate on)")
     options = _ptq_options(args)
     runtime_device(args)  # ONNX Runtime runs on the CPU
     loaded, size = _model_input(args, **_foreign_classes(args))
-    calibration, calib_data = _calibration_images(args.calib_data, loaded, args.calib_samples, size)
+    if args.calib_data == "zeroq":
+        calibration, calib_data = _zeroq_images(args, loaded, size), None
+    else:
+        samples = 512 if args.calib_samples is None else args.calib_samples
+        calibration, calib_data = _calibration_images(args.calib_data, loaded, samples, size)
     out = Path(args.out) if args.out else _default_out(loaded, "-int8.onnx")
     data = _deploy_data(args.data, loaded, size, sized=False) if args.data and args.data != args.calib_data \
         else calib_data
