@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -158,3 +159,25 @@ def assert_ranks_match_single(single, per_rank) -> None:
         assert sorted(ys.tolist()) == sorted(y.tolist())
         for label in y.tolist():
             assert torch.equal(x[y == label], xs[ys == label])
+
+
+def headless_chromium(window: str = "1280,900"):
+    """A Selenium WebDriver on headless Chromium; skips the test where Chromium is absent (fails under CI)."""
+    import pytest
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium and chromium-driver (.ci/run installs them)")
+        pytest.skip("headless Chromium not installed: apt-get install chromium chromium-driver (or make browser)")
+    pytest.importorskip("selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-dev-shm-usage", f"--window-size={window}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)

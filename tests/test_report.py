@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from convforge.cli import main
 from convforge.report import render_report, write_report
 from convforge.report.collect import classify, collect_run, table_rows
 from convforge.report.plots import pareto_front
+from helpers import headless_chromium
 
 DATA = "synthetic:classes=3,size=8,train=64,test=32"
 
@@ -183,25 +183,6 @@ def test_tensorboard_logger(tmp_path):
 # ---------------------------------------------------------------- a real browser
 
 
-def _chromium():
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (browser and driver):
-        if os.environ.get("CI"):
-            pytest.fail("CI must have chromium and chromium-driver (.ci/run installs them)")
-        pytest.skip("headless Chromium not installed: apt-get install chromium chromium-driver (or make browser)")
-    pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
-
-
 def _severe(driver) -> list[dict]:
     return [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
 
@@ -210,7 +191,7 @@ def test_report_in_headless_chromium(runs, tmp_path):
     a, b = runs
     single = write_report([a], tmp_path / "single.html")
     both = write_report([a, b], tmp_path / "both.html")
-    driver = _chromium()
+    driver = headless_chromium()
     try:
         # the console check itself works: a page with an error is caught
         bad = tmp_path / "bad.html"

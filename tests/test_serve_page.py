@@ -3,32 +3,11 @@ as bars with the offline probabilities, and the Grad-CAM overlay; a refused file
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
+from helpers import headless_chromium
 from test_serve_helpers import offline_top, running, tiny  # noqa: F401 - tiny is a fixture
-
-
-def _chromium():
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (browser and driver):
-        if os.environ.get("CI"):
-            pytest.fail("CI must have chromium and chromium-driver (.ci/run installs them)")
-        pytest.skip("headless Chromium not installed: apt-get install chromium chromium-driver (or make browser)")
-    pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-dev-shm-usage", "--window-size=1024,900"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
 def test_the_page_shows_top5_bars_and_the_gradcam_overlay(tiny, tmp_path):
@@ -40,7 +19,7 @@ def test_the_page_shows_top5_bars_and_the_gradcam_overlay(tiny, tmp_path):
     expected = offline_top(tiny["loaded"], [image])[0]
     not_image = tmp_path / "notes.png"
     not_image.write_bytes(b"these are notes, not pixels")
-    driver = _chromium()
+    driver = headless_chromium("1024,900")
     try:
         with running(tiny["served"]) as (url, _):
             driver.get(url + "/")

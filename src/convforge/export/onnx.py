@@ -295,3 +295,25 @@ def sidecar_path(path: str | Path) -> Path:
 
 def sidecar_json(path: str | Path) -> dict[str, Any]:
     return json.loads(sidecar_path(path).read_text())
+
+
+def score_against_torch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                        sessions: dict[str, Any], what: str) -> tuple[dict[str, float], int, torch.Tensor]:
+    """Top-1 (%) of the PyTorch ``model`` (key ``top1_torch``) and of each named ONNX Runtime session over
+    normalised ``(x, labels)`` batches, one batch at a time; also the image count and the first 256 inputs (for
+    timing). ConfigError naming ``what`` when there were no images."""
+    correct = dict.fromkeys([*sessions, "top1_torch"], 0)
+    seen, kept = 0, []
+    model.eval()
+    for x, labels in batches:
+        with torch.no_grad():
+            correct["top1_torch"] += int((model(x).argmax(1) == labels).sum())
+        for key, sess in sessions.items():
+            correct[key] += int((torch.from_numpy(run_session(sess, x)).argmax(1) == labels).sum())
+        seen += len(labels)
+        if sum(len(k) for k in kept) < 256:
+            kept.append(x[:256])
+    if not seen:
+        raise ConfigError(f"{what} holds no images to evaluate the exported model on")
+    return {key: 100.0 * count / seen for key, count in correct.items()}, seen, torch.cat(kept)[:256]
+

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from convforge.errors import ConfigError, ConvforgeError
-from convforge.export.onnx import run_session, session, sidecar_path, to_onnx
+from convforge.export.onnx import run_session, score_against_torch, session, sidecar_path, to_onnx
 from convforge.fileio import atomic_write, atomic_write_json
 from convforge.layers.fake_quant import ActivationFakeQuant, activation_export_module
 from convforge.train.qat import META_KEY
@@ -217,24 +217,12 @@ def _top1(loaded: Any, data: Any, report: dict[str, Any], split: str, eval_sampl
     sessions = {"top1_onnx": session(report["onnx"], threads)}
     if report["fp32_onnx"]:
         sessions["top1_fp32"] = session(report["fp32_onnx"], threads)
-    correct = dict.fromkeys([*sessions, "top1_torch"], 0)
-    seen, kept = 0, []
-    loaded.model.eval()
-    for images, labels in eval_views(loaded, data, split, [], batch_size=batch_size, limit=eval_samples or None):
-        x = normalize(images, mean, std)
-        with torch.no_grad():
-            correct["top1_torch"] += int((loaded.model(x).argmax(1) == labels).sum())
-        for key, sess in sessions.items():
-            correct[key] += int((torch.from_numpy(run_session(sess, x)).argmax(1) == labels).sum())
-        seen += len(labels)
-        if sum(len(k) for k in kept) < 256:
-            kept.append(x[:256])
-    if not seen:
-        raise ConfigError(f"the {split} split of {data.spec} holds no images to evaluate the exported model on")
-    scores: dict[str, Any] = {key: 100.0 * count / seen for key, count in correct.items()}
+    batches = ((normalize(images, mean, std), labels) for images, labels in
+               eval_views(loaded, data, split, [], batch_size=batch_size, limit=eval_samples or None))
+    scores, seen, kept = score_against_torch(loaded.model, batches, sessions, f"the {split} split of {data.spec}")
     if report["kind"] == "qat":
         scores["top1_int8"] = scores["top1_onnx"]
-    return {"eval": {"data": data.spec, "split": split, "images": seen}, **scores}, torch.cat(kept)[:256]
+    return {"eval": {"data": data.spec, "split": split, "images": seen}, **scores}, kept
 
 
 def _speed(loaded: Any, report: dict[str, Any], x: torch.Tensor, threads: int | None) -> dict[str, float]:

@@ -47,24 +47,12 @@ def quantized_top1(loaded: Any, data: Any, report: dict[str, Any], split: str, *
     """Top-1 of the fp32 and int8 ONNX models and of PyTorch on the (first ``limit`` images of the) split, one
     batch at a time (the split is never held in memory whole), and the first 256 normalised images (for
     timing)."""
-    from convforge.export.onnx import run_session, session
+    from convforge.export.onnx import score_against_torch, session
 
     sessions = {"top1_fp32": session(report["fp32_onnx"], threads), "top1_int8": session(report["onnx"], threads)}
-    correct = dict.fromkeys([*sessions, "top1_torch"], 0)
-    seen, kept = 0, []
-    loaded.model.eval()
-    for x, labels in _normalised_batches(loaded, data, split, batch_size, limit, []):
-        with torch.no_grad():
-            correct["top1_torch"] += int((loaded.model(x).argmax(1) == labels).sum())
-        for key, sess in sessions.items():
-            correct[key] += int((torch.from_numpy(run_session(sess, x)).argmax(1) == labels).sum())
-        seen += len(labels)
-        if sum(len(k) for k in kept) < 256:
-            kept.append(x[:256])
-    if not seen:
-        raise ConfigError(f"the {split} split of {data.spec} holds no images to evaluate the int8 model on")
-    scores = {key: 100.0 * count / seen for key, count in correct.items()}
-    return {"eval": {"data": data.spec, "split": split, "images": seen}, **scores}, torch.cat(kept)[:256]
+    batches = _normalised_batches(loaded, data, split, batch_size, limit, [])
+    scores, seen, kept = score_against_torch(loaded.model, batches, sessions, f"the {split} split of {data.spec}")
+    return {"eval": {"data": data.spec, "split": split, "images": seen}, **scores}, kept
 
 
 def quantized_speed(loaded: Any, report: dict[str, Any], x: torch.Tensor, threads: int | None) -> dict[str, float]:
