@@ -190,3 +190,30 @@ def test_onnx_export_keeps_the_grid_and_matches_pytorch(digits_run, tmp_path):
     with pytest.raises(ConfigError, match="int4 or int8"):
         export_grid_qdq(quantized, report, tmp_path / "x.onnx", ckpt.input_size, calib, weights="int2")
     assert math.isfinite(report["layers"][1]["error_adaround"])
+
+
+def test_cli_quantize_w4_adaround_beats_nearest_and_keeps_the_grid(digits_run, tmp_path, capsys):
+    """`convforge quantize --weight-bits 4`: an int4 QDQ file whose weights are the 4-bit grid, scored against
+    PyTorch fp32 on the same images; AdaRound loses no more than round-to-nearest; int8-only options refused."""
+    import json
+
+    from convforge.cli import main
+
+    reports = {}
+    for rounding in ("nearest", "adaround"):
+        out = tmp_path / f"digits-{rounding}.onnx"
+        code = main(["quantize", str(digits_run["run_dir"]), "--calib-data", "digits", "--calib-samples", "64",
+                     "--weight-bits", "4", "--rounding", rounding, "--adaround-iterations", "200",
+                     "--threads", "1", "--out", str(out), "--json"])
+        assert code == 0
+        reports[rounding] = json.loads(capsys.readouterr().out)
+        assert out.is_file() and reports[rounding]["weights"].startswith("int4")
+        assert reports[rounding]["weight_max_abs_diff"] < 1e-6  # the file holds the grid exactly
+        assert reports[rounding]["eval"]["images"] == 360
+        storage = reports[rounding]["storage"]
+        assert storage["quantized_bytes"] < storage["fp32_bytes"] / 3
+    fp32 = reports["adaround"]["top1_torch"]
+    assert fp32 - reports["adaround"]["top1_w4"] <= max(3.0, fp32 - reports["nearest"]["top1_w4"] + 1.0)
+    assert main(["quantize", str(digits_run["run_dir"]), "--calib-data", "digits", "--weight-bits", "4",
+                 "--equalize", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "--equalize" in capsys.readouterr().err

@@ -200,6 +200,14 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-drop", type=float, metavar="P",
                         help="keep the fewest most sensitive layers in float until int8 top-1 is within P points of "
                              "fp32 on the evaluation split (implies --sensitivity)")
+    parser.add_argument("--weight-bits", type=int, default=8, choices=(8, 4),
+                        help="4: per-channel 4-bit weights (first conv and classifier 8-bit), uint8 activations, "
+                             "int4 QDQ; storage only, no speed-up (default: 8)")
+    parser.add_argument("--rounding", default="adaround", choices=("adaround", "nearest"),
+                        help="with --weight-bits 4: AdaRound layer-wise reconstruction or round-to-nearest "
+                             "(default: adaround)")
+    parser.add_argument("--adaround-iterations", type=int,
+                        help="with --weight-bits 4: AdaRound optimisation steps per layer (default: 1000)")
     parser.add_argument("--data", help="data spec to evaluate on (default: --calib-data)")
     parser.add_argument("--split", default="test", choices=("test", "val", "train"),
                         help="evaluation split (default: test)")
@@ -255,6 +263,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if args.calib_data == "zeroq" and not args.data:
         raise ConfigError("--calib-data zeroq calibrates without data, but the int8 model is scored on images: pass "
                           "--data SPEC (the data to evaluate on)")
+    _check_w4_options(args)
     options = _ptq_options(args)
     runtime_device(args)  # ONNX Runtime runs on the CPU
     loaded, size = _model_input(args, **_foreign_classes(args))
@@ -263,9 +272,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     else:
         samples = 512 if args.calib_samples is None else args.calib_samples
         calibration, calib_data = _calibration_images(args.calib_data, loaded, samples, size)
-    out = Path(args.out) if args.out else _default_out(loaded, "-int8.onnx")
+    out = Path(args.out) if args.out else _default_out(loaded, "-w4a8.onnx" if args.weight_bits == 4 else "-int8.onnx")
     data = _deploy_data(args.data, loaded, size, sized=False) if args.data and args.data != args.calib_data \
         else calib_data
+    if args.weight_bits == 4:
+        return _quantize_w4(args, loaded, size, calibration, data, out)
     report = quantize_loaded(loaded, size, calibration, data, out, options, split=args.split,
                              eval_samples=args.eval_samples, batch_size=args.batch_size, threads=args.threads,
                              sensitivity=args.sensitivity, max_drop=args.max_drop, log=echo)
@@ -274,6 +285,33 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
             print_table(title, rows)
         for note in report["notes"]:
             print(f"note: {note}")
+    return report
+
+
+def _check_w4_options(args: argparse.Namespace) -> None:
+    """--weight-bits 4 has its own weight grid: the int8 PTQ options do not apply to it."""
+    int8_only = [flag for flag, value in (("--per-tensor", args.per_tensor), ("--equalize", args.equalize),
+                                          ("--bias-correction", args.bias_correction),
+                                          ("--sensitivity", args.sensitivity), ("--max-drop", args.max_drop),
+                                          ("--calib-method", args.calib_method != "minmax")) if value]
+    if args.weight_bits == 4 and int8_only:
+        raise ConfigError(f"{', '.join(int8_only)}: int8 options; --weight-bits 4 uses per-channel 4-bit weights "
+                          "with min-max uint8 activations: drop them")
+    if args.weight_bits != 4 and (args.adaround_iterations is not None or args.rounding != "adaround"):
+        raise ConfigError("--rounding and --adaround-iterations apply to --weight-bits 4 only")
+    if args.adaround_iterations is not None and args.adaround_iterations < 1:
+        raise ConfigError(f"--adaround-iterations must be >= 1, got {args.adaround_iterations}")
+
+
+def _quantize_w4(args: argparse.Namespace, loaded: Any, size: tuple[int, ...], calibration: Any, data: Any,
+                 out: Path) -> dict[str, Any]:
+    from convforge.compress.quantization.command import quantize_weights_4bit, w4_rows
+
+    report = quantize_weights_4bit(loaded, size, calibration, data, out, rounding=args.rounding,
+                                   iterations=args.adaround_iterations, split=args.split,
+                                   eval_samples=args.eval_samples, batch_size=args.batch_size, threads=args.threads)
+    if not args.json:
+        print_table("4-bit weights (W4A8, ONNX Runtime int4 QDQ)", w4_rows(report))
     return report
 
 

@@ -116,3 +116,41 @@ def report_tables(report: dict[str, Any], calib_spec: str, top: int = 10) -> lis
                        f"{report['sensitivity']['images']} images)",
                        [(r["layer"], f"{r['error']:.3g}  ({r['sqnr_db']:.1f} dB)") for r in ranked[:top]]))
     return tables
+
+
+def quantize_weights_4bit(loaded: Any, size: tuple[int, ...], calibration: torch.Tensor, data: Any, out: Path, *,
+                          rounding: str = "adaround", iterations: int | None = None, split: str = "test",
+                          eval_samples: int | None = None, batch_size: int = 256,
+                          threads: int | None = None) -> dict[str, Any]:
+    """W4A8: per-channel 4-bit weights (first conv and classifier 8-bit) by AdaRound or round-to-nearest on
+    ``calibration``, exported as int4 QDQ with uint8 activations; top-1 of PyTorch fp32 and of the W4 model on
+    ``split``, and the packed storage. No speed is reported: ONNX Runtime runs int4 Conv by dequantizing it."""
+    from convforge.compress.quantization.adaround import ITERATIONS, adaround_quantize, quantize_weights_nearest
+    from convforge.compress.quantization.grid_onnx import export_grid_qdq
+    from convforge.export.onnx import score_against_torch, session
+
+    if rounding == "adaround":
+        model, grid = adaround_quantize(loaded.model, calibration, 4, iterations=iterations or ITERATIONS, seed=0)
+    elif rounding == "nearest":
+        model, grid = quantize_weights_nearest(loaded.model, 4, example=calibration[:1].float())
+    else:
+        raise ConfigError(f"--rounding must be adaround or nearest, got {rounding!r}")
+    report = export_grid_qdq(model, grid, out, size, calibration, weights="int4")
+    batches = _normalised_batches(loaded, data, split, batch_size, eval_samples, [])
+    scores, seen, _ = score_against_torch(loaded.model, batches, {"top1_w4": session(report["onnx"], threads)},
+                                          f"the {split} split of {data.spec}")
+    storage = {k: grid[k] for k in ("packed_weight_bytes", "scale_bytes", "bias_bytes", "quantized_bytes",
+                                    "fp32_bytes")}
+    return {**report, "rounding": rounding, "eval": {"data": data.spec, "split": split, "images": seen}, **scores,
+            "storage": storage, "layers": grid["layers"]}
+
+
+def w4_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary table of :func:`quantize_weights_4bit`."""
+    storage = report["storage"]
+    return [("W4A8 model", report["onnx"]), ("rounding", report["rounding"]),
+            ("top-1 fp32 (PyTorch)", f"{report['top1_torch']:.2f}%"),
+            ("top-1 W4A8 (ONNX Runtime)", f"{report['top1_w4']:.2f}%  ({report['top1_w4'] - report['top1_torch']:+.2f} "
+                                          f"points, {report['eval']['images']} {report['eval']['split']} images)"),
+            ("weight storage", f"{storage['quantized_bytes'] / 1e6:.3f} MB packed (fp32 {storage['fp32_bytes'] / 1e6:.3f} "
+                               "MB); no speed-up: ONNX Runtime dequantizes int4 Conv weights to float")]
