@@ -155,8 +155,10 @@ def test_sigint_and_sigterm_save_state_and_exit_cleanly(tmp_path, sig, code):
     run = tmp_path / "run"
     args = ["train", "--data", "synthetic:classes=3,size=8,train=6144,test=32", "--epochs", "2",
             "--batch-size", "8", "--threads", "1", "--out", str(run)]
+    # A suite started as a background job of a non-interactive shell inherits SIGINT ignored; the child must not.
     process = subprocess.Popen([sys.executable, "-m", "convforge", *args], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (run / "config.yaml").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
