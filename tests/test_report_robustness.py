@@ -194,10 +194,11 @@ def test_accuracy_eps_plot():
 
 
 def test_sections_in_headless_chromium(run, tmp_path):
-    from test_report import _chromium, _severe
+    from helpers import headless_chromium
+    from test_report import _severe
 
     page = write_report([run["path"]], tmp_path / "robust.html", evaluate=False)
-    driver = _chromium()
+    driver = headless_chromium()
     try:
         driver.set_window_size(1024, 900)
         driver.get(page.as_uri())
