@@ -21,13 +21,19 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
-def _conv_bn_pairs_by_tracing(model: nn.Module) -> list[tuple[str, str]]:
-    graph = torch.fx.symbolic_trace(model).graph
-    modules = dict(model.named_modules())
+def module_call_counts(graph: torch.fx.Graph) -> dict[str, int]:
+    """How many times each submodule is called in a traced ``graph`` (a reused module is called more than once)."""
     uses: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             uses[node.target] = uses.get(node.target, 0) + 1
+    return uses
+
+
+def _conv_bn_pairs_by_tracing(model: nn.Module) -> list[tuple[str, str]]:
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    uses = module_call_counts(graph)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):

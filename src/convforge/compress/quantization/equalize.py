@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convforge.errors import ConfigError
+from convforge.layers.fuse import module_call_counts
 
 _PASS_THROUGH = (nn.Identity, nn.Dropout)
 _RELU_FUNCTIONS = (F.relu, torch.relu)
@@ -75,10 +76,7 @@ def conv_pairs(model: nn.Module) -> list[ConvPair]:
         raise ConfigError(f"--equalize needs a model that torch.fx can trace ({type(exc).__name__}: "
                           f"{str(exc)[:160]}); quantize without --equalize") from None
     modules = dict(model.named_modules())
-    uses: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            uses[node.target] = uses.get(node.target, 0) + 1
+    uses = module_call_counts(graph)
     pairs = []
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), nn.Conv2d) and uses[node.target] == 1:
