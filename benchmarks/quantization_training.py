@@ -173,16 +173,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work = args.work or WORK / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {}
+    command = " ".join(["python benchmarks/quantization_training.py", *(argv if argv is not None else sys.argv[1:])])
     if args.part in ("all", "qat"):
         result["qat"] = qat_study(args, work / "qat", data)
         record(f"Quantization-aware training: {args.qat_model} int8 (QAT vs PTQ, ONNX Runtime)",
-               qat_lines(result["qat"], args) + ["", "Command: `python benchmarks/quantization_training.py --part qat`"],
+               qat_lines(result["qat"], args) + ["", f"Command: `{command}`"],
                save=not args.no_record)
     if args.part in ("all", "binary"):
         result["binary"] = binary_study(args, work / "binary", data)
         record(f"Binary networks: {args.binary_model} (XNOR weights, sign activations) vs its fp32 twin",
-               binary_lines(result["binary"], args) + ["", "Command: `python benchmarks/quantization_training.py "
-                                                           "--part binary`"], save=not args.no_record)
+               binary_lines(result["binary"], args) + ["", f"Command: `{command}`"], save=not args.no_record)
     (work / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return result
 

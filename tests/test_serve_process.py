@@ -104,3 +104,16 @@ def test_the_load_test_benchmark_runs_in_smoke_mode(tmp_path):
         assert cells[8] == "0" and cells[9] == "0", name  # lost, wrong answers
     assert int(by_phase["overload"][6]) > 0  # 8 clients on a queue of 4: some requests refused with 429
     assert "SIGTERM -> exit code 0" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_batching_ceiling_benchmark_runs_in_smoke_mode(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_ceiling.py"), "--smoke", "--no-record"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| ResNet-20"))
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    preprocess, model_ratio, bound = float(cells[1]), float(cells[4].rstrip("x")), float(cells[5].rstrip("x"))
+    assert preprocess > 0 and model_ratio > 0
+    assert bound <= max(model_ratio, 1.0) + 1e-9  # preprocessing only pulls the serving bound towards 1
