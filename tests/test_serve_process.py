@@ -90,12 +90,18 @@ def test_command_line_errors_are_clear(tiny, tmp_path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def run_benchmark_smoke(script: str, cwd) -> subprocess.CompletedProcess:
+    """``benchmarks/SCRIPT --smoke --no-record`` in a subprocess; fails the test on a non-zero exit."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--no-record"],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_the_load_test_benchmark_runs_in_smoke_mode(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--smoke", "--no-record"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_benchmark_smoke("serve_load.py", tmp_path)
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
     by_phase = {cells[0].strip(): [cell.strip() for cell in cells] for cells in rows if cells[0].strip() != "phase"}
     assert set(by_phase) == {"batching on", "overload", "recovery", "batching off"}
@@ -108,10 +114,7 @@ def test_the_load_test_benchmark_runs_in_smoke_mode(tmp_path):
 
 @pytest.mark.slow
 def test_the_batching_ceiling_benchmark_runs_in_smoke_mode(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_ceiling.py"), "--smoke", "--no-record"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_benchmark_smoke("serve_ceiling.py", tmp_path)
     row = next(line for line in result.stdout.splitlines() if line.startswith("| ResNet-20"))
     cells = [cell.strip() for cell in row.split("|")[1:-1]]
     preprocess, model_ratio, bound = float(cells[1]), float(cells[4].rstrip("x")), float(cells[5].rstrip("x"))
