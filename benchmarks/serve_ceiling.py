@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +44,9 @@ def served_models(workdir: Path, smoke: bool, threads: int) -> list[tuple[str, o
     return models
 
 
-def p50_seconds(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return float(np.percentile(times, 50))
-
-
 def ceiling(name: str, served, bodies: list[bytes], rounds: int, scratch: str) -> list[str]:
     """The table row of one model: per-upload preprocessing, model time per image at batch 1 and 32, ratios."""
+    from convforge.measure.bench import time_fn
     from convforge.serve.limits import Limits
     from convforge.serve.preprocess import Preprocessor
 
@@ -64,18 +55,17 @@ def ceiling(name: str, served, bodies: list[bytes], rounds: int, scratch: str) -
     runs = {"pre": lambda: [prepare(body, "upload") for body in bodies],
             "m1": lambda: [served.run_batch([view]) for view in views],
             "m32": lambda: served.run_batch(views)}
-    for fn in runs.values():  # warm-up
-        fn()
-    times = {key: [] for key in runs}
+    for fn in runs.values():
+        time_fn(fn, warmup=1, repeats=0)
+    times: dict[str, list[float]] = {key: [] for key in runs}
     for _ in range(rounds):  # interleaved, so that other load hits all three alike
         for key, fn in runs.items():
-            times[key].append(p50_seconds(fn, 1))
+            times[key] += time_fn(fn, warmup=0, repeats=1)
     pre, m1, m32 = (float(np.percentile(times[key], 50)) / len(views) for key in ("pre", "m1", "m32"))
     model_ratio, with_preprocessing = m1 / m32, (pre + m1) / (pre + m32)
     print(f"{name}: preprocess {pre * 1e3:.3f} ms/upload, model {m1 * 1e3:.3f} ms/image at batch 1, "
           f"{m32 * 1e3:.3f} ms/image at batch {BATCH}: model {model_ratio:.2f}x, with preprocessing "
-          f"{with_preprocessing:.2f}x",
-          flush=True)
+          f"{with_preprocessing:.2f}x", flush=True)
     return [f"| {name} | {pre * 1e3:.3f} | {m1 * 1e3:.3f} ({1 / m1:.0f}/s) | {m32 * 1e3:.3f} ({1 / m32:.0f}/s) | "
             f"{model_ratio:.2f}x | {with_preprocessing:.2f}x |"]
 
