@@ -31,6 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import extracted, record  # noqa: E402
 
+from convforge.allocator import keep_freed_blocks  # noqa: E402
 from convforge.data.imagefolder import list_image_folder  # noqa: E402
 from convforge.data.store import build_store  # noqa: E402
 from convforge.data.store_loader import StoreLoader  # noqa: E402
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    keep_freed_blocks()  # as `convforge train` does; the DataLoader workers fork from here and inherit it
     root = args.folder or extracted("imagewoof2-160.tar.gz", "imagewoof2-160")
     listing = list_image_folder(root)
     files = [(str(path), label) for path, label in listing.files["train"]]

@@ -35,11 +35,14 @@ def shard(indices: torch.Tensor, batch_size: int, rank: int, world_size: int, dr
     return [b for b in batches if len(b)]
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 or [0, 255] float images -> ``(x / 255 - mean) / std`` as float32."""
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 or [0, 255] float images -> ``(x / 255 - mean) / std`` as float32 (N, C, H, W) laid out in
+    ``memory_format``: conversion, scaling and any change of layout in one pass over the pixels."""
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=x.device).view(1, -1, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device).view(1, -1, 1, 1)
-    return torch.addcmul(shift, x.float(), scale)
+    out = torch.empty(torch.broadcast_shapes(shift.shape, x.shape), device=x.device, memory_format=memory_format)
+    return torch.addcmul(shift, x if x.dtype == torch.uint8 else x.float(), scale, out=out)
 
 
 def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor, pad_mode: str = "zeros") -> torch.Tensor:

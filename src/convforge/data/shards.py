@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -137,11 +138,12 @@ def _count(path: Path) -> int:
 
 
 def decode_sample(data: bytes, channels: int, store_size: int | None) -> torch.Tensor:
-    """One image file's bytes as an image store keeps it: uint8 (C, H, W), upright, shorter side <= store_size."""
+    """One image file's bytes as an image store keeps it: uint8 (C, H, W) with channels-last strides, upright,
+    shorter side <= store_size."""
     with image_warnings(), Image.open(io.BytesIO(data)) as img:
         size = stored_size(img, store_size)
     array = decode_upright(io.BytesIO(data), size, channels, store_size)  # type: ignore[arg-type]
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    return torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
 
 
 class ShardLoader:

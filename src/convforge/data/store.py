@@ -1,7 +1,8 @@
 """The variable-size image store: every image decoded once, at its own aspect ratio, into one memory-mapped file.
 
-A store is a directory holding ``images.u8`` (the pixels of every image, uint8 C x H x W each, one after
-another), ``index.npy`` (int64 N x 3: byte offset, height, width), ``labels.npy`` (int64 N) and
+A store is a directory holding ``images.u8`` (the pixels of every image, uint8 H x W x C each, one after
+another: the interleaved layout PyTorch's uint8 resize kernel reads, so a crop is copied row by row instead
+of transposed), ``index.npy`` (int64 N x 3: byte offset, height, width), ``labels.npy`` (int64 N) and
 ``meta.json`` (classes, channels, the build key; written last). Images are shrunk so that their shorter
 side is at most ``store_size`` (never enlarged), upright (EXIF orientation applied), with transparency
 composited on white.
@@ -43,7 +44,7 @@ from convforge.errors import DataError, DiskFullError
 from convforge.faults import fault_point
 from convforge.fileio import atomic_write_json
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 1: planar C x H x W pixels; 2: interleaved H x W x C
 STORE_KIND = "convforge-image-store"
 CHUNK_IMAGES = 256  # images per decoding job, and the unit a killed build resumes from
 PROBE_CHUNK = 1024  # file headers read per job
@@ -68,11 +69,13 @@ class ImageStore:
         return len(self._index)
 
     def image(self, i: int) -> torch.Tensor:
-        """Image ``i`` as uint8 (C, H, W), a view of the memory map (copy it before writing to it)."""
+        """Image ``i`` as uint8 (C, H, W), a view of the memory map (channels-last strides; copy it before writing
+        to it)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"image {i} is out of range for the store {printable(self.path)} of {len(self)} images")
         offset, height, width = self._index[i].tolist()
-        return self._data[offset:offset + self.channels * height * width].view(self.channels, height, width)
+        pixels = self._data[offset:offset + self.channels * height * width]
+        return pixels.view(height, width, self.channels).permute(2, 0, 1)
 
     def __reduce__(self):  # pickled as its path: a worker process maps the file itself instead of copying it
         return open_store, (self.path,)
@@ -463,9 +466,9 @@ def _store_chunk(job: _ChunkJob) -> tuple[int, list[tuple[int, str]]]:
     for i, (path, (offset, height, width)) in enumerate(zip(job.paths, job.rows.tolist()), start=job.first):
         if height == 0:
             continue
-        slot = data[offset - start:offset - start + channels * height * width].reshape(channels, height, width)
+        slot = data[offset - start:offset - start + channels * height * width].reshape(height, width, channels)
         try:
-            slot[...] = decode_upright(path, (height, width), channels, job.store_size).transpose(2, 0, 1)
+            slot[...] = decode_upright(path, (height, width), channels, job.store_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a per-file message
             slot[...] = 0  # a retried chunk must leave the same bytes as a first try
             failed.append((i, decode_problem(path, exc)))

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from convforge.data.loader import ShardedLoader, epoch_permutation, flip_where, normalize
+from convforge.data.loader import ShardedLoader, epoch_permutation, normalize
 from convforge.data.randaugment import (
     RANDAUGMENT_MAGNITUDE,
     RANDAUGMENT_NUM_OPS,
@@ -87,9 +87,7 @@ def train_views(images: list[torch.Tensor], sizes: torch.Tensor, size: tuple[int
     boxes = random_resized_crop_params(sizes, scale, ratio, gen)
     flips = flip_params(len(sizes), gen)
     ops, magnitudes = trivial_augment_params(len(sizes), gen)
-    x = crop_resize(images, boxes[positions], size)
-    if flip:
-        x = flip_where(x, flips[positions])
+    x = crop_resize(images, boxes[positions], size, flips[positions] if flip else None)
     if augment == "trivialaugment":
         x = apply_trivial_augment(x, ops[positions], magnitudes[positions])
     elif augment == "randaugment":
@@ -207,8 +205,7 @@ class StoreLoader(ShardedLoader):
         return self._finish(x.to(self.device))
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = normalize(x, self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return normalize(x, self.mean, self.std, torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def make_batch(self, epoch: int, batch_index: int,
                    global_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

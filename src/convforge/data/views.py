@@ -95,25 +95,35 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def resize_uint8(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """One uint8 (C, H, W) image resized to ``size`` (h, w): antialiased bilinear, computed by PyTorch's uint8
-    kernel (fixed-point, rounded; about 1.7x faster than a float round trip and no float copies)."""
+    kernel (fixed-point, rounded; about 1.7x faster than a float round trip and no float copies). Returns a
+    new uint8 (C, h, w) tensor with channels-last strides, the layout that kernel reads and writes."""
     if tuple(image.shape[-2:]) == tuple(size):
-        return image.clone()
-    crop = image[None].contiguous(memory_format=torch.channels_last)  # the layout the uint8 kernel is written for
-    out = F.interpolate(crop, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-    return out[0].contiguous()
+        return image[None].clone(memory_format=torch.channels_last)[0]
+    crop = image[None].contiguous(memory_format=torch.channels_last)  # no copy for an image store's whole image
+    return F.interpolate(crop, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-    """Cut ``boxes`` (N, 4: top, left, h, w) out of the N uint8 (C, H, W) images and resize each to
-    ``out_size`` (h, w); returns uint8 (N, C, h, w)."""
+def _channels_last_batch(images: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    """An uninitialised uint8 (N, C, h, w) batch for ``images`` in channels-last memory."""
+    if not images:
+        raise ValueError("a batch of views needs at least one image")
+    return torch.empty((len(images), images[0].shape[0], int(size[0]), int(size[1])), dtype=torch.uint8,
+                       memory_format=torch.channels_last)
+
+
+def crop_resize(images: Sequence[torch.Tensor], boxes: torch.Tensor, out_size: Sequence[int],
+                flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Cut ``boxes`` (N, 4: top, left, h, w) out of the N uint8 (C, H, W) images, resize each to ``out_size``
+    (h, w) and mirror those whose ``flips`` flag is set; returns uint8 (N, C, h, w) in channels-last memory
+    (written in place: one copy of each view, no batch-wide flip or layout pass)."""
     if len(images) != boxes.shape[0]:
         raise ValueError(f"crop_resize got {len(images)} images but {boxes.shape[0]} boxes")
-    out = []
-    for image, (top, left, h, w) in zip(images, boxes.tolist()):
-        out.append(resize_uint8(image[:, top:top + h, left:left + w], out_size))
-    if not out:
-        raise ValueError("crop_resize needs at least one image")
-    return torch.stack(out)
+    out = _channels_last_batch(images, out_size)
+    mirrored = [False] * len(images) if flips is None else flips.tolist()
+    for i, (image, (top, left, h, w)) in enumerate(zip(images, boxes.tolist())):
+        view = resize_uint8(image[:, top:top + h, left:left + w], out_size)
+        out[i] = view.flip(-1) if mirrored[i] else view
+    return out
 
 
 def eval_resize_size(size: Sequence[int], crop_pct: float) -> tuple[int, int]:
@@ -144,8 +154,11 @@ def resize_center_crop(image: torch.Tensor, size: Sequence[int], crop_pct: float
 
 def resize_center_crop_batch(images: Sequence[torch.Tensor], size: Sequence[int],
                              crop_pct: float = DEFAULT_CROP_PCT) -> torch.Tensor:
-    """``resize_center_crop`` of each image, stacked: uint8 (N, C, h, w)."""
-    return torch.stack([resize_center_crop(image, size, crop_pct) for image in images])
+    """``resize_center_crop`` of each image: uint8 (N, C, h, w) in channels-last memory."""
+    out = _channels_last_batch(images, size)
+    for i, image in enumerate(images):
+        out[i] = resize_center_crop(image, size, crop_pct)
+    return out
 
 
 def flip_params(n: int, generator: torch.Generator | None = None) -> torch.Tensor:

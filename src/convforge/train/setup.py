@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from convforge.allocator import keep_freed_blocks
 from convforge.config import TrainConfig, dump_yaml, load_yaml
 from convforge.errors import CheckpointError, ConfigError, DataError
 from convforge.measure import count_macs, count_params
@@ -93,6 +94,7 @@ def start_process(config: TrainConfig, role: ProcessRole | None, quiet: bool, ov
     say = (lambda message: None) if quiet or not role.is_main else echo
     if config.threads:
         torch.set_num_threads(config.threads)
+    keep_freed_blocks()
     device = resolve_device(config.device)
     if device.type == "cuda" and role.world_size > 1:
         device = torch.device("cuda", role.local_rank)
@@ -245,7 +247,7 @@ def banner(state: TrainingState) -> None:
     state.say(
         f"convforge train ({state.task.name}): {cfg.model} ({state.params:,} params, {state.macs / 1e6:.2f} M MACs) "
         f"on {cfg.data} [{len(data.train)} train, {'x'.join(map(str, state.input_size))} inputs] "
-        f"device={state.device} threads={torch.get_num_threads()}\n"
+        f"device={state.device} threads={torch.get_num_threads()}{' malloc=keep-freed' * keep_freed_blocks()}\n"
         f"  epochs={cfg.epochs} batch={cfg.batch_size} {cfg.optimizer} lr={cfg.lr:g} wd={cfg.weight_decay:g} "
         f"{cfg.schedule} warmup={cfg.warmup_epochs:g} augment={cfg.augment} label_smoothing={cfg.label_smoothing:g}"
         f"{' ema' if cfg.ema else ''}{' amp' if cfg.amp else ''}{' channels_last' if cfg.channels_last else ''}"
