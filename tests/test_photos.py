@@ -90,6 +90,26 @@ def test_train_evaluate_and_predict(tmp_path, photos, capsys):
     assert [t["probability"] for t in got] == pytest.approx(probs.sort(descending=True).values.tolist(), abs=1e-6)
 
 
+def test_bicubic_evaluation_is_recorded_and_reproduced(tmp_path, photos):
+    run = tmp_path / "run"
+    summary = fit(_config(photos, run, epochs=1, interpolation="bicubic"), quiet=True)
+    ckpt = load_checkpoint(run / "last.safetensors")
+    assert ckpt.meta["preprocess"]["interpolation"] == "bicubic-antialias"
+    loaded = as_loaded(ckpt)
+    assert evaluate(loaded)["top1"] == summary["test_top1"]
+    path = photos / "test" / "red" / "1.png"
+    bicubic = resize_center_crop(decode_photo(path, 3), (16, 16), 0.875, "bicubic")
+    assert not torch.equal(bicubic, resize_center_crop(decode_photo(path, 3), (16, 16), 0.875))
+    with torch.no_grad():
+        probs = loaded.model.eval()(normalize(bicubic[None], loaded.mean, loaded.std)).softmax(1)[0]
+    got = predict(loaded, [path], top_k=3)[0]["top"]
+    assert [t["probability"] for t in got] == pytest.approx(probs.sort(descending=True).values.tolist(), abs=1e-6)
+    with pytest.raises(ConfigError, match="interpolation must be one of bilinear, bicubic, got 'lanczos'"):
+        fit(_config(photos, tmp_path / "bad", interpolation="lanczos"), quiet=True)
+    with pytest.raises(ConfigError, match="interpolation: only for image-store data"):
+        fit(_config(photos, tmp_path / "fixed", interpolation="bicubic", store_size=None), quiet=True)
+
+
 @pytest.mark.parametrize("augment", ["rrc-flip-ta", "center"])
 def test_other_store_augments_train(tmp_path, photos, augment):
     summary = fit(_config(photos, tmp_path / "run", epochs=1, augment=augment, rrc_scale=[0.25, 1.0],

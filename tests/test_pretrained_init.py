@@ -102,10 +102,12 @@ def test_defaults_fill_only_what_the_user_left_unset(tmp_path, torchvision_file)
     base = dict(model="resnet50", init=str(torchvision_file), data=f"imagefolder:{tmp_path}", store_size=300)
     filled, applied = pretrained_defaults(TrainConfig(**base))
     assert (filled.image_size, filled.crop_pct) == (224, 0.875) and applied.kept == applied.warnings == []
-    assert applied.taken == ["image size 224", "crop_pct 0.875 (resize 256, crop 224)"]
-    own, applied = pretrained_defaults(TrainConfig(**base, image_size=64, crop_pct=0.9))
-    assert (own.image_size, own.crop_pct) == (64, 0.9) and applied.taken == []
-    assert applied.kept == ["--image-size 64", "--crop-pct 0.9"]
+    assert applied.taken == ["image size 224", "crop_pct 0.875 (resize 256, crop 224)", "bilinear resizing"]
+    own, applied = pretrained_defaults(TrainConfig(**base, image_size=64, crop_pct=0.9, interpolation="bicubic"))
+    assert (own.image_size, own.crop_pct, own.interpolation) == (64, 0.9, "bicubic") and applied.taken == []
+    assert applied.kept == ["--image-size 64", "--crop-pct 0.9", "--interpolation bicubic"]
+    efficientnet, applied = pretrained_defaults(TrainConfig(**{**base, "model": "efficientnet_b0"}))
+    assert efficientnet.interpolation == "bicubic" and "bicubic resizing" in applied.taken
     _, applied = pretrained_defaults(TrainConfig(**base, image_size=[192, 256], eval_image_size=[224, 288]))
     assert applied.warnings == []  # non-square sizes: the evaluation resize (256 x 329) is the one checked
     _, applied = pretrained_defaults(TrainConfig(**base, image_size=[192, 256], eval_image_size=[288, 320]))
@@ -156,7 +158,7 @@ def test_explicit_crop_pct_wins(tmp_path, photos, torchvision_file):
     ckpt = load_checkpoint(run / "last.safetensors")
     assert ckpt.meta["preprocess"]["crop_pct"] == 0.8 and ckpt.meta["preprocess"]["resize"] == [40, 40]
     assert ckpt.meta["normalization"]["mean"] == list(IMAGENET_MEAN)
-    assert ckpt.meta["init"]["pretrained_cfg"]["taken"] == ["mean/std"]
+    assert ckpt.meta["init"]["pretrained_cfg"]["taken"] == ["mean/std", "bilinear resizing"]
 
 
 def test_fixed_size_folder_takes_the_mean_and_std(tmp_path, photos, torchvision_file):

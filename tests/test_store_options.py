@@ -56,7 +56,7 @@ def _config(photos: Path, out: Path, **extra) -> TrainConfig:
 
 def test_non_square_sizes_default_the_evaluation_view_to_the_training_crop(photos):
     data = load(f"imagefolder:{photos}", image_size=(16, 24), store_size=32)
-    assert data.image_size == (16, 24) and data.eval_view == ((16, 24), 0.875)
+    assert data.image_size == (16, 24) and data.eval_view == ((16, 24), 0.875, "bilinear")
     assert data.preprocess()["crop"] == [16, 24] and data.preprocess()["resize"] == [18, 27]
 
 

@@ -137,6 +137,48 @@ def test_resize_center_crop_non_square_size_and_crop_pct_one():
 
 # ---- flip ---------------------------------------------------------------------------------------------
 
+def test_crop_resize_writes_channels_last_views_and_mirrors_where_asked():
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=_gen(h)) for h, w in ((9, 13), (12, 7))]
+    hwc_image = images[0].permute(1, 2, 0).contiguous().permute(2, 0, 1)  # an image store's interleaved layout
+    boxes = torch.tensor([[1, 2, 6, 9], [0, 1, 12, 5]])
+    plain = crop_resize(images, boxes, (5, 4))
+    assert plain.is_contiguous(memory_format=torch.channels_last)
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        assert torch.equal(plain[i], resize_uint8(images[i][:, top:top + h, left:left + w], (5, 4)))
+    mirrored = crop_resize([hwc_image, images[1]], boxes, (5, 4), flips=torch.tensor([True, False]))
+    assert torch.equal(mirrored[0], plain[0].flip(-1)) and torch.equal(mirrored[1], plain[1])
+
+
+def test_bicubic_views_are_pytorchs_antialiased_uint8_bicubic():
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=_gen(4))
+    expected = torch.nn.functional.interpolate(image[None], size=(10, 14), mode="bicubic", antialias=True)[0]
+    assert torch.equal(resize_uint8(image, (10, 14), "bicubic"), expected)
+    assert not torch.equal(resize_uint8(image, (10, 14), "bicubic"), resize_uint8(image, (10, 14)))
+    view = resize_center_crop_batch([image], (8, 8), 0.8, "bicubic")[0]
+    assert torch.equal(view, resize_center_crop(image, (8, 8), 0.8, "bicubic"))
+    with pytest.raises(ConfigError, match="interpolation must be one of bilinear, bicubic"):
+        resize_uint8(image, (10, 14), "nearest")
+
+
+def test_resize_uint8_of_the_same_size_is_a_copy():
+    image = torch.zeros(3, 4, 5, dtype=torch.uint8)
+    same = resize_uint8(image, (4, 5))
+    same[0, 0, 0] = 7
+    assert image[0, 0, 0] == 0 and same[None].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_normalize_gives_the_asked_layout_and_the_same_values_from_uint8_and_float(memory_format):
+    x = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8, generator=_gen(1))
+    expected = (x.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    for source in (x, x.contiguous(memory_format=torch.channels_last), x.float()):
+        out = normalize(source, MEAN, STD, memory_format)
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=memory_format)
+        assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert normalize(x[0], MEAN, STD).shape == (1, 3, 4, 5)
+
+
 def test_flip_mirrors_exactly_the_images_whose_coin_says_so():
     batch = torch.randint(0, 256, (32, 3, 4, 6), dtype=torch.uint8, generator=_gen(3))
     out = flip(batch, _gen(9))

@@ -85,6 +85,7 @@ class TrainConfig:
     image_size: int | list[int] | None = None
     store_size: int | None = None
     crop_pct: float | None = None
+    interpolation: str | None = None
     eval_image_size: int | list[int] | None = None
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     rrc_ratio: list[float] = field(default_factory=lambda: list(DEFAULT_RRC_RATIO))
@@ -254,6 +255,10 @@ def _check_store_options(cfg: TrainConfig) -> None:
     if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
         raise ConfigError(f"crop_pct must be in (0, 1], got {cfg.crop_pct}: e.g. 0.875 resizes 224 to 256 "
                           "before the centre crop")
+    if cfg.interpolation is not None:
+        from convforge.data.views import check_interpolation
+
+        check_interpolation(cfg.interpolation)
     if len(cfg.rrc_scale) != 2 or not 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1:
         raise ConfigError(f"rrc_scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
                           f"got {_short(cfg.rrc_scale)}")
@@ -261,7 +266,7 @@ def _check_store_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"rrc_ratio must be LOW HIGH with 0 < LOW <= HIGH <= {MAX_RRC_RATIO:g} (aspect ratios "
                           f"width / height of the crops), got {_short(cfg.rrc_ratio)}: e.g. --rrc-ratio 0.75 1.3333")
     if cfg.store_size is None:
-        changed = [name for name, default in (("crop_pct", None), ("rrc_scale", [0.08, 1.0]),
+        changed = [name for name, default in (("crop_pct", None), ("interpolation", None), ("rrc_scale", [0.08, 1.0]),
                                               ("rrc_ratio", list(DEFAULT_RRC_RATIO)), ("eval_image_size", None),
                                               ("randaugment", list(DEFAULT_RANDAUGMENT)),
                                               ("progressive_resize", None))

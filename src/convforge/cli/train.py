@@ -88,6 +88,9 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
                                         "evaluation crop unless --eval-image-size)"),
     ("--crop-pct", "crop_pct", float, "store data: evaluation resizes to eval image size / F, then centre-crops "
                                       "(default: 0.875)"),
+    ("--interpolation", "interpolation", str, "store data: the evaluation resize filter, bilinear or bicubic "
+                                              "(antialiased; default: bilinear, or the --init model's pretrained "
+                                              "preprocessing); checkpoints record it"),
     ("--eval-image-size", "eval_image_size", "sizes", "store data: N or H W, the evaluation crop (FixRes; default: "
                                                       "--image-size); checkpoints record it"),
     ("--rrc-scale", "rrc_scale", "floats", "store data: RandomResizedCrop area range LOW HIGH (default: 0.08 1.0)"),

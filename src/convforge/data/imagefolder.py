@@ -23,11 +23,11 @@ from convforge.data.cache import (
 )
 from convforge.data.dataset import Split
 from convforge.data.paths import printable
-from convforge.data.pixels import apply_orientation, to_8bit, upright_size
+from convforge.data.pixels import apply_orientation, flatten_alpha, to_8bit, upright_size
 from convforge.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-CACHE_FORMAT = 2  # 2: EXIF orientation applied (1 ignored it)
+CACHE_FORMAT = 3  # 2: EXIF orientation applied (1 ignored it); 3: transparency composited on white (2 dropped it)
 # Decompression-bomb guard: refuse images above this many pixels (PIL's own default is ~89 M).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
@@ -218,9 +218,8 @@ def _decode(path: str, size: tuple[int, int] | None) -> np.ndarray:
             if img.width < 1 or img.height < 1:
                 raise _BadImage(f"its header claims {img.width}x{img.height} pixels")
             img.load()
-            # as image stores decode (convforge.data.pixels): upright, 16-bit scaled; unlike stores, alpha is
-            # dropped (not composited on white), which tests/test_hostile_data.py fixes for cached folders
-            img = to_8bit(apply_orientation(img))
+            # as image stores decode (convforge.data.pixels): upright, 16-bit scaled, transparency on white
+            img = flatten_alpha(to_8bit(apply_orientation(img)))
             img = img.convert("L" if img.mode in ("1", "L", "LA", "La") else "RGB")
             if size is not None and (img.height, img.width) != size:
                 img = _resize_center_crop(img, size)

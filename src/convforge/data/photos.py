@@ -31,7 +31,13 @@ from convforge.data.store import (
     image_warnings,
     stored_size,
 )
-from convforge.data.views import eval_resize_size, resize_center_crop, resize_center_crop_batch
+from convforge.data.views import (
+    EvalView,
+    check_interpolation,
+    eval_resize_size,
+    resize_center_crop,
+    resize_center_crop_batch,
+)
 from convforge.errors import DataError
 
 # --augment values for store data: RandomResizedCrop + flip (+ TrivialAugment or RandAugment), or the
@@ -40,24 +46,31 @@ PHOTO_AUGMENTS = ("rrc-flip", "rrc-flip-ta", "rrc-flip-ra", "center")
 STORE_AUGMENT_OF = {"rrc-flip-ta": "trivialaugment", "rrc-flip-ra": "randaugment"}  # StoreLoader's augment
 DEFAULT_IMAGE_SIZE = 128  # the crop size when --image-size is not given
 STATS_IMAGES = 2000  # train images the normalisation statistics are measured on
-INTERPOLATION = "bilinear-antialias"  # how views.resize_uint8 resizes (recorded in checkpoints)
+ANTIALIAS_SUFFIX = "-antialias"  # checkpoints record "bilinear-antialias": views.resize_uint8's filters antialias
+
+
+def recorded_interpolation(preprocess: dict[str, Any]) -> str:
+    """The evaluation filter a checkpoint's ``preprocess`` records (bilinear where older ones say nothing)."""
+    return str(preprocess.get("interpolation", "bilinear")).removesuffix(ANTIALIAS_SUFFIX)
 
 
 class CropViewsMixin(SplitsMixin):
     """What image stores and shards share: sizes as (h, w) pairs, the evaluation view, the recorded
-    ``preprocess`` and ``describe``; needs ``image_size``, ``eval_image_size``, ``crop_pct``, ``store_size``,
-    ``channels``, ``mean``/``std`` and the splits."""
+    ``preprocess`` and ``describe``; needs ``image_size``, ``eval_image_size``, ``crop_pct``, ``interpolation``,
+    ``store_size``, ``channels``, ``mean``/``std`` and the splits."""
 
     has_crop_views = True  # what tasks and inference test to evaluate through ``eval_view`` and record ``preprocess``
     image_size: tuple[int, int]
     eval_image_size: tuple[int, int] | None
     crop_pct: float
+    interpolation: str
     store_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channels: int
 
     def _pair_sizes(self) -> None:
+        check_interpolation(self.interpolation)
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
         self.eval_image_size = (self.image_size if self.eval_image_size is None
                                 else (int(self.eval_image_size[0]), int(self.eval_image_size[1])))
@@ -67,23 +80,24 @@ class CropViewsMixin(SplitsMixin):
         return next(s for s in (self.train, self.val, self.test) if s is not None)  # type: ignore[attr-defined]
 
     @property
-    def eval_view(self) -> tuple[tuple[int, int], float]:
-        """(crop size, crop_pct) of the evaluation view: resize to size / crop_pct, centre-crop size."""
-        return self.eval_image_size or self.image_size, self.crop_pct
+    def eval_view(self) -> EvalView:
+        """The evaluation view: resize to size / crop_pct (``interpolation``), centre-crop size."""
+        return EvalView(self.eval_image_size or self.image_size, self.crop_pct, self.interpolation)
 
     def preprocess(self) -> dict[str, Any]:
         """The evaluation transform, as checkpoints record it (``convforge.train.inference`` repeats it);
         ``train_size`` is the training crop, for information."""
-        size, crop_pct = self.eval_view
+        size, crop_pct, interpolation = self.eval_view
         return {"resize": list(eval_resize_size(size, crop_pct)), "crop": list(size), "crop_pct": crop_pct,
-                "interpolation": INTERPOLATION, "store_size": self.store_size, "train_size": list(self.image_size)}
+                "interpolation": interpolation + ANTIALIAS_SUFFIX, "store_size": self.store_size,
+                "train_size": list(self.image_size)}
 
     def describe(self) -> dict[str, Any]:
         sizes = {name: len(getattr(self, name)) if getattr(self, name) is not None else 0
                  for name in ("train", "val", "test")}
         return {"spec": self.spec, "classes": list(self.classes), "channels": self.channels,
                 "image_size": list(self.image_size), "eval_image_size": list(self.eval_view[0]),
-                "store_size": self.store_size, "crop_pct": self.crop_pct, **sizes,
+                "store_size": self.store_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation, **sizes,
                 "mean": [round(m, 6) for m in self.mean], "std": [round(s, 6) for s in self.std]}
 
 
@@ -103,6 +117,7 @@ class PhotoDataset(CropViewsMixin):
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     eval_image_size: tuple[int, int] | None = None
+    interpolation: str = "bilinear"
     default_augment: str = "rrc-flip"
     notes: list[str] = field(default_factory=list)
     is_store = True  # what the classification task tests to use StoreLoader instead of BatchLoader
@@ -135,10 +150,11 @@ def store_stats(store: ImageStore, image_size: tuple[int, int], crop_pct: float,
 
 def load_photo_folder(root: Path, spec: str, *, image_size: tuple[int, int] | None, store_size: int,
                       crop_pct: float = 0.875, skip_bad_images: bool = False, cache_dir: Path | None = None,
-                      log: Callable[[str], None] = print,
-                      eval_image_size: tuple[int, int] | None = None) -> PhotoDataset:
+                      log: Callable[[str], None] = print, eval_image_size: tuple[int, int] | None = None,
+                      interpolation: str = "bilinear") -> PhotoDataset:
     """The stores of ``root``'s train/val/test splits (built on first use, then reused); ``image_size`` is the
-    training crop, ``eval_image_size`` the evaluation crop (default: ``image_size``)."""
+    training crop, ``eval_image_size`` the evaluation crop (default: ``image_size``), resized by
+    ``interpolation``."""
     listing = list_image_folder(root)
     notes = list(listing.notes)
     if listing.ignored:
@@ -159,7 +175,7 @@ def load_photo_folder(root: Path, spec: str, *, image_size: tuple[int, int] | No
     val = stores.get("val") if "test" in stores else None
     return PhotoDataset(spec=spec, classes=[printable(c) for c in listing.classes], train=stores.get("train"),
                         test=test, val=val, image_size=tuple(image_size), crop_pct=crop_pct,  # type: ignore[arg-type]
-                        store_size=store_size, notes=notes,
+                        store_size=store_size, notes=notes, interpolation=interpolation,
                         eval_image_size=tuple(eval_image_size) if eval_image_size else None)  # type: ignore[arg-type]
 
 
@@ -178,4 +194,5 @@ def decode_photo(path: str | Path, channels: int, store_size: int | None = None)
 def photo_view(path: str | Path, preprocess: dict[str, Any], channels: int) -> torch.Tensor:
     """The evaluation view of one image file by a checkpoint's recorded ``preprocess``: uint8 (C, h, w)."""
     image = decode_photo(path, channels, preprocess.get("store_size"))
-    return resize_center_crop(image, preprocess["crop"], float(preprocess["crop_pct"]))
+    return resize_center_crop(image, preprocess["crop"], float(preprocess["crop_pct"]),
+                              recorded_interpolation(preprocess))

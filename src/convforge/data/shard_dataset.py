@@ -65,6 +65,7 @@ class ShardDataset(CropViewsMixin):
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     eval_image_size: tuple[int, int] | None = None
+    interpolation: str = "bilinear"
     default_augment: str = "rrc-flip"
     notes: list[str] = field(default_factory=list)
     is_store = False  # no random access by index: the task streams it with ShardLoader
@@ -93,8 +94,8 @@ class ShardDataset(CropViewsMixin):
 
 def load_shard_folder(root: Path, spec: str, *, image_size: tuple[int, int] | None, store_size: int,
                       crop_pct: float = 0.875, skip_bad_images: bool = False,
-                      log: Callable[[str], None] = print,
-                      eval_image_size: tuple[int, int] | None = None) -> ShardDataset:
+                      log: Callable[[str], None] = print, eval_image_size: tuple[int, int] | None = None,
+                      interpolation: str = "bilinear") -> ShardDataset:
     """The data set of the shard folder ``root`` (train/val/test as :class:`ShardSplit`; test falls back to
     val, as for image folders); ``image_size`` is the training crop, ``eval_image_size`` the evaluation crop."""
     shards = open_shards(root)
@@ -115,5 +116,5 @@ def load_shard_folder(root: Path, spec: str, *, image_size: tuple[int, int] | No
     val = splits.get("val") if "test" in splits else None
     return ShardDataset(spec=spec, classes=[printable(c) for c in shards.classes], train=splits.get("train"),
                         test=test, val=val, image_size=tuple(image_size), crop_pct=crop_pct,  # type: ignore[arg-type]
-                        store_size=store_size, channels=channels, notes=notes,
+                        store_size=store_size, channels=channels, notes=notes, interpolation=interpolation,
                         eval_image_size=tuple(eval_image_size) if eval_image_size else None)  # type: ignore[arg-type]

@@ -38,8 +38,8 @@ from convforge.data.loader import normalize
 from convforge.data.paths import printable
 from convforge.data.randaugment import RANDAUGMENT_MAGNITUDE, RANDAUGMENT_NUM_OPS, check_randaugment
 from convforge.data.store import GRAY_MODES, decode_problem, decode_upright, image_warnings, stored_size
-from convforge.data.store_loader import train_views
-from convforge.data.views import random_resized_crop_params, resize_center_crop_batch
+from convforge.data.store_loader import scheduled_crop_size, train_views
+from convforge.data.views import EvalView, check_interpolation, random_resized_crop_params, resize_center_crop_batch
 from convforge.errors import ConfigError, DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -151,7 +151,7 @@ class ShardLoader:
 
     ``augment``: None, ``"trivialaugment"`` or ``"randaugment"`` (``randaugment`` = (N, M)) after the crop and
     flip; ``center``: training order with evaluation views; ``size_schedule(epoch)``: the training crop of each
-    epoch (progressive resizing). ``last_indices`` and ``clean_batch`` give the evaluation views of the batch
+    epoch (progressive resizing); ``interpolation``: the evaluation views' resize filter. ``last_indices`` and ``clean_batch`` give the evaluation views of the batch
     last yielded (for distillation teachers)."""
 
     def __init__(self, shards: ShardSet, split: str, batch_size: int, mean: Sequence[float], std: Sequence[float],
@@ -162,7 +162,8 @@ class ShardLoader:
                  size_schedule: Callable[[int], Sequence[int]] | None = None,
                  channels: int = 3, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, skip_bad_images: bool = False,
-                 device: torch.device | str = "cpu", channels_last: bool = False) -> None:
+                 device: torch.device | str = "cpu", channels_last: bool = False,
+                 interpolation: str = "bilinear") -> None:
         if split not in shards.splits:
             raise DataError(f"{printable(shards.root)} has no {split}-*.tar shards")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -182,6 +183,7 @@ class ShardLoader:
         self.channels, self.seed, self.rank, self.world_size = channels, seed, rank, world_size
         self.shuffle_buffer, self.skip_bad_images = shuffle_buffer if train else 0, skip_bad_images
         self.device, self.channels_last = torch.device(device), channels_last
+        self.eval_view = EvalView(self.image_size, crop_pct, check_interpolation(interpolation))
         self.epoch, self.skipped = 0, 0
         self.last_indices = torch.empty(0, dtype=torch.long)
         self._last_images: list[torch.Tensor] = []
@@ -195,12 +197,7 @@ class ShardLoader:
 
     def crop_size(self, epoch: int | None = None) -> tuple[int, int]:
         """The (h, w) of the training views of ``epoch`` (default: the current one)."""
-        if self.size_schedule is None:
-            return self.image_size
-        size = tuple(int(v) for v in self.size_schedule(self.epoch if epoch is None else epoch))
-        if len(size) != 2 or min(size) < 1:
-            raise ConfigError(f"the progressive crop size must be (height, width), got {size!r}")
-        return size[0], size[1]
+        return scheduled_crop_size(self.image_size, self.size_schedule, self.epoch if epoch is None else epoch)
 
     def epoch_record(self) -> dict[str, list[int]]:
         """What the epoch record says of this loader's epoch: ``train_size`` [h, w] of its training views."""
@@ -351,12 +348,12 @@ class ShardLoader:
 
     def clean_batch(self, indices: torch.Tensor) -> torch.Tensor:
         """The evaluation views (resize + centre crop), normalised, of the batch last yielded at ``indices``."""
-        x = resize_center_crop_batch([self._last_images[int(i)] for i in indices], self.image_size, self.crop_pct)
+        x = resize_center_crop_batch([self._last_images[int(i)] for i in indices], *self.eval_view)
         return self._finish(x)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = normalize(x.to(self.device), self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return normalize(x.to(self.device), self.mean, self.std, layout)
 
     def _batch(self, images: list[torch.Tensor], labels: list[int], epoch: int,
                batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +362,7 @@ class ShardLoader:
         if self.train and not self.center:
             x = self._train_views(images, epoch, batch_index)
         else:
-            x = resize_center_crop_batch(images, self.image_size, self.crop_pct)
+            x = resize_center_crop_batch(images, *self.eval_view)
         return self._finish(x), torch.tensor(labels, dtype=torch.int64, device=self.device)
 
     def _train_views(self, images: list[torch.Tensor], epoch: int, batch_index: int) -> torch.Tensor:

@@ -51,6 +51,7 @@ def load(
     store_size: int | None = None,
     crop_pct: float = 0.875,
     eval_image_size: int | tuple[int, int] | None = None,
+    interpolation: str = "bilinear",
 ) -> Dataset:
     """Load a dataset from its spec, e.g. ``load("digits")`` or ``load("imagefolder:data/cifar10-jpeg")``.
 
@@ -59,7 +60,7 @@ def load(
     ``segfolder:DIR`` returns a :class:`~convforge.data.segfolder.SegDataset` (masks as labels).
     ``imagefolder:DIR`` with ``store_size`` keeps images of any size in image stores and returns a
     :class:`~convforge.data.photos.PhotoDataset` (``image_size``: the training crop; ``crop_pct`` and
-    ``eval_image_size``, default ``image_size``: the evaluation view). ``wds:DIR`` (WebDataset shards, see
+    ``eval_image_size``, default ``image_size``, and ``interpolation``: the evaluation view). ``wds:DIR`` (WebDataset shards, see
     :mod:`convforge.data.shards`) needs ``store_size`` and returns a
     :class:`~convforge.data.shard_dataset.ShardDataset` decoded and viewed as image stores are.
     """
@@ -78,14 +79,17 @@ def load(
 
             return load_shard_folder(_existing_dir(arg), spec, image_size=size, store_size=store_size,  # type: ignore[return-value]
                                      crop_pct=crop_pct, skip_bad_images=skip_bad_images, log=log,
-                                     eval_image_size=_image_size(eval_image_size))
+                                     eval_image_size=_image_size(eval_image_size), interpolation=interpolation)
         from convforge.data.photos import load_photo_folder
 
         return load_photo_folder(_existing_dir(arg), spec, image_size=size, store_size=store_size,  # type: ignore[return-value]
                                  crop_pct=crop_pct, skip_bad_images=skip_bad_images, cache_dir=_path(cache_dir), log=log,
-                                 eval_image_size=_image_size(eval_image_size))
+                                 eval_image_size=_image_size(eval_image_size), interpolation=interpolation)
     if eval_image_size is not None:
         raise DataError("an evaluation image size of its own (eval_image_size) is for image-store data: "
+                        "add --store-size N with imagefolder:DIR or wds:DIR")
+    if interpolation != "bilinear":
+        raise DataError(f"--interpolation {interpolation} (the evaluation resize filter) is for image-store data: "
                         "add --store-size N with imagefolder:DIR or wds:DIR")
     notes: list[str] = []
     augment = "crop-flip"

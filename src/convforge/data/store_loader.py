@@ -24,7 +24,9 @@ from convforge.data.randaugment import (
     randaugment_params,
 )
 from convforge.data.views import (
+    EvalView,
     apply_trivial_augment,
+    check_interpolation,
     crop_resize,
     flip_params,
     random_resized_crop_params,
@@ -103,6 +105,14 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def scheduled_crop_size(image_size: tuple[int, int], size_schedule: SizeSchedule | None,
+                        epoch: int) -> tuple[int, int]:
+    """The (h, w) of the training views of ``epoch``: ``image_size``, or the progressive schedule's size."""
+    if size_schedule is None:
+        return image_size
+    return _pair(tuple(int(v) for v in size_schedule(epoch)), "the progressive crop size")
+
+
 class StoreLoader(ShardedLoader):
     """Iterates over an image store in batches ``(x, y)``: x float normalised (N, C, h, w) on ``device``,
     y int64. Training views are RandomResizedCrop (+ flip, + TrivialAugment or RandAugment); evaluation views
@@ -115,6 +125,7 @@ class StoreLoader(ShardedLoader):
     ``randaugment`` = (N, M): RandAugment's ops per image and magnitude level (``augment="randaugment"``).
     ``size_schedule(epoch)``: the training crop size of each epoch (progressive resizing; default:
     ``image_size`` throughout), a pure function of the epoch so that a resumed run sees the same sizes.
+    ``interpolation``: the resize filter of the evaluation views (training crops are bilinear).
     """
 
     def __init__(
@@ -142,6 +153,7 @@ class StoreLoader(ShardedLoader):
         prefetch: int = 2,
         randaugment: Sequence[int] = (RANDAUGMENT_NUM_OPS, RANDAUGMENT_MAGNITUDE),
         size_schedule: SizeSchedule | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -168,6 +180,7 @@ class StoreLoader(ShardedLoader):
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         self.randaugment = (int(randaugment[0]), int(randaugment[1]))
         self.size_schedule = size_schedule
+        self.eval_view = EvalView(self.image_size, crop_pct, check_interpolation(interpolation))
         self.pin_memory = self.device.type == "cuda"  # page-locked host batches: asynchronous copies
         self.epoch = 0
         self.last_indices = torch.empty(0, dtype=torch.long)
@@ -178,10 +191,7 @@ class StoreLoader(ShardedLoader):
 
     def crop_size(self, epoch: int | None = None) -> tuple[int, int]:
         """The (h, w) of the training views of ``epoch`` (default: the current one)."""
-        epoch = self.epoch if epoch is None else epoch
-        if self.size_schedule is None:
-            return self.image_size
-        return _pair(tuple(int(v) for v in self.size_schedule(epoch)), "the progressive crop size")
+        return scheduled_crop_size(self.image_size, self.size_schedule, self.epoch if epoch is None else epoch)
 
     def epoch_record(self) -> dict[str, list[int]]:
         """What the epoch record says of this loader's epoch: ``train_size`` [h, w] of its training views."""
@@ -201,7 +211,7 @@ class StoreLoader(ShardedLoader):
 
     def clean_batch(self, indices: torch.Tensor) -> torch.Tensor:
         """The evaluation view (resize + centre crop), normalised, of the samples at ``indices``."""
-        x = resize_center_crop_batch([self.store.image(int(i)) for i in indices], self.image_size, self.crop_pct)
+        x = resize_center_crop_batch([self.store.image(int(i)) for i in indices], *self.eval_view)
         return self._finish(x.to(self.device))
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +228,7 @@ class StoreLoader(ShardedLoader):
         if self.train and not self.center:
             x = self._train_views(images, epoch, batch_index, global_indices, positions, size)
         else:
-            x = resize_center_crop_batch(images, size, self.crop_pct)
+            x = resize_center_crop_batch(images, *self.eval_view._replace(size=size))
         y = self.store.labels[indices].to(torch.int64)
         if self.device.type == "cpu":
             return self._finish(x), y

@@ -9,7 +9,7 @@ rank loads it.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,25 @@ TRIVIAL_AUGMENT_OPS = (
 _SIGNED_OPS = frozenset(TRIVIAL_AUGMENT_OPS[1:10])
 
 DEFAULT_CROP_PCT = 0.875  # the evaluation crop of the classic ImageNet recipe: resize 256, centre-crop 224
+# Resize filters, all antialiased when shrinking (as PIL and torchvision's uint8 transforms): PyTorch's uint8
+# kernels for both. Training views are bilinear; evaluation may be bicubic, as some published weights expect.
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+class EvalView(NamedTuple):
+    """How an image becomes its evaluation view: resized (aspect kept) to cover ``size / crop_pct`` with the
+    antialiased ``interpolation`` filter, then centre-cropped to ``size`` (h, w)."""
+
+    size: tuple[int, int]
+    crop_pct: float = DEFAULT_CROP_PCT
+    interpolation: str = "bilinear"
+
+
+def check_interpolation(name: str) -> str:
+    """``name`` if it is one of INTERPOLATIONS, else a ConfigError listing them."""
+    if name not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {name!r}")
+    return name
 
 
 def _check_range(name: str, value: Sequence[float]) -> tuple[float, float]:
@@ -93,14 +112,15 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def resize_uint8(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """One uint8 (C, H, W) image resized to ``size`` (h, w): antialiased bilinear, computed by PyTorch's uint8
-    kernel (fixed-point, rounded; about 1.7x faster than a float round trip and no float copies). Returns a
-    new uint8 (C, h, w) tensor with channels-last strides, the layout that kernel reads and writes."""
+def resize_uint8(image: torch.Tensor, size: Sequence[int], interpolation: str = "bilinear") -> torch.Tensor:
+    """One uint8 (C, H, W) image resized to ``size`` (h, w): antialiased bilinear (or bicubic), computed by
+    PyTorch's uint8 kernel (fixed-point, rounded; about 1.7x faster than a float round trip and no float copies).
+    Returns a new uint8 (C, h, w) tensor with channels-last strides, the layout that kernel reads and writes."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image[None].clone(memory_format=torch.channels_last)[0]
     crop = image[None].contiguous(memory_format=torch.channels_last)  # no copy for an image store's whole image
-    return F.interpolate(crop, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
+    mode = check_interpolation(interpolation)
+    return F.interpolate(crop, size=tuple(size), mode=mode, align_corners=False, antialias=True)[0]
 
 
 def _channels_last_batch(images: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
@@ -135,8 +155,9 @@ def eval_resize_size(size: Sequence[int], crop_pct: float) -> tuple[int, int]:
     return tuple(int(math.floor(s / crop_pct + 1e-6)) for s in size)  # type: ignore[return-value]
 
 
-def resize_center_crop(image: torch.Tensor, size: Sequence[int], crop_pct: float = DEFAULT_CROP_PCT) -> torch.Tensor:
-    """Evaluation view of one uint8 (C, H, W) image: resized (aspect kept) to just cover
+def resize_center_crop(image: torch.Tensor, size: Sequence[int], crop_pct: float = DEFAULT_CROP_PCT,
+                       interpolation: str = "bilinear") -> torch.Tensor:
+    """Evaluation view of one uint8 (C, H, W) image: resized (aspect kept, ``interpolation``) to just cover
     ``eval_resize_size(size, crop_pct)``, for a square ``size`` S that is the shorter side to
     floor(S / crop_pct), then the centre (h, w) crop. Returns uint8 (C, h, w)."""
     out_h, out_w = int(size[0]), int(size[1])
@@ -146,18 +167,18 @@ def resize_center_crop(image: torch.Tensor, size: Sequence[int], crop_pct: float
     # The longer side is truncated, as torchvision's Resize(int) does; the covering side stays exact.
     new_h = cover_h if cover_h / height >= cover_w / width else max(cover_h, int(height * factor))
     new_w = cover_w if cover_w / width > cover_h / height else max(cover_w, int(width * factor))
-    resized = resize_uint8(image, (new_h, new_w))
+    resized = resize_uint8(image, (new_h, new_w), interpolation)
     top = int(round((new_h - out_h) / 2.0))
     left = int(round((new_w - out_w) / 2.0))
     return resized[:, top:top + out_h, left:left + out_w]
 
 
 def resize_center_crop_batch(images: Sequence[torch.Tensor], size: Sequence[int],
-                             crop_pct: float = DEFAULT_CROP_PCT) -> torch.Tensor:
+                             crop_pct: float = DEFAULT_CROP_PCT, interpolation: str = "bilinear") -> torch.Tensor:
     """``resize_center_crop`` of each image: uint8 (N, C, h, w) in channels-last memory."""
     out = _channels_last_batch(images, size)
     for i, image in enumerate(images):
-        out[i] = resize_center_crop(image, size, crop_pct)
+        out[i] = resize_center_crop(image, size, crop_pct, interpolation)
     return out
 
 

@@ -203,5 +203,4 @@ def _seeded_views(data: Any, split: str, count: int, seed: int) -> tuple[torch.T
         return part.images[torch.from_numpy(indices)], labels
     from convforge.data.views import resize_center_crop_batch
 
-    size, crop_pct = data.eval_view
-    return resize_center_crop_batch([part.image(int(i)) for i in indices], size, crop_pct), labels
+    return resize_center_crop_batch([part.image(int(i)) for i in indices], *data.eval_view), labels

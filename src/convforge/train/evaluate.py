@@ -54,16 +54,18 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``split``: a fixed-size :class:`Split`, or an image store or a shard split
     (``convforge.data.shard_dataset.ShardSplit``, read in shard order) whose evaluation transform
-    ``view`` = (image size, crop_pct) resizes each image to size / crop_pct and centre-crops it.
+    ``view`` (``convforge.data.views.EvalView``: size, crop_pct, interpolation) resizes each image to
+    size / crop_pct and centre-crops it.
     ``details`` adds per-class accuracy and the confusion matrix.
 
     With ``world_size`` > 1 each process evaluates its share of the images and the counts are summed.
     """
     if getattr(split, "is_shards", False):
         if view is None:
-            raise ConfigError("evaluating shards needs their view: (image size, crop_pct)")
-        loader: Any = split.loader(batch_size, mean, std, image_size=tuple(view[0]), crop_pct=view[1], device=device,
-                                   channels_last=channels_last, rank=rank, world_size=world_size)
+            raise ConfigError("evaluating shards needs their view: (image size, crop_pct, interpolation)")
+        loader: Any = split.loader(batch_size, mean, std, image_size=tuple(view.size), crop_pct=view.crop_pct,
+                                   interpolation=view.interpolation, device=device, channels_last=channels_last,
+                                   rank=rank, world_size=world_size)
         num_classes = num_classes or len(split.shards.classes)
     elif view is None:
         loader = BatchLoader(split, batch_size, mean, std, device=device, channels_last=channels_last,
@@ -71,9 +73,8 @@ def evaluate(
     else:
         from convforge.data.store_loader import StoreLoader
 
-        image_size, crop_pct = view
-        loader = StoreLoader(split, batch_size, mean, std, train=False, image_size=tuple(image_size),
-                             crop_pct=crop_pct, device=device, channels_last=channels_last, rank=rank,
+        loader = StoreLoader(split, batch_size, mean, std, train=False, image_size=tuple(view.size),
+                             crop_pct=view.crop_pct, interpolation=view.interpolation, device=device, channels_last=channels_last, rank=rank,
                              world_size=world_size)
     return evaluate_batches(model, loader, num_classes or int(split.labels.max()) + 1, tta=tta, amp=amp,
                             details=details, world_size=world_size, tta_shift=tta_shift)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from convforge.data import Dataset, Split
 from convforge.data.dataset import convert_channels
+from convforge.data.photos import recorded_interpolation
 from convforge.errors import ConfigError, ConvforgeError, DataError
 from convforge.models import list_models
 from convforge.train.checkpoint import Checkpoint, load_checkpoint
@@ -292,7 +293,8 @@ def load_store_data(spec: str, preprocess: dict[str, Any], image_size: int | Seq
 
     crop = _size_pair(image_size) or tuple(preprocess["crop"])
     return load(spec, image_size=crop, skip_bad_images=skip_bad_images, log=echo,
-                store_size=int(preprocess["store_size"]), crop_pct=float(preprocess["crop_pct"]))
+                store_size=int(preprocess["store_size"]), crop_pct=float(preprocess["crop_pct"]),
+                interpolation=recorded_interpolation(preprocess))
 
 
 def _evaluate_store(loaded: LoadedModel, data: Any, split: str, mean: Sequence[float], std: Sequence[float],
@@ -321,17 +323,16 @@ def _check_store_fits(loaded: LoadedModel, data: Any, split: str) -> None:
 def view_images(data: Any, split: str, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, h, w) evaluation views of images ``indices`` of one split of ``data`` in the data's own
     channels: a fixed-size split's images as they are, an image store's resized and centre-cropped as
-    :func:`evaluate` sees them (``data.eval_view``: the evaluation crop and ``crop_pct``)."""
+    :func:`evaluate` sees them (``data.eval_view``: the evaluation crop, ``crop_pct`` and filter)."""
     part = data.split(split)
     if not getattr(data, "is_store", False):
         return part.images[torch.as_tensor(indices, dtype=torch.long)]
     from convforge.data.views import resize_center_crop_batch
 
-    size, crop_pct = data.eval_view
     images = [part.image(int(i)) for i in indices]
     if not images:
-        return torch.zeros(0, data.channels, *size, dtype=torch.uint8)
-    return resize_center_crop_batch(images, size, crop_pct)
+        return torch.zeros(0, data.channels, *data.eval_view.size, dtype=torch.uint8)
+    return resize_center_crop_batch(images, *data.eval_view)
 
 
 def eval_views(loaded: LoadedModel, data: Any, split: str = "test", notes: list[str] | None = None,
@@ -363,10 +364,11 @@ def eval_views(loaded: LoadedModel, data: Any, split: str = "test", notes: list[
 def _shard_views(data: Any, split: str, batch_size: int,
                  limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 evaluation views and labels of one split of shard data, streamed in shard order."""
-    size, crop_pct = data.eval_view
+    view = data.eval_view
     identity = ([0.0] * data.channels, [1 / 255] * data.channels)  # normalised values = the uint8 pixels
     left = limit
-    for x, y in data.split(split).loader(batch_size, *identity, image_size=size, crop_pct=crop_pct):
+    for x, y in data.split(split).loader(batch_size, *identity, image_size=view.size, crop_pct=view.crop_pct,
+                                         interpolation=view.interpolation):
         if left is not None:
             x, y, left = x[:left], y[:left], left - len(y[:left])
         if len(y):

@@ -93,8 +93,8 @@ def pretrained_defaults(config: Any) -> tuple[Any, PretrainedDefaults | None]:
 
     Only for ``--init`` with a foreign weight file of a model that has a ``pretrained_cfg`` (torchvision
     weights for the ImageNet zoo). On image-store data (``--store-size``) an unset ``image_size`` becomes
-    the cfg's crop and an unset ``crop_pct`` its crop / resize; the cfg's mean/std are applied by
-    :func:`load_foreign_init`. Returns the config unchanged and None when nothing applies.
+    the cfg's crop, an unset ``crop_pct`` its crop / resize and an unset ``interpolation`` its filter; the
+    cfg's mean/std are applied by :func:`load_foreign_init`. Returns the config unchanged and None when nothing applies.
     """
     if not config.init or not is_foreign_weights(config.init):
         return config, None
@@ -120,6 +120,11 @@ def pretrained_defaults(config: Any) -> tuple[Any, PretrainedDefaults | None]:
             taken.append(f"crop_pct {cfg.crop_pct:.4g} (resize {cfg.resize}, crop {cfg.image_size})")
         else:
             kept.append(f"--crop-pct {config.crop_pct:g}")
+        if config.interpolation is None:
+            changes["interpolation"] = cfg.interpolation
+            taken.append(f"{cfg.interpolation} resizing")
+        elif config.interpolation != cfg.interpolation:
+            kept.append(f"--interpolation {config.interpolation}")
     config = dataclasses.replace(config, **changes)
     warnings = []
     if store:
@@ -153,8 +158,6 @@ def _preprocess_note(pretrained: PretrainedDefaults | None, data: Any) -> tuple[
         line += f"; the run's own {', '.join(pretrained.kept)} kept"
     if not pretrained.store:
         line += f"; add --store-size N (image folders) for its resize {cfg.resize} / crop {cfg.image_size} evaluation"
-    elif cfg.interpolation != "bilinear":
-        line += f"; its weights were evaluated with {cfg.interpolation} resizing, the image store resizes bilinear"
     line += "".join(f"; {w}" for w in pretrained.warnings)
     record = {"model": pretrained.model, **cfg.as_dict(), "taken": ["mean/std", *pretrained.taken]}
     return tuple(cfg.mean), tuple(cfg.std), line, record

@@ -98,7 +98,8 @@ class Task:
         return load(cfg.data, image_size=cfg.image_size, skip_bad_images=cfg.skip_bad_images,
                     cache_dir=cfg.cache_dir, log=log, store_size=getattr(cfg, "store_size", None),
                     crop_pct=getattr(cfg, "crop_pct", None) or DEFAULT_CROP_PCT,
-                    eval_image_size=getattr(cfg, "eval_image_size", None))
+                    eval_image_size=getattr(cfg, "eval_image_size", None),
+                    interpolation=getattr(cfg, "interpolation", None) or "bilinear")
 
     def model_args(self, cfg: Any, data: Any) -> dict[str, Any]:
         """The keyword arguments the model is built with (and that checkpoints record)."""

@@ -155,7 +155,7 @@ class ClassifyTask(Task):
         evaluation crop may differ from the training crop; eval, predict, export and quantize use it)."""
         if not getattr(data, "has_crop_views", False):
             return {}
-        return {"preprocess": data.preprocess(), "input_size": [data.channels, *data.eval_view[0]]}
+        return {"preprocess": data.preprocess(), "input_size": [data.channels, *data.eval_view.size]}
 
     def epoch_text(self, record: dict[str, Any], eval_splits: list[str]) -> list[str]:
         train = [f"train {record['train_top1']:.2f}%"] if "train_top1" in record else []
@@ -193,6 +193,6 @@ def store_train_loader(data: Any, cfg: Any, device: torch.device, rank: int, wor
                    world_size=world_size)
     if getattr(data, "is_shards", False):
         return data.train.loader(cfg.batch_size, data.mean, data.std, train=True, image_size=data.image_size,
-                                 crop_pct=data.crop_pct, **options)
+                                 crop_pct=data.crop_pct, interpolation=data.interpolation, **options)
     return StoreLoader(data.train, cfg.batch_size, data.mean, data.std, train=True, image_size=data.image_size,
-                       crop_pct=data.crop_pct, **options)
+                       crop_pct=data.crop_pct, interpolation=data.interpolation, **options)
