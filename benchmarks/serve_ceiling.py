@@ -1,5 +1,6 @@
-"""What dynamic batching can gain in `convforge serve` on this machine, measured without HTTP: the served model's throughput
-at batch 1 against batch 32, and the server's per-upload preprocessing, on the two models of serve_load.py.
+"""What dynamic batching can gain in `convforge serve` on this machine, measured without HTTP: the served
+model's throughput at batch 1 against batch 32, and the server's per-upload preprocessing, on the two models of
+serve_load.py.
 
 A server that batches still decodes and preprocesses every upload on its own; only the model call is shared.
 With ``pre`` the preprocessing time of one upload and ``m1``, ``m32`` the model time of a batch of 1 and of 32,

@@ -151,8 +151,8 @@ class ShardLoader:
 
     ``augment``: None, ``"trivialaugment"`` or ``"randaugment"`` (``randaugment`` = (N, M)) after the crop and
     flip; ``center``: training order with evaluation views; ``size_schedule(epoch)``: the training crop of each
-    epoch (progressive resizing); ``interpolation``: the evaluation views' resize filter. ``last_indices`` and ``clean_batch`` give the evaluation views of the batch
-    last yielded (for distillation teachers)."""
+    epoch (progressive resizing); ``interpolation``: the evaluation views' resize filter. ``last_indices`` and
+    ``clean_batch`` give the evaluation views of the batch last yielded (for distillation teachers)."""
 
     def __init__(self, shards: ShardSet, split: str, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  *, train: bool, image_size: int | Sequence[int], store_size: int, crop_pct: float = 0.875,
@@ -177,7 +177,7 @@ class ShardLoader:
         self.mean, self.std, self.train = tuple(mean), tuple(std), train
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
-        self.store_size, self.crop_pct, self.scale, self.ratio = store_size, crop_pct, tuple(scale), tuple(ratio)
+        self.store_size, self.scale, self.ratio = store_size, tuple(scale), tuple(ratio)
         self.flip, self.augment, self.center = flip, augment, center
         self.randaugment, self.size_schedule = (int(randaugment[0]), int(randaugment[1])), size_schedule
         self.channels, self.seed, self.rank, self.world_size = channels, seed, rank, world_size

@@ -60,8 +60,8 @@ def load(
     ``segfolder:DIR`` returns a :class:`~convforge.data.segfolder.SegDataset` (masks as labels).
     ``imagefolder:DIR`` with ``store_size`` keeps images of any size in image stores and returns a
     :class:`~convforge.data.photos.PhotoDataset` (``image_size``: the training crop; ``crop_pct`` and
-    ``eval_image_size``, default ``image_size``, and ``interpolation``: the evaluation view). ``wds:DIR`` (WebDataset shards, see
-    :mod:`convforge.data.shards`) needs ``store_size`` and returns a
+    ``eval_image_size``, default ``image_size``, and ``interpolation``: the evaluation view). ``wds:DIR``
+    (WebDataset shards, see :mod:`convforge.data.shards`) needs ``store_size`` and returns a
     :class:`~convforge.data.shard_dataset.ShardDataset` decoded and viewed as image stores are.
     """
     if not isinstance(spec, str):

@@ -171,7 +171,7 @@ class StoreLoader(ShardedLoader):
                               "store: give one per channel")
         self.store = store
         self.batch_size, self.mean, self.std = batch_size, tuple(mean), tuple(std)
-        self.train, self.image_size, self.crop_pct = train, _pair(image_size, "image_size"), crop_pct
+        self.train, self.image_size = train, _pair(image_size, "image_size")
         self.scale, self.ratio, self.flip, self.augment = tuple(scale), tuple(ratio), flip, augment
         self.center = center
         self.shuffle = train if shuffle is None else shuffle
@@ -215,7 +215,8 @@ class StoreLoader(ShardedLoader):
         return self._finish(x.to(self.device))
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, self.mean, self.std, torch.channels_last if self.channels_last else torch.contiguous_format)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return normalize(x, self.mean, self.std, layout)
 
     def make_batch(self, epoch: int, batch_index: int,
                    global_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convforge.data import BatchLoader, Split
+from convforge.data.views import EvalView
 from convforge.errors import ConfigError
 from convforge.train.distributed import all_reduce_sum
 
@@ -40,7 +41,7 @@ def evaluate(
     mean: Sequence[float],
     std: Sequence[float],
     *,
-    view: tuple[Sequence[int], float] | None = None,
+    view: EvalView | None = None,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     tta: bool = False,
@@ -74,8 +75,8 @@ def evaluate(
         from convforge.data.store_loader import StoreLoader
 
         loader = StoreLoader(split, batch_size, mean, std, train=False, image_size=tuple(view.size),
-                             crop_pct=view.crop_pct, interpolation=view.interpolation, device=device, channels_last=channels_last, rank=rank,
-                             world_size=world_size)
+                             crop_pct=view.crop_pct, interpolation=view.interpolation, device=device,
+                             channels_last=channels_last, rank=rank, world_size=world_size)
     return evaluate_batches(model, loader, num_classes or int(split.labels.max()) + 1, tta=tta, amp=amp,
                             details=details, world_size=world_size, tta_shift=tta_shift)
 
