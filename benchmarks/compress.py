@@ -94,6 +94,8 @@ def _tag(args: argparse.Namespace) -> str:
         tag += f"-global-{args.normalizer}"
     if args.sparsity_epochs:
         tag += f"-sl{args.sparsity_epochs}x{args.sparsity_reg:g}"
+    if args.distill:
+        tag += "-kd"
     return tag + f"-lr{args.lr:g}"
 
 
@@ -112,8 +114,8 @@ def prune_stage(args: argparse.Namespace, ref: Path, data, work: Path) -> tuple[
     report = _cached(pruned_path.with_suffix(".report.json"), lambda: prune_checkpoint(
         ref, args.method, target_macs=args.target_macs, round_to=args.round_to, global_ranking=args.global_pruning,
         normalizer=args.normalizer, sparsity_epochs=args.sparsity_epochs, sparsity_reg=args.sparsity_reg,
-        finetune_epochs=args.finetune_epochs, steps=args.steps, data=data.spec, lr=args.lr, out=pruned_path,
-        amp=not args.fp32_finetune, channels_last=True, threads=args.threads, quiet=args.smoke,
+        finetune_epochs=args.finetune_epochs, steps=args.steps, distill=args.distill, data=data.spec, lr=args.lr,
+        out=pruned_path, amp=not args.fp32_finetune, channels_last=True, threads=args.threads, quiet=args.smoke,
         log=lambda m: print(m, flush=True)))
     return report, pruned_path
 
@@ -215,6 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsity-epochs", type=int, default=0, help="regularised epochs before pruning")
     parser.add_argument("--sparsity-reg", type=float, default=5e-4)
     parser.add_argument("--steps", type=int, default=1, help="prune/fine-tune steps")
+    parser.add_argument("--distill", action="store_true",
+                        help="fine-tune the pruned model on the unpruned one's soft targets too (the control does not)")
     parser.add_argument("--finetune-epochs", type=float, default=2)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--fp32-finetune", action="store_true", help="fine-tune in fp32 (default: bf16 autocast)")
@@ -292,7 +296,9 @@ def _lines(args, s: dict, report: dict, control: dict | None) -> list[str]:
     how = (f"{args.method}, --target-macs {args.target_macs:g}, --round-to {args.round_to}"
            + (f", --global-pruning --normalizer {args.normalizer}" if args.global_pruning else "")
            + (f", --sparsity-epochs {args.sparsity_epochs} --sparsity-reg {args.sparsity_reg:g}" if args.sparsity_epochs
-              else "") + (f", --steps {args.steps}" if args.steps > 1 else ""))
+              else "") + (f", --steps {args.steps}" if args.steps > 1 else "")
+           + (", --distill: the fine-tune also learns the unpruned reference's soft targets (weight 0.5, "
+              "temperature 4), the control does not" if args.distill else ""))
     head = "| model | params | MACs | top-1 | " + " | ".join(f"{b} b{args.speed_batch}" for b in backends) + " |"
     lines = [f"{args.model} (reference weights, {s['params_before']:,} params, {s['macs_before'] / 1e6:.1f} M MACs) on "
              f"CIFAR-10-JPEG test ({'subset' if args.smoke else '10,000 images'}); threads={args.threads}; latency = "

@@ -85,8 +85,9 @@ def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, A
     from convforge.train.inference import load_model
 
     runs = {}
+    activations = {"binary": "weights+activations", "binary_shortcuts": args.binary_shortcuts}
     for name, extra in (("fp32", {}), ("binary weights", {"binary": "weights"}),
-                        ("binary weights+activations", {"binary": "weights+activations"})):
+                        ("binary weights+activations", activations)):
         runs[name] = _fit(work / name.replace(" ", "-").replace("+", "-"), model=args.binary_model,
                           epochs=args.binary_epochs, optimizer="adamw", lr=args.binary_lr, schedule="cosine",
                           label_smoothing=args.label_smoothing, **extra, **_common(args))
@@ -121,7 +122,9 @@ def binary_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     runs, export = result["runs"], result["export"]
     twin = runs["fp32"]["test_top1"]
     lines = [f"{args.binary_model} on {args.data}, {args.binary_epochs} epochs each, AdamW (lr {args.binary_lr:g}), "
-             "cosine; first and last layer full precision; xnor weights (mean |W| per output channel).",
+             "cosine; first and last layer full precision; xnor weights (mean |W| per output channel)"
+             + ("; weights+activations with Bi-Real shortcuts (a real-valued shortcut around every binary "
+                "convolution, no other activation)." if args.binary_shortcuts else "."),
              "", "| network | top-1 | vs fp32 twin | training time |", "|---|---:|---:|---:|"]
     for name, summary in runs.items():
         gap = "-" if name == "fp32" else f"{summary['test_top1'] - twin:+.2f}"
@@ -144,6 +147,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="fp32 training peak lr (SGD, onecycle)")
     parser.add_argument("--qat-lr", type=float, default=0.005, help="QAT peak lr (SGD, cosine, no warm-up)")
     parser.add_argument("--binary-lr", type=float, default=2e-3, help="peak lr of the three binary-study runs (AdamW)")
+    parser.add_argument("--binary-shortcuts", action="store_true",
+                        help="Bi-Real shortcuts in the weights+activations run (train's --binary-shortcuts)")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=512, help="PTQ calibration images")

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from onnx import numpy_helper
 
 from convforge import TrainConfig, fit
@@ -17,7 +18,7 @@ from convforge.data import load, normalize
 from convforge.errors import ConfigError
 from convforge.export.onnx import run_session, session
 from convforge.export.qat import export_quantized
-from convforge.layers.binary import BinaryConv2d, binarize_weight, binary_activation
+from convforge.layers.binary import BinaryConv2d, RealShortcut, binarize_weight, binary_activation
 from convforge.models import create_model
 from convforge.train.binary import prepare_binary
 from convforge.train.inference import load_model
@@ -81,6 +82,51 @@ def test_swap_keeps_first_and_last_layer_in_full_precision(mode):
     assert (len(relus), len(hardtanh)) == ((19, 0) if mode == "weights" else (0, 19))
 
 
+def _bireal_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ResNet-20 as Bi-Real Net computes it, written out: h = BN(conv(sign(u))) + u around every binary
+    convolution (u averaged 2x2 and its channels doubled where the convolution strides and widens), no ReLU."""
+    def real(u, conv):
+        if conv.stride[0] == 2:
+            u = F.avg_pool2d(u, 2)
+        return u.repeat(1, conv.out_channels // conv.in_channels, 1, 1)
+
+    u = model.bn1(model.conv1(x))
+    for stage in (model.layer1, model.layer2, model.layer3):
+        for block in stage.children():
+            h = block.bn1(block.conv1(u)) + real(u, block.conv1.conv)
+            u = block.bn2(block.conv2(h)) + h
+    return model.linear(u.mean(dim=(2, 3)))
+
+
+def test_bireal_shortcuts_make_resnet20_a_bireal_network():
+    torch.manual_seed(0)
+    gm = prepare_binary(create_model("resnet20"), "weights+activations", shortcuts=True)
+    for m in gm.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so that a wrong graph shows
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    gm.eval()
+    shortcuts = [m for m in gm.modules() if isinstance(m, RealShortcut)]
+    assert len(shortcuts) == 18 and sum(m.stride == 2 and m.repeat == 2 for m in shortcuts) == 2
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert not any(t.endswith(".shortcut") for t in called)  # the blocks' own identity shortcuts were re-pointed
+    assert not any(isinstance(m, (nn.Hardtanh, nn.ReLU)) for m in gm.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), _bireal_reference(gm, x), rtol=1e-4, atol=1e-4)
+
+
+def test_bireal_shortcuts_keep_a_projection_shortcut_and_skip_narrowing_convolutions():
+    gm = prepare_binary(create_model("resnet20", shortcut="B"), "weights+activations", shortcuts=True)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"layer2.0.shortcut.0", "layer3.0.shortcut.0"} <= called  # projections (with weights) stay
+    assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    mobile = prepare_binary(create_model("mobilenet_v2_cifar", num_classes=10), "weights+activations", shortcuts=True)
+    projections = [m for name, m in mobile.named_modules() if isinstance(m, BinaryConv2d)
+                   and m.conv.out_channels < m.conv.in_channels]
+    assert projections and len([m for m in mobile.modules() if isinstance(m, RealShortcut)]) == (
+        len([m for m in mobile.modules() if isinstance(m, BinaryConv2d)]) - len(projections))
+
+
 def test_binary_settings_are_checked():
     with pytest.raises(ConfigError, match="weights\\+activations"):
         TrainConfig(binary="activations").validate()
@@ -88,16 +134,21 @@ def test_binary_settings_are_checked():
         TrainConfig(binary_method="xnor").validate()
     with pytest.raises(ConfigError, match="xnor"):
         TrainConfig(binary="weights", binary_method="sign").validate()
+    with pytest.raises(ConfigError, match="add --binary weights\\+activations"):
+        TrainConfig(binary_shortcuts=True).validate()
+    with pytest.raises(ConfigError, match="with --binary weights the activations are already real"):
+        TrainConfig(binary="weights", binary_shortcuts=True).validate()
 
 
-@pytest.fixture(scope="module")
-def binary_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "bireal"])
+def binary_run(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("binary") / "run"
     summary = fit(TrainConfig(model="smallcnn", data="digits", epochs=4, batch_size=64, threads=1, seed=0,
                               optimizer="adamw", lr=0.01,  # Adam, as XNOR-Net and Bi-Real Net train
-                              model_args={"widths": [16, 32, 64]}, binary="weights+activations", out=str(out)),
+                              model_args={"widths": [16, 32, 64]}, binary="weights+activations",
+                              binary_shortcuts=request.param, out=str(out)),
                   quiet=True)
-    return {"summary": summary, "run_dir": out}
+    return {"summary": summary, "run_dir": out, "shortcuts": request.param}
 
 
 def test_a_tiny_binary_network_trains(binary_run):
@@ -107,6 +158,9 @@ def test_a_tiny_binary_network_trains(binary_run):
     meta = json.loads((binary_run["run_dir"] / "best.json").read_text())["quantization"]
     assert (meta["kind"], meta["mode"], meta["method"]) == ("binary", "weights+activations", "xnor")
     assert meta["full_precision"] == ["stem.0", "fc"]
+    assert ("shortcuts" in meta) == binary_run["shortcuts"]
+    rebuilt = load_model(binary_run["run_dir"]).model  # the checkpoint's record rebuilds the same graph
+    assert len([m for m in rebuilt.modules() if isinstance(m, RealShortcut)]) == (2 if binary_run["shortcuts"] else 0)
 
 
 def test_onnx_runtime_runs_the_exported_binary_model_as_pytorch_does(binary_run, tmp_path):

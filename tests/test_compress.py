@@ -284,6 +284,27 @@ def test_fine_tuning_runs_on_the_engine_and_resumes_after_a_crash(digits_run, tm
         _fine_tune(digits_run, tmp_path / "crashed.safetensors", lr=0.05)
 
 
+def test_distilled_fine_tuning_learns_from_the_unpruned_checkpoint(digits_run, tmp_path):
+    def run(name, **kwargs):
+        return prune_checkpoint(digits_run["run_dir"], "l1-filter", target_macs=0.6, finetune_epochs=1, batch_size=64,
+                                threads=1, out=tmp_path / f"{name}.safetensors", quiet=True, log=lambda _m: None,
+                                **kwargs)
+
+    with pytest.raises(ConfigError, match="--distill .*add --finetune-epochs N"):
+        prune_checkpoint(digits_run["run_dir"], "l1-filter", target_macs=0.6, distill=True, data="digits")
+    plain, distilled = run("plain"), run("distilled", distill=True)
+    config = (tmp_path / "distilled.finetune" / "step-1" / "config.yaml").read_text()
+    teacher = str(load_checkpoint(digits_run["run_dir"]).path)
+    assert f"teachers:\n- {teacher}\n" in config
+    assert "teachers: []" in (tmp_path / "plain.finetune" / "step-1" / "config.yaml").read_text()
+    assert distilled["distill"] and distilled["history"][0]["finetune"]["teacher"] == teacher
+    assert load_checkpoint(distilled["output"]).meta["compress"]["distill"] is True
+    # same pruned start, seed and batches: only the soft targets differ, so the tuned weights do
+    want, got = (load_checkpoint(r["output"]).model.state_dict() for r in (plain, distilled))
+    assert plain["history"][0]["top1_pruned"] == distilled["history"][0]["top1_pruned"]
+    assert not all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_global_magnitude_fine_tuning_keeps_the_pruned_zeros(digits_run, tmp_path):
     report = prune_checkpoint(digits_run["run_dir"], "global-magnitude", sparsity=0.5, finetune_epochs=1,
                               batch_size=64, threads=1, out=tmp_path / "sparse.safetensors", evaluate_split=None,

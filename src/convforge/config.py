@@ -56,6 +56,7 @@ class TrainConfig:
     qat_freeze_bn_fraction: float | None = None
     binary: str | None = None
     binary_method: str | None = None
+    binary_shortcuts: bool = False
     teachers: list[str] = field(default_factory=list)
     teacher_model: str | None = None
     teacher_weights: str | None = None

@@ -370,6 +370,9 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-epochs", type=float, default=0, help="fine-tuning epochs after pruning (default: 0)")
     parser.add_argument("--data", help="data spec for fine-tuning and evaluation (default: the checkpoint's own data)")
     parser.add_argument("--steps", type=int, default=1, help="prune then fine-tune in K steps (default: 1)")
+    parser.add_argument("--distill", action="store_true",
+                        help="fine-tune on the unpruned model's soft targets too (knowledge distillation, the "
+                             "weight and temperature of train's --kd-alpha/--kd-temperature defaults)")
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate, cosine schedule "
                                                               "(default: 0.01)")
     parser.add_argument("--amp", action="store_true", help="fine-tune with bfloat16 autocast")
@@ -393,7 +396,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
                "round_to": args.round_to, "global_ranking": args.global_pruning, "normalizer": args.normalizer,
                "sparsity_epochs": args.sparsity_epochs, "sparsity_reg": args.sparsity_reg,
                "finetune_epochs": args.finetune_epochs, "data": args.data,
-               "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "out": args.out,
+               "steps": args.steps, "distill": args.distill, "lr": args.lr, "batch_size": args.batch_size,
+               "out": args.out,
                "dry_run": args.dry_run, "seed": args.seed, "amp": args.amp, "channels_last": args.channels_last,
                "image_size": args.image_size, "device": device, "threads": args.threads}
     accepted = inspect.signature(prune_checkpoint).parameters

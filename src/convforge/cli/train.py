@@ -57,6 +57,8 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
                                 "precision) or none (default: none)"),
     ("--binary-method", "binary_method", str, "with --binary: xnor (scale mean|W| per output channel, XNOR-Net) or "
                                               "dorefa (one scale per layer, DoReFa-Net) (default: xnor)"),
+    ("--binary-shortcuts", "binary_shortcuts", "flag", "with --binary weights+activations: a real-valued shortcut "
+                                                       "around every binary convolution (Bi-Real Net)"),
     ("--teacher", "teachers", "append", "distil from this convforge checkpoint (repeatable: soft targets averaged)"),
     ("--teacher-model", "teacher_model", str, "distil from a foreign weight file: the teacher's model name"),
     ("--teacher-weights", "teacher_weights", str, "distil from a foreign weight file: the file (.pth/.th, weights_only)"),

@@ -49,7 +49,8 @@ class FineTuner:
     The recipe is ``convforge prune``'s: SGD (Nesterov, momentum 0.9, weight decay 5e-4), cosine from
     ``lr`` without warm-up, the data's default augmentation and crop padding (size / 8);
     ``keep_sparsity`` holds the pruned zeros at zero (global magnitude). ``epochs``: of each step's fine-tune
-    (0: the steps are not fine-tuned).
+    (0: the steps are not fine-tuned). ``teacher``: a checkpoint the fine-tunes distil from (the engine's
+    ``--teacher``: soft targets at its default weight and temperature); the regularised phase never does.
     """
 
     work_dir: Path
@@ -65,6 +66,7 @@ class FineTuner:
     device: str = "auto"
     threads: int | None = None
     quiet: bool = False
+    teacher: str | None = None
 
     def check_work_dir(self, signature: dict[str, Any]) -> None:
         """Start ``work_dir`` for this command, or check that the runs it holds are this command's."""
@@ -101,12 +103,13 @@ class FineTuner:
 
     def run(self, step: int, init: Path, log: Log) -> tuple[Checkpoint, dict[str, Any]]:
         """Fine-tune the pruned checkpoint ``init`` of step ``step``; the tuned checkpoint and what it cost."""
-        return self.run_phase(f"step-{step}", init, self.epochs, self.seed + step, log)
+        return self.run_phase(f"step-{step}", init, self.epochs, self.seed + step, log, teacher=self.teacher)
 
     def run_phase(self, name: str, init: Path, epochs: int, seed: int, log: Log,
-                  callbacks: Sequence[Callback] = ()) -> tuple[Checkpoint, dict[str, Any]]:
-        """Train ``init`` for ``epochs`` in ``work_dir/name`` with ``callbacks`` (or resume an interrupted
-        try, or reuse a finished one); the trained checkpoint and what the run cost."""
+                  callbacks: Sequence[Callback] = (), teacher: str | None = None) -> tuple[Checkpoint, dict[str, Any]]:
+        """Train ``init`` for ``epochs`` in ``work_dir/name`` with ``callbacks`` (and distillation from
+        ``teacher``), or resume an interrupted try, or reuse a finished one; the trained checkpoint and what
+        the run cost."""
         from convforge.train import engine
 
         run_dir = self.work_dir / name
@@ -120,20 +123,21 @@ class FineTuner:
                                    callbacks=callbacks, quiet=self.quiet)
         else:
             log(f"  {name}: {epochs} epoch(s) in {run_dir}")
-            summary = engine.train(self._config(init, run_dir, epochs, seed), callbacks=callbacks, quiet=self.quiet)
+            config = self._config(init, run_dir, epochs, seed, teacher)
+            summary = engine.train(config, callbacks=callbacks, quiet=self.quiet)
         tuned = load_checkpoint(run_dir / "last.safetensors")
         info = {"steps": self._optimizer_steps(tuned, epochs), "epochs": epochs, "lr": self.lr,
                 "batch_size": self.batch_size, "amp": self.amp, "channels_last": self.channels_last,
-                "seconds": summary.get("train_time_s", 0.0), "run_dir": str(run_dir)}
+                "seconds": summary.get("train_time_s", 0.0), "run_dir": str(run_dir), "teacher": teacher}
         return tuned, info
 
-    def _config(self, init: Path, run_dir: Path, epochs: int, seed: int) -> TrainConfig:
+    def _config(self, init: Path, run_dir: Path, epochs: int, seed: int, teacher: str | None) -> TrainConfig:
         return TrainConfig(init=str(init), keep_sparsity=self.keep_sparsity, data=self.data, epochs=epochs,
                            lr=self.lr, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
                            schedule="cosine", warmup_epochs=0, batch_size=self.batch_size,
                            image_size=self.image_size, amp=self.amp, channels_last=self.channels_last,
                            seed=seed, device=self.device, threads=self.threads,
-                           eval_every=epochs, out=str(run_dir))
+                           eval_every=epochs, out=str(run_dir), teachers=[teacher] if teacher else [])
 
     @staticmethod
     def _completed(run_dir: Path) -> dict[str, Any] | None:

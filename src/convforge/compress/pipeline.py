@@ -191,6 +191,7 @@ def prune_checkpoint(
     sparsity_alpha: float = 4.0,
     data: str | None = None,
     steps: int = 1,
+    distill: bool = False,
     lr: float = 0.01,
     batch_size: int = 128,
     out: str | Path | None = None,
@@ -215,7 +216,8 @@ def prune_checkpoint(
     epochs on the training engine (see :class:`FineTuner`); that must be a whole number (the engine
     trains whole epochs), else a ConfigError names both values. The runs live in ``work_dir``
     (default ``OUT.finetune/``: ``sparsity/``, then one ``step-K/`` run each); running the same command
-    again after a crash reuses the finished runs and resumes the unfinished one. ``global_ranking``,
+    again after a crash reuses the finished runs and resumes the unfinished one. ``distill``: the fine-tunes
+    also learn the unpruned ``checkpoint``'s soft targets (knowledge distillation). ``global_ranking``,
     ``normalizer``: see :func:`convforge.compress.pruning.prune`. ``quiet``: the engine prints nothing.
     """
     ckpt = load_checkpoint(checkpoint)
@@ -226,6 +228,9 @@ def prune_checkpoint(
         raise ConfigError(f"--finetune-epochs must be >= 0 and --sparsity-epochs a whole number >= 0, got "
                           f"{finetune_epochs:g} and {sparsity_epochs:g}")
     epochs = epochs_per_step(finetune_epochs, steps) if finetune_epochs > 0 else 0
+    if distill and not epochs:
+        raise ConfigError("--distill trains the pruned model on the unpruned one's soft targets while it fine-tunes: "
+                          "add --finetune-epochs N")
     target = {"target_macs": target_macs, "sparsity": sparsity, "min_share": min_share, "round_to": round_to,
               "seed": seed, "global_ranking": global_ranking, "normalizer": normalizer}
     spec = data or ckpt.meta.get("data", {}).get("spec")
@@ -246,16 +251,18 @@ def prune_checkpoint(
     if epochs or sparsity_epochs:
         tuner = FineTuner(Path(work_dir) if work_dir else default_work_dir(out_path), spec, epochs, lr, batch_size,
                           image_size=input_size[1], keep_sparsity=method == "global-magnitude", seed=seed, amp=amp,
-                          channels_last=channels_last, device=device, threads=threads, quiet=quiet)
+                          channels_last=channels_last, device=device, threads=threads, quiet=quiet,
+                          teacher=str(ckpt.path) if distill else None)
         tuner.check_work_dir({"checkpoint": str(ckpt.path.resolve()), "modified": ckpt.path.stat().st_mtime_ns,
                               "method": method, **target, "steps": steps, "finetune_epochs": finetune_epochs,
                               "sparsity_epochs": sparsity_epochs, "sparsity_reg": sparsity_reg,
                               "sparsity_alpha": sparsity_alpha, "data": spec, "lr": lr, "batch_size": batch_size,
-                              "amp": amp})
+                              "amp": amp, "distill": distill})
     report: dict[str, Any] = {"checkpoint": str(ckpt.path), "method": method, "target_macs": target_macs,
                               "sparsity_target": sparsity, "steps": steps, "finetune_epochs": finetune_epochs,
                               "global_ranking": global_ranking, "normalizer": normalizer,
-                              "sparsity_epochs": sparsity_epochs, "sparsity_reg": sparsity_reg if sparsity_epochs else None}
+                              "sparsity_epochs": sparsity_epochs,
+                              "sparsity_reg": sparsity_reg if sparsity_epochs else None, "distill": distill}
     if dataset is not None and evaluate_split:
         report["top1_before"] = top1(ckpt.model, ckpt, dataset, evaluate_split)
         log(f"unpruned: top-1 {report['top1_before']:.2f}% on {evaluate_split}")
@@ -289,7 +296,8 @@ def _save_output(report: dict[str, Any], pruned: dict[str, Any], ckpt: Checkpoin
                             "layers": {k: v["sparsity"] for k, v in report["sparsity"]["layers"].items()}}
     meta["compress"] = {k: report[k] for k in ("method", "target_macs", "sparsity_target", "steps", "finetune_epochs",
                                                "global_ranking", "normalizer", "sparsity_epochs", "sparsity_reg",
-                                               "macs_before", "macs_after", "params_before", "params_after")}
+                                               "distill", "macs_before", "macs_after", "params_before",
+                                               "params_after")}
     meta["compress"]["source"] = str(ckpt.path)
     if tuner is not None:
         meta["compress"]["finetune_runs"] = str(tuner.work_dir)

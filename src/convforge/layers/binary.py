@@ -7,6 +7,8 @@
   layer, and the gradient passed straight to ``W`` (unclipped).
 - Binary activations (XNOR-Net, Bi-Real Net): ``sign(x)`` in {-1, +1} (0 counts as +1), gradient 1 where
   ``|x| <= 1`` and 0 outside (Hubara et al. 2016's clipped straight-through estimator).
+- Bi-Real shortcuts (Liu et al. 2018, "Bi-Real Net"): the real-valued input of a binary convolution added to
+  its (BatchNorm-ed) output, so the real values a sign throws away still reach the next layer.
 
 torch has no binarisation with these gradients, hence the two small autograd functions below. The
 binarised weights are exactly two values per output channel (``+-alpha_c``).
@@ -122,3 +124,21 @@ class SignActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return binary_activation(x) if torch.is_grad_enabled() and x.requires_grad else _sign(x)
+
+
+class RealShortcut(nn.Module):
+    """The real-valued path of a Bi-Real block: ``x`` averaged over ``stride x stride`` windows (when the
+    convolution strides) and its channels repeated ``repeat`` times (when it widens), so that it matches the
+    convolution's output. Parameter-free, as CIFAR ResNets' option-A shortcuts."""
+
+    def __init__(self, stride: int = 1, repeat: int = 1) -> None:
+        super().__init__()
+        self.stride, self.repeat = stride, repeat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True, count_include_pad=False)
+        return x.repeat(1, self.repeat, 1, 1) if self.repeat > 1 else x
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, repeat={self.repeat}"

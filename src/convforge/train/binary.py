@@ -6,23 +6,35 @@ with ``weights+activations`` it also binarises its input. A sign after a ReLU wo
 that mode the model's ReLU/ReLU6 activations (modules and ``F.relu`` calls) become Hardtanh, the
 activation of BNN (Hubara et al. 2016) and IR-Net's binary ResNet-20. BatchNorm stays a float layer after
 each binary convolution (it is the per-channel scale and shift a binary layer needs).
+
+With ``shortcuts`` (``--binary-shortcuts``, weights+activations only) the model becomes a Bi-Real network
+(Liu et al. 2018): every binary convolution's BatchNorm output is added to the convolution's own real-valued
+input (:class:`~convforge.layers.binary.RealShortcut`: averaged when it strides, channels repeated when it
+widens). A residual add that already follows such a convolution, and whose other input lies upstream of the
+convolution's input (a ResNet block's second convolution), is re-pointed at that input, as Bi-Real's blocks
+are; a convolution whose output cannot match its input's shape keeps its graph. The real-valued path then
+needs no clipping, so the ReLUs become identities (Bi-Real Net has no activation besides the sign).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch.fx
 import torch.nn as nn
 
 from convforge.errors import ConfigError
-from convforge.layers.binary import BINARY_METHODS, BinaryConv2d, BinaryLinear
-from convforge.train.quant_graph import finish, is_relu, layer_nodes, module_of, replace_calls, replace_module, trace
+from convforge.layers.binary import BINARY_METHODS, BinaryConv2d, BinaryLinear, RealShortcut
+from convforge.train.quant_graph import (finish, following_batchnorm, is_relu, layer_nodes, module_of, replace_calls,
+                                         replace_module, trace)
 
 BINARY_MODES = ("weights", "weights+activations")
 DEFAULT_METHOD = "xnor"
 SOURCES = {"xnor": "Rastegari et al. 2016, XNOR-Net", "dorefa": "Zhou et al. 2016, DoReFa-Net"}
+SHORTCUTS_SOURCE = "Liu et al. 2018, Bi-Real Net"
+_ADDS = {operator.add, operator.iadd, torch.add}
 
 
 def check_binary(cfg: Any) -> None:
@@ -31,9 +43,14 @@ def check_binary(cfg: Any) -> None:
         if cfg.binary_method is not None:
             raise ConfigError(f"binary_method {cfg.binary_method!r} is a setting of binary networks: add "
                               f"--binary {'|'.join(BINARY_MODES)}")
+        if cfg.binary_shortcuts:
+            raise ConfigError("--binary-shortcuts is a setting of binary networks: add --binary weights+activations")
         return
     if cfg.binary not in BINARY_MODES:
         raise ConfigError(f"binary must be one of {', '.join(BINARY_MODES)} or none, got {cfg.binary!r}")
+    if cfg.binary_shortcuts and cfg.binary != "weights+activations":
+        raise ConfigError(f"--binary-shortcuts carry the real values that binary activations discard; with --binary "
+                          f"{cfg.binary} the activations are already real: use --binary weights+activations or drop it")
     if cfg.binary_method is not None and cfg.binary_method not in BINARY_METHODS:
         raise ConfigError(f"binary_method must be one of {', '.join(BINARY_METHODS)}, got {cfg.binary_method!r}")
 
@@ -41,17 +58,20 @@ def check_binary(cfg: Any) -> None:
 def resolve_binary(cfg: Any) -> Any:
     """``cfg`` with --binary none as None and the method filled in."""
     if cfg.binary in (None, "none"):
-        return dataclasses.replace(cfg, binary=None, binary_method=None)
+        return dataclasses.replace(cfg, binary=None, binary_method=None, binary_shortcuts=False)
     return dataclasses.replace(cfg, binary_method=cfg.binary_method or DEFAULT_METHOD)
 
 
-def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = None) -> dict[str, Any]:
+def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = None,
+                  shortcuts: bool = False) -> dict[str, Any]:
     """What a checkpoint says about its binary layers (``model``: the prepared model, for the full-precision
     layer names)."""
     record: dict[str, Any] = {"kind": "binary", "mode": mode, "method": method, "source": SOURCES[method],
                               "weights": "binary, " + ("scale mean|W| per output channel" if method == "xnor"
                                                        else "scale mean|W| per layer"),
                               "activations": "sign (+-1)" if mode == "weights+activations" else "float"}
+    if shortcuts:
+        record["shortcuts"] = f"real-valued around every binary convolution ({SHORTCUTS_SOURCE})"
     if model is not None:
         inner = {id(sub) for m in model.modules() if isinstance(m, (BinaryConv2d, BinaryLinear)) for sub in m.modules()}
         record["full_precision"] = [name for name, m in model.named_modules()
@@ -59,8 +79,10 @@ def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = N
     return record
 
 
-def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD) -> torch.fx.GraphModule:
-    """``model`` traced, its inner convolution and linear layers binarised (see the module docstring)."""
+def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
+                   shortcuts: bool = False) -> torch.fx.GraphModule:
+    """``model`` traced, its inner convolution and linear layers binarised, with Bi-Real ``shortcuts`` (see
+    the module docstring)."""
     if mode not in BINARY_MODES:
         raise ConfigError(f"binary must be one of {', '.join(BINARY_MODES)}, got {mode!r}")
     gm = trace(model, "--binary")
@@ -73,9 +95,88 @@ def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD) ->
         module = module_of(gm, node)
         wrapper = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
         replace_module(gm, node.target, wrapper(module, method, binary_input=activations))  # type: ignore[arg-type]
+    if shortcuts:
+        for node in layers[1:-1]:
+            if isinstance(module_of(gm, node), BinaryConv2d):
+                _add_real_shortcut(gm, node)
+        gm.graph.eliminate_dead_code()  # the identity shortcuts that re-pointed adds no longer read
     if activations:
-        replace_calls(gm, [n for n in gm.graph.nodes if is_relu(gm, n)], nn.Hardtanh, "binary_act")
+        relus = [n for n in gm.graph.nodes if is_relu(gm, n)]
+        replace_calls(gm, relus, nn.Identity if shortcuts else nn.Hardtanh, "binary_act")
     return finish(gm)
+
+
+def _shortcut_for(conv: nn.Conv2d) -> RealShortcut | None:
+    """The parameter-free path that brings ``conv``'s input to its output's shape, or None where none does."""
+    k, d, p = conv.kernel_size, conv.dilation, conv.padding
+    same = (not isinstance(p, str) and all(k[i] % 2 == 1 and p[i] == d[i] * (k[i] - 1) // 2 for i in range(2)))
+    if not (same or p == "same") or conv.stride[0] != conv.stride[1] or conv.out_channels % conv.in_channels:
+        return None
+    return RealShortcut(conv.stride[0], conv.out_channels // conv.in_channels)
+
+
+def _upstream(node: torch.fx.Node, target: torch.fx.Node) -> bool:
+    """``target`` is ``node`` or one of the nodes it is computed from."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current is target:
+            return True
+        if current not in seen:
+            seen.add(current)
+            todo += current.all_input_nodes
+    return False
+
+
+def _identity_path(gm: torch.fx.GraphModule, other: torch.fx.Node, source: torch.fx.Node) -> bool:
+    """``other`` is a node ``source`` is computed from, or reaches one through parameter-free operations
+    only (a ResNet block's identity or option-A shortcut; not a projection convolution)."""
+    while not _upstream(source, other):
+        module = module_of(gm, other)
+        if (module is not None and any(True for _ in module.parameters())) or other.op not in (
+                "call_module", "call_function", "call_method") or not other.all_input_nodes:
+            return False
+        other = other.all_input_nodes[0]
+    return True
+
+
+def _residual_add(gm: torch.fx.GraphModule, out: torch.fx.Node,
+                  skip: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node]:
+    """The residual add that alone consumes ``out`` (through parameter-free modules such as stochastic
+    depth) and the node it adds, or None; ``skip``: a user of ``out`` to ignore."""
+    tail = out
+    while True:
+        users = [user for user in tail.users if user is not skip]
+        if len(users) != 1:
+            return None, tail
+        user = users[0]
+        if user.op == "call_function" and user.target in _ADDS:
+            return user, tail
+        module = module_of(gm, user)
+        if module is None or any(True for _ in module.parameters()) or user.args[0] is not tail:
+            return None, tail
+        tail = user
+
+
+def _add_real_shortcut(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Add the binary convolution ``node``'s real input to its BatchNorm output (or re-point the residual
+    add that follows it at that input); nothing when no parameter-free shortcut fits."""
+    shortcut = _shortcut_for(module_of(gm, node).conv)  # type: ignore[union-attr]
+    source = node.args[0]
+    if shortcut is None or not isinstance(source, torch.fx.Node):
+        return
+    out = following_batchnorm(gm, node) or node
+    gm.add_submodule(f"bireal.{node.name}", shortcut)
+    with gm.graph.inserting_after(out):
+        real = gm.graph.call_module(f"bireal.{node.name}", (source,))
+    residual, tail = _residual_add(gm, out, real)
+    other = None if residual is None else next((a for a in residual.args[:2] if a is not tail), None)
+    if isinstance(other, torch.fx.Node) and _identity_path(gm, other, source):
+        residual.replace_input_with(other, real)  # type: ignore[union-attr]
+        return
+    with gm.graph.inserting_after(real):
+        summed = gm.graph.call_function(operator.add, (out, real))
+    out.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not summed)
 
 
 def describe_binary(cfg: Any) -> str:
@@ -84,5 +185,8 @@ def describe_binary(cfg: Any) -> str:
         return ""
     acts = ("binary activations (sign, clipped straight-through gradient; ReLUs become Hardtanh)"
             if cfg.binary == "weights+activations" else "float activations")
+    if cfg.binary_shortcuts:
+        acts = ("binary activations (sign, clipped straight-through gradient) with a real-valued shortcut around "
+                f"every binary convolution ({SHORTCUTS_SOURCE}; ReLUs become identities)")
     return (f"binary network: {cfg.binary_method} weights ({SOURCES[cfg.binary_method]}), {acts}; first and last "
             "layer in full precision")
