@@ -120,15 +120,18 @@ def prune_stage(args: argparse.Namespace, ref: Path, data, work: Path) -> tuple[
     return report, pruned_path
 
 
-def control_stage(args: argparse.Namespace, ref: Path, data, work: Path, run: bool = True) -> dict | None:
-    """The unpruned model fine-tuned with the same recipe for the same number of epochs (``run`` False: only
-    an earlier stage's result, if any)."""
+def control_stage(args: argparse.Namespace, ref: Path, data, work: Path, run: bool = True,
+                  distill: bool | None = None) -> dict | None:
+    """The unpruned model fine-tuned with the same recipe for the same number of epochs, distilling from the
+    reference throughout when ``distill`` (default: ``--distill``); ``run`` False: only an earlier stage's
+    result, if any."""
     epochs = args.sparsity_epochs + args.finetune_epochs
-    path = work / f"{args.model}-unpruned-ft{epochs:g}-lr{args.lr:g}.safetensors"
+    distill = args.distill if distill is None else distill
+    path = work / f"{args.model}-unpruned-ft{epochs:g}{'-kd' if distill else ''}-lr{args.lr:g}.safetensors"
     if not run and not path.with_suffix(".report.json").is_file():
         return None
     return _cached(path.with_suffix(".report.json"), lambda: prune_checkpoint(
-        ref, "l1-filter", sparsity=0.0, finetune_epochs=epochs, data=data.spec, lr=args.lr, out=path,
+        ref, "l1-filter", sparsity=0.0, finetune_epochs=epochs, distill=distill, data=data.spec, lr=args.lr, out=path,
         amp=not args.fp32_finetune, channels_last=True, threads=args.threads, quiet=args.smoke,
         log=lambda m: print(m, flush=True)))
 
@@ -218,7 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsity-reg", type=float, default=5e-4)
     parser.add_argument("--steps", type=int, default=1, help="prune/fine-tune steps")
     parser.add_argument("--distill", action="store_true",
-                        help="fine-tune the pruned model on the unpruned one's soft targets too (the control does not)")
+                        help="fine-tune on the reference's soft targets too: the pruned model after pruning, the "
+                             "control for all its epochs")
     parser.add_argument("--finetune-epochs", type=float, default=2)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--fp32-finetune", action="store_true", help="fine-tune in fp32 (default: bf16 autocast)")
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
         x = x.repeat((args.speed_batch + len(x) - 1) // len(x), 1, 1, 1)[:args.speed_batch]
     rows, fused_diff = measure_speed({"unpruned": base, "pruned": pruned}, x, args, work)
     summary = _summary(args, report, control, rows, fused_diff, base)
+    plain_control = control_stage(args, ref, data, work, run=False, distill=False) if args.distill else None
+    summary["top1_control_without_distillation"] = plain_control.get("top1_after") if plain_control else None
     (work / f"{_tag(args)}.summary.json").write_text(json.dumps(summary, indent=1))
     lines = _lines(args, summary, report, control)
     if not args.no_onnx:
@@ -298,7 +304,7 @@ def _lines(args, s: dict, report: dict, control: dict | None) -> list[str]:
            + (f", --sparsity-epochs {args.sparsity_epochs} --sparsity-reg {args.sparsity_reg:g}" if args.sparsity_epochs
               else "") + (f", --steps {args.steps}" if args.steps > 1 else "")
            + (", --distill: the fine-tune also learns the unpruned reference's soft targets (weight 0.5, "
-              "temperature 4), the control does not" if args.distill else ""))
+              "temperature 4), and so does the control, for all its epochs" if args.distill else ""))
     head = "| model | params | MACs | top-1 | " + " | ".join(f"{b} b{args.speed_batch}" for b in backends) + " |"
     lines = [f"{args.model} (reference weights, {s['params_before']:,} params, {s['macs_before'] / 1e6:.1f} M MACs) on "
              f"CIFAR-10-JPEG test ({'subset' if args.smoke else '10,000 images'}); threads={args.threads}; latency = "
@@ -318,6 +324,10 @@ def _lines(args, s: dict, report: dict, control: dict | None) -> list[str]:
     if control:
         lines.append(f"| unpruned + {s['budget_epochs']:g} epoch(s), same recipe (control) | {control['params_after']:,} | "
                      f"{control['macs_after'] / 1e6:.1f} M | {control['top1_after']:.2f}% |" + " |" * len(backends))
+    if s.get("top1_control_without_distillation") is not None:
+        lines.append(f"| control without distillation (earlier run) | {s['params_before']:,} | "
+                     f"{s['macs_before'] / 1e6:.1f} M | {s['top1_control_without_distillation']:.2f}% |"
+                     + " |" * len(backends))
     ft = s["finetune"]
     lines += ["", f"- top-1 vs the unpruned reference: {s['top1_after'] - s['top1_before']:+.2f} points"
               + (f"; vs the control (same {s['budget_epochs']:g}-epoch budget): "
