@@ -292,13 +292,16 @@ def test_distilled_fine_tuning_learns_from_the_unpruned_checkpoint(digits_run, t
 
     with pytest.raises(ConfigError, match="--distill .*add --finetune-epochs N"):
         prune_checkpoint(digits_run["run_dir"], "l1-filter", target_macs=0.6, distill=True, data="digits")
+    with pytest.raises(ConfigError, match="--distill .*missing.safetensors: no such checkpoint file"):
+        prune_checkpoint(digits_run["run_dir"], "l1-filter", target_macs=0.6, finetune_epochs=1,
+                         distill=tmp_path / "missing.safetensors")
     plain, distilled = run("plain"), run("distilled", distill=True)
     config = (tmp_path / "distilled.finetune" / "step-1" / "config.yaml").read_text()
     teacher = str(load_checkpoint(digits_run["run_dir"]).path)
     assert f"teachers:\n- {teacher}\n" in config
     assert "teachers: []" in (tmp_path / "plain.finetune" / "step-1" / "config.yaml").read_text()
-    assert distilled["distill"] and distilled["history"][0]["finetune"]["teacher"] == teacher
-    assert load_checkpoint(distilled["output"]).meta["compress"]["distill"] is True
+    assert distilled["distill"] == distilled["history"][0]["finetune"]["teacher"] == teacher
+    assert load_checkpoint(distilled["output"]).meta["compress"]["distill"] == teacher
     # same pruned start, seed and batches: only the soft targets differ, so the tuned weights do
     want, got = (load_checkpoint(r["output"]).model.state_dict() for r in (plain, distilled))
     assert plain["history"][0]["top1_pruned"] == distilled["history"][0]["top1_pruned"]

@@ -370,8 +370,9 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-epochs", type=float, default=0, help="fine-tuning epochs after pruning (default: 0)")
     parser.add_argument("--data", help="data spec for fine-tuning and evaluation (default: the checkpoint's own data)")
     parser.add_argument("--steps", type=int, default=1, help="prune then fine-tune in K steps (default: 1)")
-    parser.add_argument("--distill", action="store_true",
-                        help="fine-tune on the unpruned model's soft targets too (knowledge distillation, the "
+    parser.add_argument("--distill", nargs="?", const=True, default=False, metavar="TEACHER",
+                        help="fine-tune on the soft targets of the unpruned model, or of the TEACHER checkpoint, too "
+                             "(knowledge distillation, the "
                              "weight and temperature of train's --kd-alpha/--kd-temperature defaults)")
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate, cosine schedule "
                                                               "(default: 0.01)")

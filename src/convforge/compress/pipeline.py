@@ -191,7 +191,7 @@ def prune_checkpoint(
     sparsity_alpha: float = 4.0,
     data: str | None = None,
     steps: int = 1,
-    distill: bool = False,
+    distill: bool | str | Path = False,
     lr: float = 0.01,
     batch_size: int = 128,
     out: str | Path | None = None,
@@ -217,7 +217,8 @@ def prune_checkpoint(
     trains whole epochs), else a ConfigError names both values. The runs live in ``work_dir``
     (default ``OUT.finetune/``: ``sparsity/``, then one ``step-K/`` run each); running the same command
     again after a crash reuses the finished runs and resumes the unfinished one. ``distill``: the fine-tunes
-    also learn the unpruned ``checkpoint``'s soft targets (knowledge distillation). ``global_ranking``,
+    also learn soft targets (knowledge distillation) of the unpruned ``checkpoint`` (True) or of the
+    checkpoint file it names (a teacher trained on the fine-tuning data). ``global_ranking``,
     ``normalizer``: see :func:`convforge.compress.pruning.prune`. ``quiet``: the engine prints nothing.
     """
     ckpt = load_checkpoint(checkpoint)
@@ -228,8 +229,12 @@ def prune_checkpoint(
         raise ConfigError(f"--finetune-epochs must be >= 0 and --sparsity-epochs a whole number >= 0, got "
                           f"{finetune_epochs:g} and {sparsity_epochs:g}")
     epochs = epochs_per_step(finetune_epochs, steps) if finetune_epochs > 0 else 0
-    if distill and not epochs:
-        raise ConfigError("--distill trains the pruned model on the unpruned one's soft targets while it fine-tunes: "
+    teacher = None if distill is False else ckpt.path if distill is True else Path(distill)
+    if teacher is not None and not teacher.is_file():
+        raise ConfigError(f"--distill {teacher}: no such checkpoint file; give a convforge checkpoint to distil from, "
+                          "or --distill alone for the unpruned input")
+    if teacher is not None and not epochs:
+        raise ConfigError("--distill trains the pruned model on a teacher's soft targets while it fine-tunes: "
                           "add --finetune-epochs N")
     target = {"target_macs": target_macs, "sparsity": sparsity, "min_share": min_share, "round_to": round_to,
               "seed": seed, "global_ranking": global_ranking, "normalizer": normalizer}
@@ -252,17 +257,18 @@ def prune_checkpoint(
         tuner = FineTuner(Path(work_dir) if work_dir else default_work_dir(out_path), spec, epochs, lr, batch_size,
                           image_size=input_size[1], keep_sparsity=method == "global-magnitude", seed=seed, amp=amp,
                           channels_last=channels_last, device=device, threads=threads, quiet=quiet,
-                          teacher=str(ckpt.path) if distill else None)
+                          teacher=str(teacher) if teacher else None)
         tuner.check_work_dir({"checkpoint": str(ckpt.path.resolve()), "modified": ckpt.path.stat().st_mtime_ns,
                               "method": method, **target, "steps": steps, "finetune_epochs": finetune_epochs,
                               "sparsity_epochs": sparsity_epochs, "sparsity_reg": sparsity_reg,
                               "sparsity_alpha": sparsity_alpha, "data": spec, "lr": lr, "batch_size": batch_size,
-                              "amp": amp, "distill": distill})
+                              "amp": amp, "distill": str(teacher) if teacher else None})
     report: dict[str, Any] = {"checkpoint": str(ckpt.path), "method": method, "target_macs": target_macs,
                               "sparsity_target": sparsity, "steps": steps, "finetune_epochs": finetune_epochs,
                               "global_ranking": global_ranking, "normalizer": normalizer,
                               "sparsity_epochs": sparsity_epochs,
-                              "sparsity_reg": sparsity_reg if sparsity_epochs else None, "distill": distill}
+                              "sparsity_reg": sparsity_reg if sparsity_epochs else None,
+                              "distill": str(teacher) if teacher else None}
     if dataset is not None and evaluate_split:
         report["top1_before"] = top1(ckpt.model, ckpt, dataset, evaluate_split)
         log(f"unpruned: top-1 {report['top1_before']:.2f}% on {evaluate_split}")
