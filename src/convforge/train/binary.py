@@ -99,7 +99,7 @@ def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
         for node in layers[1:-1]:
             if isinstance(module_of(gm, node), BinaryConv2d):
                 _add_real_shortcut(gm, node)
-        gm.graph.eliminate_dead_code()  # the identity shortcuts that re-pointed adds no longer read
+        gm.graph.eliminate_dead_code()  # the blocks' own shortcuts, which the re-pointed adds no longer read
     if activations:
         relus = [n for n in gm.graph.nodes if is_relu(gm, n)]
         replace_calls(gm, relus, nn.Identity if shortcuts else nn.Hardtanh, "binary_act")
