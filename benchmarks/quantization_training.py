@@ -7,10 +7,14 @@
 2. Binary: ResNet-20 with binary weights and activations, with binary weights only, and its fp32 twin, all three
    with the same budget (``--binary-epochs``, AdamW, cosine; first and last layer full precision); top-1 of each
    and the gap to the twin; the binary-activation model is exported and run by ONNX Runtime (float, binarised
-   weights: storage and speed are not those of a bit-packed kernel).
+   weights: storage and speed are not those of a bit-packed kernel). ``--binary-init-epochs K`` trains each
+   binary network in two steps within the same budget (K epochs with real weights, then binary weights too).
+
+A run directory under --work that already holds a completed run with the same options is reused, so a
+benchmark that was cut off resumes with its remaining runs.
 
     python benchmarks/quantization_training.py [--part all|qat|binary] [--fp32-epochs 30] [--qat-epochs 5]
-        [--binary-epochs 30] [--threads N] [--no-record]
+        [--binary-epochs 30] [--binary-init-epochs K] [--binary-shortcuts] [--threads N] [--no-record]
     python benchmarks/quantization_training.py --smoke    # tiny synthetic data, seconds, nothing recorded
 
 Runs go to --work (default /tmp/convforge-bench-runs/quantization-training/DATE); results are appended to
@@ -34,11 +38,35 @@ SMOKE_DATA = "synthetic:classes=4,size=16,train=128,test=64"
 
 
 def _fit(out: Path, **options: Any) -> dict[str, Any]:
+    """Train one run into ``out``, or reuse the run already completed there with the same options (so that a
+    benchmark cut off after some of its runs resumes with the rest)."""
     from convforge import TrainConfig, fit
 
+    finished = _finished_run(out, options)
+    if finished is not None:
+        print(f"reusing the completed run {out} (same options)", flush=True)
+        return finished
     started = time.perf_counter()
     summary = fit(TrainConfig(out=str(out), **options), quiet=False)
     summary["bench_wall_s"] = time.perf_counter() - started
+    return summary
+
+
+def _finished_run(out: Path, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of the completed run in ``out`` when its config.yaml has ``options``, else None."""
+    from convforge.config import load_yaml
+
+    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    if summary.get("status") != "completed":
+        return None
+    saved = load_yaml(out / "config.yaml")
+    for name, value in options.items():
+        same = (Path(saved.get(name) or "").resolve() == Path(value).resolve() if name == "init"
+                else saved.get(name) == value)
+        if value is not None and not same:
+            return None
     return summary
 
 
@@ -80,17 +108,32 @@ def qat_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, Any]
 
 
 def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, Any]:
-    """The fp32 twin and the two binary variants with one budget; the binary-activation model exported."""
+    """The fp32 twin and the two binary variants with one epoch budget; the binary-activation model exported.
+
+    With ``--binary-init-epochs K`` each binary network is trained in two steps (ReActNet, Liu et al. 2022;
+    Liu et al. 2021, "How do Adam and training strategies help BNNs optimization"): K epochs with real
+    weights (binary weights: a fp32 run; weights+activations: binary activations, ``--binary activations``),
+    then the remaining epochs from that checkpoint (``--init``) with binary weights too.
+    """
     from convforge.export.qat import quantize_trained
     from convforge.train.inference import load_model
 
-    runs = {}
+    recipe = {"model": args.binary_model, "optimizer": "adamw", "lr": args.binary_lr, "schedule": "cosine",
+              "label_smoothing": args.label_smoothing, **_common(args)}
     activations = {"binary": "weights+activations", "binary_shortcuts": args.binary_shortcuts}
-    for name, extra in (("fp32", {}), ("binary weights", {"binary": "weights"}),
-                        ("binary weights+activations", activations)):
-        runs[name] = _fit(work / name.replace(" ", "-").replace("+", "-"), model=args.binary_model,
-                          epochs=args.binary_epochs, optimizer="adamw", lr=args.binary_lr, schedule="cosine",
-                          label_smoothing=args.label_smoothing, **extra, **_common(args))
+    plan = (("binary weights+activations", activations, {"binary": "activations",
+                                                         "binary_shortcuts": args.binary_shortcuts}),
+            ("binary weights", {"binary": "weights"}, {}))
+    runs, step = {}, args.binary_init_epochs
+    for name, extra, first_step in plan:
+        if step:
+            first = f"{first_step.get('binary', 'fp32')} stage (epochs 1-{step})"
+            runs[first] = _fit(work / f"{first_step.get('binary', 'fp32')}-stage-{step}", epochs=step,
+                               **first_step, **recipe)
+            extra = {**extra, "init": str(Path(runs[first]["run_dir"]) / "last.safetensors")}  # last: no test pick
+        runs[name] = _fit(work / name.replace(" ", "-").replace("+", "-"), epochs=args.binary_epochs - step,
+                          **extra, **recipe)
+    runs["fp32"] = _fit(work / "fp32", epochs=args.binary_epochs, **recipe)
     loaded = load_model(Path(runs["binary weights+activations"]["run_dir"]))
     export = quantize_trained(loaded, loaded.input_size, Path(runs["binary weights+activations"]["run_dir"]) /
                               "binary.onnx", data, batch_size=256, threads=args.threads)
@@ -120,15 +163,21 @@ def qat_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
 
 def binary_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     runs, export = result["runs"], result["export"]
-    twin = runs["fp32"]["test_top1"]
-    lines = [f"{args.binary_model} on {args.data}, {args.binary_epochs} epochs each, AdamW (lr {args.binary_lr:g}), "
-             "cosine; first and last layer full precision; xnor weights (mean |W| per output channel)"
+    twin, stage_epochs = runs["fp32"]["test_top1"], args.binary_init_epochs
+    budget = (f"{args.binary_epochs} epochs each" if not stage_epochs else
+              f"{args.binary_epochs} epochs each: each binary network as {stage_epochs} epochs with real weights "
+              f"(weights+activations: binary activations; weights: fp32), then {args.binary_epochs - stage_epochs} "
+              f"binary epochs from that checkpoint (--init); the twin as {args.binary_epochs} fp32 epochs")
+    lines = [f"{args.binary_model} on {args.data}, {budget}; AdamW (lr {args.binary_lr:g}), cosine in every run; "
+             "first and last layer full precision; xnor weights (mean |W| per output channel)"
              + ("; weights+activations with Bi-Real shortcuts (a real-valued shortcut around every binary "
                 "convolution, no other activation)." if args.binary_shortcuts else "."),
              "", "| network | top-1 | vs fp32 twin | training time |", "|---|---:|---:|---:|"]
     for name, summary in runs.items():
-        gap = "-" if name == "fp32" else f"{summary['test_top1'] - twin:+.2f}"
+        gap = "-" if "stage" in name or name == "fp32" else f"{summary['test_top1'] - twin:+.2f}"
         lines.append(f"| {name} | {summary['test_top1']:.2f}% | {gap} | {summary['train_time_s']:.0f} s |")
+    if stage_epochs:
+        lines += ["", "Each binary network's training time above excludes the stage it started from."]
     lines += ["", f"The binary weights+activations model in ONNX Runtime (float graph, binarised weights): "
                   f"{export['top1_onnx']:.2f}% (PyTorch {export['top1_torch']:.2f}%), max |logit diff| "
                   f"{export['max_abs_diff']:.2g} on random inputs; no bit-packed kernels, so no speed-up is claimed."]
@@ -147,6 +196,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="fp32 training peak lr (SGD, onecycle)")
     parser.add_argument("--qat-lr", type=float, default=0.005, help="QAT peak lr (SGD, cosine, no warm-up)")
     parser.add_argument("--binary-lr", type=float, default=2e-3, help="peak lr of the three binary-study runs (AdamW)")
+    parser.add_argument("--binary-init-epochs", type=int, default=0,
+                        help="two-step binary training: this many of --binary-epochs with real weights (binary "
+                             "activations for weights+activations), the rest with binary weights too")
     parser.add_argument("--binary-shortcuts", action="store_true",
                         help="Bi-Real shortcuts in the weights+activations run (train's --binary-shortcuts)")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
@@ -165,6 +217,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.batch_size, args.calib_samples, args.no_record = 32, 64, True
         if args.qat_model == "mobilenet_v2_cifar":
             args.qat_model = "smallcnn"
+        if args.binary_init_epochs:
+            args.binary_init_epochs, args.binary_epochs = 1, 2
+    if not 0 <= args.binary_init_epochs < args.binary_epochs:
+        parser.error(f"--binary-init-epochs must be >= 0 and below --binary-epochs ({args.binary_epochs}), "
+                     f"got {args.binary_init_epochs}")
     return args
 
 

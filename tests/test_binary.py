@@ -20,8 +20,9 @@ from convforge.export.onnx import run_session, session
 from convforge.export.qat import export_quantized
 from convforge.layers.binary import BinaryConv2d, RealShortcut, binarize_weight, binary_activation
 from convforge.models import create_model
-from convforge.train.binary import prepare_binary
+from convforge.train.binary import latent_state_dict, prepare_binary
 from convforge.train.inference import load_model
+from convforge.train.init import load_init
 from helpers import read_jsonl
 
 
@@ -71,15 +72,60 @@ def test_xnor_weight_gradient_is_the_papers_and_dorefa_passes_it_straight():
     np.testing.assert_array_equal(weight.grad.numpy(), g)
 
 
-@pytest.mark.parametrize("mode", ["weights", "weights+activations"])
+@pytest.mark.parametrize("mode", ["weights", "activations", "weights+activations"])
 def test_swap_keeps_first_and_last_layer_in_full_precision(mode):
     gm = prepare_binary(create_model("resnet20"), mode)
     assert type(gm.conv1) is nn.Conv2d and type(gm.linear) is nn.Linear
     binary = [m for m in gm.modules() if isinstance(m, BinaryConv2d)]
     assert len(binary) == 18 and all(m.binary_input == (mode != "weights") for m in binary)
+    assert all(m.binary_weight == (mode != "activations") for m in binary)
     relus = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.relu]
     hardtanh = [m for m in gm.modules() if isinstance(m, nn.Hardtanh)]
     assert (len(relus), len(hardtanh)) == ((19, 0) if mode == "weights" else (0, 19))
+
+
+def test_activations_mode_binarises_the_inputs_and_keeps_the_real_weights():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    layer = BinaryConv2d(conv, binary_input=True, binary_weight=False)
+    torch.testing.assert_close(layer(x), conv(torch.where(x >= 0, 1.0, -1.0)))
+    exported = layer.export_module()
+    torch.testing.assert_close(exported(x), layer(x))
+    assert torch.equal(exported[1].weight, conv.weight)  # real weights baked in, after an exact sign
+    with pytest.raises(ValueError, match="weights, its inputs or both"):
+        BinaryConv2d(conv, binary_input=False, binary_weight=False)
+
+
+def test_latent_state_of_a_binary_model_is_the_float_models_state():
+    model = create_model("resnet20")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = prepare_binary(model, "activations", shortcuts=True)
+    assert any(".conv.weight" in key for key in gm.state_dict())  # the wrappers rename the binary layers
+    latent = latent_state_dict(gm)
+    assert latent.keys() == expected.keys()
+    assert all(torch.equal(latent[k], expected[k]) for k in expected)
+
+
+def test_two_step_binary_training_starts_weights_and_activations_from_the_activations_step(tmp_path):
+    """ReActNet's two steps: binary activations with real weights, then --init that checkpoint with binary
+    weights too; the second run starts from the first one's real-valued weights."""
+    common = dict(model="smallcnn", data="digits", batch_size=64, threads=1, seed=0, optimizer="adamw", lr=0.01,
+                  model_args={"widths": [16, 32, 64]}, binary_shortcuts=True)
+    fit(TrainConfig(epochs=1, binary="activations", out=str(tmp_path / "step1"), **common), quiet=True)
+    step1 = json.loads((tmp_path / "step1" / "last.json").read_text())["quantization"]
+    assert (step1["mode"], step1["weights"], step1["activations"]) == ("activations", "float", "sign (+-1)")
+    data = load("digits")
+    init = load_init(str(tmp_path / "step1" / "last.safetensors"), "smallcnn", "classify", data, {})
+    latent = latent_state_dict(load_model(tmp_path / "step1" / "last.safetensors").model)
+    assert all(torch.equal(init.model.state_dict()[k], v) for k, v in latent.items())
+    assert any("real-valued (latent) weights" in note for note in init.notes)
+    fit(TrainConfig(epochs=1, binary="weights+activations", init=str(tmp_path / "step1" / "last.safetensors"),
+                    out=str(tmp_path / "step2"), **common), quiet=True)
+    meta = json.loads((tmp_path / "step2" / "last.json").read_text())
+    assert meta["quantization"]["mode"] == "weights+activations" and meta["init"]["epoch"] == 1
+    step2 = [m for m in load_model(tmp_path / "step2").model.modules() if isinstance(m, BinaryConv2d)]
+    assert len(step2) == 2 and all(m.binary_weight and m.binary_input for m in step2)
 
 
 def _bireal_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +175,7 @@ def test_bireal_shortcuts_keep_a_projection_shortcut_and_skip_narrowing_convolut
 
 def test_binary_settings_are_checked():
     with pytest.raises(ConfigError, match="weights\\+activations"):
-        TrainConfig(binary="activations").validate()
+        TrainConfig(binary="signs").validate()
     with pytest.raises(ConfigError, match="--binary"):
         TrainConfig(binary_method="xnor").validate()
     with pytest.raises(ConfigError, match="xnor"):

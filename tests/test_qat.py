@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -241,16 +242,20 @@ def test_quantize_command_exports_a_qat_checkpoint_without_calibration(qat_run, 
     assert set(report["images_per_s_batch256"]) == {"torch eager fp32", "onnxruntime fp32", "onnxruntime int8"}
 
 
-def test_quantization_training_benchmark_smoke(tmp_path):
-    """benchmarks/quantization_training.py --smoke: fp32 -> PTQ and QAT int8 with speed; binary twins."""
+def _benchmark_module():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "quantization_training.py"
     spec = importlib.util.spec_from_file_location("quantization_training_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    results = path.parent / "RESULTS.md"
+    return bench
+
+
+def test_quantization_training_benchmark_smoke(tmp_path):
+    """benchmarks/quantization_training.py --smoke: fp32 -> PTQ and QAT int8 with speed; binary twins."""
+    bench = _benchmark_module()
+    results = Path(bench.__file__).parent / "RESULTS.md"
     before = results.read_text() if results.exists() else None
     result = bench.main(["--smoke", "--threads", "1", "--work", str(tmp_path)])
     qat = result["qat"]
@@ -259,13 +264,37 @@ def test_quantization_training_benchmark_smoke(tmp_path):
     assert 0 <= qat["ptq_top1"] <= 100 and (tmp_path / "qat" / "fp32" / "ptq-int8.onnx").is_file()
     assert set(qat["export"]["images_per_s_batch256"]) == {"torch eager fp32", "onnxruntime fp32", "onnxruntime int8"}
     runs = result["binary"]["runs"]
-    assert list(runs) == ["fp32", "binary weights", "binary weights+activations"]
+    assert list(runs) == ["binary weights+activations", "binary weights", "fp32"]
     assert all(run["epochs"] == 1 and run["model"] == "resnet20" for run in runs.values())
     binary = json.loads((Path(runs["binary weights"]["run_dir"]) / "best.json").read_text())["quantization"]
     assert binary["mode"] == "weights"
     assert result["binary"]["export"]["top1_onnx"] == pytest.approx(runs["binary weights+activations"]["test_top1"])
     assert (results.read_text() if results.exists() else None) == before  # --smoke records nothing
     assert json.loads((tmp_path / "result.json").read_text())["qat"]["ptq_top1"] == qat["ptq_top1"]
+
+
+def test_two_step_binary_benchmark_starts_each_binary_network_from_its_real_weight_step(tmp_path):
+    """--binary-init-epochs K: K epochs with real weights (fp32 for binary weights, binary activations for
+    weights+activations), then each binary network from that step's last checkpoint for the remaining epochs,
+    while the twin trains all of them in fp32; a second call reuses the completed runs."""
+    bench = _benchmark_module()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--binary-epochs", "4", "--binary-init-epochs", "4"])
+    argv = ["--smoke", "--part", "binary", "--binary-init-epochs", "1", "--binary-shortcuts", "--threads", "1",
+            "--work", str(tmp_path)]
+    runs = bench.main(argv)["binary"]["runs"]
+    assert list(runs) == ["activations stage (epochs 1-1)", "binary weights+activations", "fp32 stage (epochs 1-1)",
+                          "binary weights", "fp32"]
+    assert [run["epochs"] for run in runs.values()] == [1, 1, 1, 1, 2]
+    for name, first in (("binary weights+activations", "activations stage (epochs 1-1)"),
+                        ("binary weights", "fp32 stage (epochs 1-1)")):
+        init = json.loads((Path(runs[name]["run_dir"]) / "best.json").read_text())["init"]
+        assert Path(init["checkpoint"]) == (Path(runs[first]["run_dir"]) / "last.safetensors").resolve()
+    stage = json.loads((Path(runs["activations stage (epochs 1-1)"]["run_dir"]) / "last.json").read_text())
+    assert stage["quantization"]["mode"] == "activations" and "shortcuts" in stage["quantization"]
+    again = bench.main(argv)["binary"]["runs"]
+    assert all("bench_wall_s" not in run for run in again.values())  # nothing retrained
+    assert {name: run["test_top1"] for name, run in again.items()} == {n: r["test_top1"] for n, r in runs.items()}
 
 
 def test_export_command_points_a_qat_checkpoint_to_quantize(qat_run, tmp_path, capsys):

@@ -53,11 +53,12 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
                           "folded; with --init CKPT and a small --lr) or none (default: none)"),
     ("--qat-freeze-bn-fraction", "qat_freeze_bn_fraction", float, "with --qat: freeze the BatchNorm statistics after "
                                                                   "this share of the epochs (default: 0.5; 1: never)"),
-    ("--binary", "binary", str, "binary network: weights or weights+activations (first and last layer full "
-                                "precision) or none (default: none)"),
+    ("--binary", "binary", str, "binary network: weights, weights+activations or activations (real weights: the "
+                                "first of two steps, then --init it with weights+activations); first and last layer "
+                                "full precision; or none (default: none)"),
     ("--binary-method", "binary_method", str, "with --binary: xnor (scale mean|W| per output channel, XNOR-Net) or "
                                               "dorefa (one scale per layer, DoReFa-Net) (default: xnor)"),
-    ("--binary-shortcuts", "binary_shortcuts", "flag", "with --binary weights+activations: a real-valued shortcut "
+    ("--binary-shortcuts", "binary_shortcuts", "flag", "with binary activations: a real-valued shortcut "
                                                        "around every binary convolution (Bi-Real Net)"),
     ("--teacher", "teachers", "append", "distil from this convforge checkpoint (repeatable: soft targets averaged)"),
     ("--teacher-model", "teacher_model", str, "distil from a foreign weight file: the teacher's model name"),

@@ -69,54 +69,73 @@ def binarize_weight(weight: torch.Tensor, method: str = "xnor") -> torch.Tensor:
     raise ValueError(f"binary method must be one of {', '.join(BINARY_METHODS)}, got {method!r}")
 
 
-class BinaryConv2d(nn.Module):
-    """``conv`` with binarised weights and, with ``binary_input``, binarised inputs (its bias stays float)."""
+class _BinaryLayer(nn.Module):
+    """The settings the binary convolution and linear layers share: ``binary_weight`` (the weights
+    binarised by ``method``; False keeps them real, as in the first stage of ReActNet's two-step training)
+    and ``binary_input`` (the inputs binarised)."""
 
-    def __init__(self, conv: nn.Conv2d, method: str = "xnor", binary_input: bool = False) -> None:
+    def __init__(self, method: str, binary_input: bool, binary_weight: bool) -> None:
         super().__init__()
         if method not in BINARY_METHODS:
             raise ValueError(f"binary method must be one of {', '.join(BINARY_METHODS)}, got {method!r}")
-        self.conv, self.method, self.binary_input = conv, method, binary_input
+        if not (binary_input or binary_weight):
+            raise ValueError("a binary layer binarises its weights, its inputs or both")
+        self.method, self.binary_input, self.binary_weight = method, binary_input, binary_weight
+
+    def _weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return binarize_weight(weight, self.method) if self.binary_weight else weight
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return binary_activation(x) if self.binary_input else x
+
+    def _exported(self, layer: nn.Module) -> nn.Module:
+        return nn.Sequential(SignActivation(), layer) if self.binary_input else layer
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, binary_input={self.binary_input}, binary_weight={self.binary_weight}"
+
+
+class BinaryConv2d(_BinaryLayer):
+    """``conv`` with binarised weights and/or inputs (its bias stays float)."""
+
+    def __init__(self, conv: nn.Conv2d, method: str = "xnor", binary_input: bool = False,
+                 binary_weight: bool = True) -> None:
+        super().__init__(method, binary_input, binary_weight)
+        self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.binary_input:
-            x = binary_activation(x)
-        return self.conv._conv_forward(x, binarize_weight(self.conv.weight, self.method), self.conv.bias)
+        return self.conv._conv_forward(self._input(x), self._weight(self.conv.weight), self.conv.bias)
 
     def export_module(self) -> nn.Module:
-        """A plain convolution with the binarised weights baked in (after an exact sign when ``binary_input``)."""
+        """A plain convolution with the (binarised) weights baked in, after an exact sign when ``binary_input``."""
         with torch.no_grad():
             conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size, self.conv.stride,
                              self.conv.padding, self.conv.dilation, self.conv.groups, self.conv.bias is not None,
                              self.conv.padding_mode)
-            conv.weight.copy_(binarize_weight(self.conv.weight, self.method))
+            conv.weight.copy_(self._weight(self.conv.weight))
             if self.conv.bias is not None:
                 conv.bias.copy_(self.conv.bias)
-        return nn.Sequential(SignActivation(), conv) if self.binary_input else conv
-
-    def extra_repr(self) -> str:
-        return f"method={self.method}, binary_input={self.binary_input}"
+        return self._exported(conv)
 
 
-class BinaryLinear(nn.Module):
-    """``linear`` with binarised weights and, with ``binary_input``, binarised inputs (its bias stays float)."""
+class BinaryLinear(_BinaryLayer):
+    """``linear`` with binarised weights and/or inputs (its bias stays float)."""
 
-    def __init__(self, linear: nn.Linear, method: str = "xnor", binary_input: bool = False) -> None:
-        super().__init__()
-        self.linear, self.method, self.binary_input = linear, method, binary_input
+    def __init__(self, linear: nn.Linear, method: str = "xnor", binary_input: bool = False,
+                 binary_weight: bool = True) -> None:
+        super().__init__(method, binary_input, binary_weight)
+        self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.binary_input:
-            x = binary_activation(x)
-        return F.linear(x, binarize_weight(self.linear.weight, self.method), self.linear.bias)
+        return F.linear(self._input(x), self._weight(self.linear.weight), self.linear.bias)
 
     def export_module(self) -> nn.Module:
         with torch.no_grad():
             linear = nn.Linear(self.linear.in_features, self.linear.out_features, self.linear.bias is not None)
-            linear.weight.copy_(binarize_weight(self.linear.weight, self.method))
+            linear.weight.copy_(self._weight(self.linear.weight))
             if self.linear.bias is not None:
                 linear.bias.copy_(self.linear.bias)
-        return nn.Sequential(SignActivation(), linear) if self.binary_input else linear
+        return self._exported(linear)
 
 
 class SignActivation(nn.Module):

@@ -1,13 +1,16 @@
-"""Binary networks on the engine (``--binary weights|weights+activations``, ``--binary-method xnor|dorefa``).
+"""Binary networks on the engine (``--binary weights|activations|weights+activations``, ``--binary-method
+xnor|dorefa``).
 
 Every convolution and linear layer except the first and the last (the stem and the classifier stay full
 precision, as in XNOR-Net, Bi-Real Net and IR-Net) gets binary weights (:mod:`convforge.layers.binary`);
-with ``weights+activations`` it also binarises its input. A sign after a ReLU would always be +1, so in
-that mode the model's ReLU/ReLU6 activations (modules and ``F.relu`` calls) become Hardtanh, the
+with ``weights+activations`` it also binarises its input, with ``activations`` only its input (real weights:
+the first step of two-step training, ReActNet and Liu et al. 2021, whose checkpoint a ``weights+activations``
+run then starts from with ``--init``). A sign after a ReLU would always be +1, so with binary activations
+the model's ReLU/ReLU6 activations (modules and ``F.relu`` calls) become Hardtanh, the
 activation of BNN (Hubara et al. 2016) and IR-Net's binary ResNet-20. BatchNorm stays a float layer after
 each binary convolution (it is the per-channel scale and shift a binary layer needs).
 
-With ``shortcuts`` (``--binary-shortcuts``, weights+activations only) the model becomes a Bi-Real network
+With ``shortcuts`` (``--binary-shortcuts``, binary activations only) the model becomes a Bi-Real network
 (Liu et al. 2018): every binary convolution's BatchNorm output is added to the convolution's own real-valued
 input (:class:`~convforge.layers.binary.RealShortcut`: averaged when it strides, channels repeated when it
 widens). A residual add that already follows such a convolution, and whose other input lies upstream of the
@@ -30,7 +33,7 @@ from convforge.layers.binary import BINARY_METHODS, BinaryConv2d, BinaryLinear, 
 from convforge.train.quant_graph import (finish, following_batchnorm, is_relu, layer_nodes, module_of, replace_calls,
                                          replace_module, trace)
 
-BINARY_MODES = ("weights", "weights+activations")
+BINARY_MODES = ("weights", "activations", "weights+activations")
 DEFAULT_METHOD = "xnor"
 SOURCES = {"xnor": "Rastegari et al. 2016, XNOR-Net", "dorefa": "Zhou et al. 2016, DoReFa-Net"}
 SHORTCUTS_SOURCE = "Liu et al. 2018, Bi-Real Net"
@@ -48,9 +51,10 @@ def check_binary(cfg: Any) -> None:
         return
     if cfg.binary not in BINARY_MODES:
         raise ConfigError(f"binary must be one of {', '.join(BINARY_MODES)} or none, got {cfg.binary!r}")
-    if cfg.binary_shortcuts and cfg.binary != "weights+activations":
+    if cfg.binary_shortcuts and not binary_activations(cfg.binary):
         raise ConfigError(f"--binary-shortcuts carry the real values that binary activations discard; with --binary "
-                          f"{cfg.binary} the activations are already real: use --binary weights+activations or drop it")
+                          f"{cfg.binary} the activations are already real: use --binary weights+activations "
+                          "(or activations) or drop it")
     if cfg.binary_method is not None and cfg.binary_method not in BINARY_METHODS:
         raise ConfigError(f"binary_method must be one of {', '.join(BINARY_METHODS)}, got {cfg.binary_method!r}")
 
@@ -62,14 +66,19 @@ def resolve_binary(cfg: Any) -> Any:
     return dataclasses.replace(cfg, binary_method=cfg.binary_method or DEFAULT_METHOD)
 
 
+def binary_activations(mode: str | None) -> bool:
+    """Mode ``mode`` binarises the layers' inputs."""
+    return mode in ("activations", "weights+activations")
+
+
 def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = None,
                   shortcuts: bool = False) -> dict[str, Any]:
     """What a checkpoint says about its binary layers (``model``: the prepared model, for the full-precision
     layer names)."""
+    scale = "scale mean|W| per output channel" if method == "xnor" else "scale mean|W| per layer"
     record: dict[str, Any] = {"kind": "binary", "mode": mode, "method": method, "source": SOURCES[method],
-                              "weights": "binary, " + ("scale mean|W| per output channel" if method == "xnor"
-                                                       else "scale mean|W| per layer"),
-                              "activations": "sign (+-1)" if mode == "weights+activations" else "float"}
+                              "weights": "float" if mode == "activations" else f"binary, {scale}",
+                              "activations": "sign (+-1)" if binary_activations(mode) else "float"}
     if shortcuts:
         record["shortcuts"] = f"real-valued around every binary convolution ({SHORTCUTS_SOURCE})"
     if model is not None:
@@ -77,6 +86,20 @@ def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = N
         record["full_precision"] = [name for name, m in model.named_modules()
                                     if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in inner]
     return record
+
+
+def latent_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The state of the float model inside a prepared binary ``model``: its real-valued (latent) weights under
+    the float model's names (``layer1.0.conv1.conv.weight`` -> ``layer1.0.conv1.weight``). Bi-Real shortcuts
+    and the activations that replace ReLUs hold no state, so nothing else differs."""
+    wrapped = {name: "conv" if isinstance(module, BinaryConv2d) else "linear"
+               for name, module in model.named_modules() if isinstance(module, (BinaryConv2d, BinaryLinear))}
+    state = {}
+    for key, value in model.state_dict().items():
+        parts = key.rsplit(".", 2)  # e.g. layer1.0.conv1 | conv | weight
+        unwrapped = len(parts) == 3 and wrapped.get(parts[0]) == parts[1]
+        state[f"{parts[0]}.{parts[2]}" if unwrapped else key] = value
+    return state
 
 
 def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
@@ -90,11 +113,12 @@ def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
     if len(layers) < 3:
         raise ConfigError(f"--binary keeps the first and last layer in full precision; {type(model).__name__} has "
                           f"{len(layers)} convolution/linear layer(s), so none would be binary")
-    activations = mode == "weights+activations"
+    activations = binary_activations(mode)
     for node in layers[1:-1]:
         module = module_of(gm, node)
         wrapper = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
-        replace_module(gm, node.target, wrapper(module, method, binary_input=activations))  # type: ignore[arg-type]
+        replace_module(gm, node.target, wrapper(module, method, binary_input=activations,  # type: ignore[arg-type]
+                                                binary_weight=mode != "activations"))
     if shortcuts:
         for node in layers[1:-1]:
             if isinstance(module_of(gm, node), BinaryConv2d):
@@ -184,9 +208,10 @@ def describe_binary(cfg: Any) -> str:
     if not cfg.binary:
         return ""
     acts = ("binary activations (sign, clipped straight-through gradient; ReLUs become Hardtanh)"
-            if cfg.binary == "weights+activations" else "float activations")
+            if binary_activations(cfg.binary) else "float activations")
     if cfg.binary_shortcuts:
         acts = ("binary activations (sign, clipped straight-through gradient) with a real-valued shortcut around "
                 f"every binary convolution ({SHORTCUTS_SOURCE}; ReLUs become identities)")
-    return (f"binary network: {cfg.binary_method} weights ({SOURCES[cfg.binary_method]}), {acts}; first and last "
-            "layer in full precision")
+    weights = ("float weights (binary activations only: the first step of two-step training)"
+               if cfg.binary == "activations" else f"{cfg.binary_method} weights ({SOURCES[cfg.binary_method]})")
+    return f"binary network: {weights}, {acts}; first and last layer in full precision"

@@ -225,6 +225,12 @@ def _carried_state(source: dict[str, torch.Tensor], state: dict[str, torch.Tenso
     return state
 
 
+def _binary_mode(meta: dict[str, Any]) -> str | None:
+    """The --binary mode of a binary checkpoint's metadata (None for any other)."""
+    record = meta.get("quantization")
+    return str(record.get("mode")) if isinstance(record, dict) and record.get("kind") == "binary" else None
+
+
 def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str, Any],
               pretrained: PretrainedDefaults | None = None) -> InitWeights:
     """The model of a run started from checkpoint ``path`` on ``data`` (see the module docstring).
@@ -275,11 +281,19 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
     order = torch.tensor([old_classes.index(c) for c in new_classes]) if reordered else None
-    state = _carried_state(ckpt.model.state_dict(), built.state_dict(), heads, same, order,
-                           f"--init {shown}", args)
+    binary = _binary_mode(meta)
+    source_state = ckpt.model.state_dict()
+    if binary:  # a binary checkpoint's real-valued weights, e.g. the first step of two-step binary training
+        from convforge.train.binary import latent_state_dict
+
+        source_state = latent_state_dict(ckpt.model)
+    state = _carried_state(source_state, built.state_dict(), heads, same, order, f"--init {shown}", args)
     built.load_state_dict(state)
     head = "kept" if same else "reordered" if reordered else "reinitialised"
     notes = [f"--init: weights from {shown} ({spec['name']}, epoch {meta.get('epoch', '?')})"]
+    if binary:
+        notes.append(f"--init: the checkpoint is a binary network (--binary {binary}); the run starts from its "
+                     "real-valued (latent) weights, and its own --binary setting decides what is binarised")
     if head == "reordered":
         notes.append("--init: the checkpoint has the same classes in another order; its head rows were reordered")
     elif head == "reinitialised":

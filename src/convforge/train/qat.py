@@ -61,8 +61,9 @@ def resolve_quantization(cfg: Any) -> Any:
 
 
 def check_init_not_quantized(meta: dict[str, Any], shown: str) -> None:
-    """An --init checkpoint must hold a float model: its weights name the layers before any swap."""
-    if META_KEY in meta:
+    """An --init checkpoint must hold a float model or a binary one (whose latent weights are real): a --qat
+    checkpoint's BatchNorms are folded into its convolutions."""
+    if META_KEY in meta and not (isinstance(meta[META_KEY], dict) and meta[META_KEY].get("kind") == "binary"):
         kind = meta[META_KEY].get("kind", "quantized") if isinstance(meta[META_KEY], dict) else "quantized"
         parent = meta.get("init", {}).get("checkpoint") if isinstance(meta.get("init"), dict) else None
         raise ConfigError(f"--init {shown} is a {kind} checkpoint; start from its float model"

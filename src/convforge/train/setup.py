@@ -140,7 +140,7 @@ def load_data(state: TrainingState) -> None:
 
 
 def _check_init_float(path: str) -> None:
-    """--init must name a float model (a --qat or --binary checkpoint's layers are already swapped)."""
+    """--init must name a float or binary model (a --qat checkpoint's BatchNorms are folded)."""
     from convforge.train.checkpoint import read_checkpoint_meta
     from convforge.train.init import is_foreign_weights
 
