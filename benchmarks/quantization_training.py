@@ -110,7 +110,7 @@ def qat_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, Any]
 def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, Any]:
     """The fp32 twin and the two binary variants with one epoch budget; the binary-activation model exported.
 
-    With ``--binary-init-epochs K`` each binary network is trained in two steps (ReActNet, Liu et al. 2022;
+    With ``--binary-init-epochs K`` each binary network is trained in two steps (ReActNet, Liu et al. 2020;
     Liu et al. 2021, "How do Adam and training strategies help BNNs optimization"): K epochs with real
     weights (binary weights: a fp32 run; weights+activations: binary activations, ``--binary activations``),
     then the remaining epochs from that checkpoint (``--init``) with binary weights too.
