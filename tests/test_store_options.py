@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from convforge import TrainConfig, fit
 from convforge.cli import build_parser, main
 from convforge.cli.train import train_config
+from convforge.config import resolve_store_size
 from convforge.data import load, normalize
 from convforge.data.photos import decode_photo
 from convforge.data.randaugment import (
@@ -252,6 +253,34 @@ def test_cli_parses_the_new_options(photos):
     assert (cfg.image_size, cfg.eval_image_size, cfg.rrc_ratio) == ([16, 24], 20, [0.5, 2.0])
     assert (cfg.randaugment, cfg.progressive_resize) == ([3, 5], [8, 1, 3])
     assert math.isclose(TrainConfig().rrc_ratio[1], 4 / 3) and TrainConfig().randaugment == [2, 9]
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ({}, 146),  # the 128 px default crop, evaluated at floor(128 / 0.875)
+    ({"image_size": 224}, 256),
+    ({"image_size": 176, "eval_image_size": 224, "crop_pct": 224 / 232}, 232),  # FixRes: the evaluation decides
+    ({"image_size": [96, 160], "crop_pct": 1.0}, 160),  # non-square: the longer side is never upscaled
+    ({"image_size": 300, "crop_pct": 1.0}, 300),
+])
+def test_store_size_auto_is_the_larger_of_the_training_crop_and_the_evaluation_resize(sizes, expected):
+    cfg, note = resolve_store_size(TrainConfig(data="imagefolder:x", store_size="auto", **sizes))
+    assert cfg.store_size == expected and f"--store-size auto: {expected}" in note
+    assert resolve_store_size(TrainConfig(store_size=40)) == (TrainConfig(store_size=40), None)
+
+
+def test_store_size_auto_from_the_cli_and_yaml_trains_and_is_recorded(tmp_path, photos, capsys):
+    args = build_parser().parse_args(["train", "--data", f"imagefolder:{photos}", "--store-size", "AUTO"])
+    assert train_config(args).store_size == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--store-size", "big"])
+    assert "whole number or auto" in capsys.readouterr().err
+    assert TrainConfig.from_dict({"store_size": "auto"}).store_size == "auto"
+    with pytest.raises(ConfigError, match="store_size' must be an integer or auto, got 'big'"):
+        TrainConfig.from_dict({"store_size": "big"})
+    fit(_config(photos, tmp_path / "run", store_size="auto"), quiet=False)
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors").meta["preprocess"]["store_size"] == 18  # 16/0.875
+    assert "note: --store-size auto: 18" in capsys.readouterr().err
+    assert "store_size: 18" in (tmp_path / "run" / "config.yaml").read_text()  # a resume keeps the same store
 
 
 @pytest.mark.parametrize("options, message", [

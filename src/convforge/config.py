@@ -84,7 +84,7 @@ class TrainConfig:
     crop_padding: int | None = None
     pad_mode: str = "zeros"
     image_size: int | list[int] | None = None
-    store_size: int | None = None
+    store_size: int | str | None = None  # N, or auto (resolve_store_size)
     crop_pct: float | None = None
     interpolation: str | None = None
     eval_image_size: int | list[int] | None = None
@@ -190,6 +190,7 @@ class TrainConfig:
 LIMITS = {"adv_eval_samples": 10_000_000, "epochs": 1_000_000, "batch_size": 1 << 24, "eval_every": 1_000_000, "threads": 4096,
           "crop_padding": 4096, "store_size": 65536, "seed": 2**32 - 1}
 MAX_IMAGE_SIZE = 8192  # the largest image_size / eval_image_size side
+AUTO = "auto"  # store_size: chosen from the training and evaluation sizes (resolve_store_size)
 _MODEL_ARGS_MAX_DEPTH = 16
 _MODEL_ARGS_MAX_ITEMS = 10_000
 
@@ -212,7 +213,7 @@ def _check_types_and_limits(cfg: TrainConfig) -> None:
     for name, high in LIMITS.items():
         value = getattr(cfg, name)
         low = 0 if name in ("crop_padding", "seed", "adv_eval_samples") else 1
-        if value is not None and not low <= value <= high:
+        if value is not None and value != AUTO and not low <= value <= high:
             raise ConfigError(f"{name} must be in {low}..{high}, got {value}")
     if not 0 <= cfg.momentum <= 1:
         raise ConfigError(f"momentum must be in [0, 1], got {cfg.momentum}")
@@ -282,6 +283,24 @@ def _check_store_options(cfg: TrainConfig) -> None:
     if not cfg.data.strip().lower().startswith(("imagefolder:", "wds:")):
         raise ConfigError(f"--store-size needs --data imagefolder:DIR (an image folder of any image sizes) or "
                           f"wds:DIR (WebDataset tar shards), got {_short(cfg.data)}")
+
+
+def resolve_store_size(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with ``store_size: auto`` replaced by the smallest store that no crop is upscaled from at full
+    scale: the larger of the training crop and the evaluation resize (eval size / crop_pct, e.g. 128 -> 146,
+    224 -> 256), over both sides; and a note saying so (None when there was nothing to choose)."""
+    from convforge.data.photos import DEFAULT_IMAGE_SIZE
+    from convforge.data.views import DEFAULT_CROP_PCT, eval_resize_size
+
+    if cfg.store_size != AUTO:
+        return cfg, None
+    crop = size_pair(cfg.image_size) or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    evaluated = size_pair(cfg.eval_image_size) or crop
+    resize = eval_resize_size(evaluated, cfg.crop_pct or DEFAULT_CROP_PCT)
+    size = max(*crop, *resize)
+    note = (f"--store-size auto: {size} (images kept with their shorter side at most {size} px: the "
+            f"{'x'.join(map(str, crop))} training crop, the {'x'.join(map(str, resize))} evaluation resize)")
+    return dataclasses.replace(cfg, store_size=size), note
 
 
 def _check_store_augments(cfg: TrainConfig) -> None:
@@ -379,6 +398,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if "None" in text:
             return None
         raise ConfigError(f"{where} may not be empty")
+    if "int | str" in text:  # store_size: N or auto
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer or {AUTO}, got {_short(value)}")
+        return value
     if "int | list[int]" in text:  # a size: N stays N ([N] too), [H, W] a list of integers
         if isinstance(value, list) and len(value) == 1:
             value = value[0]

@@ -86,9 +86,11 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--pad-mode", "pad_mode", str, "padding of the random crop: zeros or reflect (default: zeros)"),
     ("--image-size", "image_size", "sizes", "N or H W: resize image folders to this size (default: their own "
                                              "size); with --store-size: the training crop (default: 128)"),
-    ("--store-size", "store_size", int, "imagefolder:DIR of any image sizes: keep the images (shorter side <= N) "
-                                        "in an image store (wds:DIR shards: decode them so); --image-size is then the training crop (and the "
-                                        "evaluation crop unless --eval-image-size)"),
+    ("--store-size", "store_size", "int-or-auto", "imagefolder:DIR of any image sizes: keep the images (shorter "
+                                                  "side <= N) in an image store (wds:DIR shards: decode them so); auto: "
+                                                  "the larger of the training crop and the evaluation resize (128 -> "
+                                                  "146, 224 -> 256); --image-size is then the training crop (and the "
+                                                  "evaluation crop unless --eval-image-size)"),
     ("--crop-pct", "crop_pct", float, "store data: evaluation resizes to eval image size / F, then centre-crops "
                                       "(default: 0.875)"),
     ("--interpolation", "interpolation", str, "store data: the evaluation resize filter, bilinear or bicubic "
@@ -145,6 +147,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
         elif kind in ("ints", "sizes"):  # sizes: N or H W (one number stays a number in the config)
             train.add_argument(*names, dest=field, type=int, nargs="+", default=argparse.SUPPRESS, help=help_text,
                                metavar="N")
+        elif kind == "int-or-auto":
+            train.add_argument(*names, dest=field, type=_int_or_auto, default=argparse.SUPPRESS, help=help_text,
+                               metavar="N|auto")
         else:
             train.add_argument(*names, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
     train.add_argument("--nproc-per-node", type=int, metavar="N",
@@ -153,6 +158,15 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--model-arg", dest="model_args", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
                        help="extra model argument (value parsed as YAML), repeatable")
     add_json(train)
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def _fraction(text: str) -> float:

@@ -133,7 +133,7 @@ def pretrained_defaults(config: Any) -> tuple[Any, PretrainedDefaults | None]:
 
         eval_size = size_pair(config.eval_image_size or config.image_size, "image_size")
         resize = min(eval_resize_size(eval_size, config.crop_pct or DEFAULT_CROP_PCT))
-        if config.store_size < resize:
+        if isinstance(config.store_size, int) and config.store_size < resize:  # auto: resolved to >= resize
             warnings.append(f"--store-size {config.store_size} is below the {resize} px evaluation resize: "
                             "images are upscaled")
     return config, PretrainedDefaults(pretrained_model, cfg, taken, kept, store, warnings)

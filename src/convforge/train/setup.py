@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from convforge.allocator import keep_freed_blocks
-from convforge.config import TrainConfig, dump_yaml, load_yaml
+from convforge.config import TrainConfig, dump_yaml, load_yaml, resolve_store_size
 from convforge.errors import CheckpointError, ConfigError, DataError
 from convforge.measure import count_macs, count_params
 from convforge.progress import echo
@@ -111,6 +111,9 @@ def load_data(state: TrainingState) -> None:
     from convforge.train.init import load_init, pretrained_defaults
 
     config, pretrained = pretrained_defaults(config)  # --init FILE.pth: the weights' preprocessing by default
+    config, store_note = resolve_store_size(config)  # after the defaults: auto follows their sizes
+    if store_note:
+        state.say(f"note: {store_note}")
     if not role.is_main:
         barrier()
     data = task.load_data(config, state.say)
