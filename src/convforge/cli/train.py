@@ -86,11 +86,10 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--pad-mode", "pad_mode", str, "padding of the random crop: zeros or reflect (default: zeros)"),
     ("--image-size", "image_size", "sizes", "N or H W: resize image folders to this size (default: their own "
                                              "size); with --store-size: the training crop (default: 128)"),
-    ("--store-size", "store_size", "int-or-auto", "imagefolder:DIR of any image sizes: keep the images (shorter "
-                                                  "side <= N) in an image store (wds:DIR shards: decode them so); auto: "
-                                                  "the larger of the training crop and the evaluation resize (128 -> "
-                                                  "146, 224 -> 256); --image-size is then the training crop (and the "
-                                                  "evaluation crop unless --eval-image-size)"),
+    ("--store-size", "store_size", "int-or-auto",
+     "imagefolder:DIR of any image sizes: keep the images (shorter side <= N) in an image store (wds:DIR shards: "
+     "decode them so); auto: the larger of the training crop and the evaluation resize (128 -> 146, 224 -> 256); "
+     "--image-size is then the training crop (and the evaluation crop unless --eval-image-size)"),
     ("--crop-pct", "crop_pct", float, "store data: evaluation resizes to eval image size / F, then centre-crops "
                                       "(default: 0.875)"),
     ("--interpolation", "interpolation", str, "store data: the evaluation resize filter, bilinear or bicubic "
