@@ -120,9 +120,9 @@ def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, A
 
     recipe = {"model": args.binary_model, "optimizer": "adamw", "lr": args.binary_lr, "schedule": "cosine",
               "label_smoothing": args.label_smoothing, **_common(args)}
-    activations = {"binary": "weights+activations", "binary_shortcuts": args.binary_shortcuts}
-    plan = (("binary weights+activations", activations, {"binary": "activations",
-                                                         "binary_shortcuts": args.binary_shortcuts}),
+    real_values = {"binary_shortcuts": args.binary_shortcuts, "binary_ste": args.binary_ste}
+    plan = (("binary weights+activations", {"binary": "weights+activations", **real_values},
+             {"binary": "activations", **real_values}),
             ("binary weights", {"binary": "weights"}, {}))
     runs, step = {}, args.binary_init_epochs
     for name, extra, first_step in plan:
@@ -171,7 +171,9 @@ def binary_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     lines = [f"{args.binary_model} on {args.data}, {budget}; AdamW (lr {args.binary_lr:g}), cosine in every run; "
              "first and last layer full precision; xnor weights (mean |W| per output channel)"
              + ("; weights+activations with Bi-Real shortcuts (a real-valued shortcut around every binary "
-                "convolution, no other activation)." if args.binary_shortcuts else "."),
+                "convolution, no other activation)" if args.binary_shortcuts else "")
+             + ("; the sign's straight-through gradient scaled to each channel's standard deviation "
+                "(--binary-ste scaled)." if args.binary_ste == "scaled" else "."),
              "", "| network | top-1 | vs fp32 twin | training time |", "|---|---:|---:|---:|"]
     for name, summary in runs.items():
         gap = "-" if "stage" in name or name == "fp32" else f"{summary['test_top1'] - twin:+.2f}"
@@ -199,6 +201,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--binary-init-epochs", type=int, default=0,
                         help="two-step binary training: this many of --binary-epochs with real weights (binary "
                              "activations for weights+activations), the rest with binary weights too")
+    parser.add_argument("--binary-ste", choices=("clipped", "scaled"),
+                        help="the binary activations' straight-through gradient (default: train's, clipped)")
     parser.add_argument("--binary-shortcuts", action="store_true",
                         help="Bi-Real shortcuts in the weights+activations run (train's --binary-shortcuts)")
     parser.add_argument("--label-smoothing", type=float, default=0.1)

@@ -56,6 +56,18 @@ def test_sign_gradient_is_zero_outside_the_clip_range():
     assert x.grad.tolist() == [0.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.0]
 
 
+def test_scaled_sign_gradient_is_hardtanhs_in_units_of_each_channels_deviation():
+    x = torch.tensor([[[[0.5, -3.0]], [[0.05, -0.3]]], [[[1.8, -1.5]], [[0.1, 0.0]]]], requires_grad=True)
+    scale = x.detach().std(dim=(0, 2, 3), keepdim=True, correction=0)  # per channel: ~1.84 and ~0.16
+    out = binary_activation(x, "scaled")
+    assert torch.equal(out, binary_activation(x.detach()))  # the same sign forward
+    out.backward(torch.full_like(x, 2.0))
+    expected = 2.0 * (x.detach().abs() <= scale).float() / scale
+    torch.testing.assert_close(x.grad, expected)
+    assert x.grad[0, 0, 0, 1] == 0 and x.grad[0, 0, 0, 0] > 0 and x.grad[0, 1, 0, 1] == 0  # -3.0, 0.5, -0.3
+    assert x.grad[1, 0, 0, 0] > 0  # 1.8 lies within channel 0's deviation: the clipped estimator would drop it
+
+
 def test_xnor_weight_gradient_is_the_papers_and_dorefa_passes_it_straight():
     torch.manual_seed(0)
     weight = (torch.randn(3, 4) * 0.8).requires_grad_()
@@ -111,7 +123,7 @@ def test_two_step_binary_training_starts_weights_and_activations_from_the_activa
     """ReActNet's two steps: binary activations with real weights, then --init that checkpoint with binary
     weights too; the second run starts from the first one's real-valued weights."""
     common = dict(model="smallcnn", data="digits", batch_size=64, threads=1, seed=0, optimizer="adamw", lr=0.01,
-                  model_args={"widths": [16, 32, 64]}, binary_shortcuts=True)
+                  model_args={"widths": [16, 32, 64]}, binary_shortcuts=True, binary_ste="scaled")
     fit(TrainConfig(epochs=1, binary="activations", out=str(tmp_path / "step1"), **common), quiet=True)
     step1 = json.loads((tmp_path / "step1" / "last.json").read_text())["quantization"]
     assert (step1["mode"], step1["weights"], step1["activations"]) == ("activations", "float", "sign (+-1)")
@@ -125,7 +137,8 @@ def test_two_step_binary_training_starts_weights_and_activations_from_the_activa
     meta = json.loads((tmp_path / "step2" / "last.json").read_text())
     assert meta["quantization"]["mode"] == "weights+activations" and meta["init"]["epoch"] == 1
     step2 = [m for m in load_model(tmp_path / "step2").model.modules() if isinstance(m, BinaryConv2d)]
-    assert len(step2) == 2 and all(m.binary_weight and m.binary_input for m in step2)
+    assert len(step2) == 2 and all(m.binary_weight and m.binary_input and m.ste == "scaled" for m in step2)
+    assert meta["quantization"]["ste"] == "scaled"
 
 
 def _bireal_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +197,12 @@ def test_binary_settings_are_checked():
         TrainConfig(binary_shortcuts=True).validate()
     with pytest.raises(ConfigError, match="with --binary weights the activations are already real"):
         TrainConfig(binary="weights", binary_shortcuts=True).validate()
+    with pytest.raises(ConfigError, match="binary_ste must be one of clipped, scaled"):
+        TrainConfig(binary="activations", binary_ste="wide").validate()
+    with pytest.raises(ConfigError, match="with --binary weights the activations are real"):
+        TrainConfig(binary="weights", binary_ste="scaled").validate()
+    with pytest.raises(ConfigError, match="is a setting of binary activations"):
+        TrainConfig(binary_ste="scaled").validate()
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "bireal"])
@@ -202,7 +221,8 @@ def test_a_tiny_binary_network_trains(binary_run):
     assert records[-1]["train_loss"] < 0.5 * records[0]["train_loss"]
     assert binary_run["summary"]["test_top1"] > 50  # ten classes: chance is 10%
     meta = json.loads((binary_run["run_dir"] / "best.json").read_text())["quantization"]
-    assert (meta["kind"], meta["mode"], meta["method"]) == ("binary", "weights+activations", "xnor")
+    assert (meta["kind"], meta["mode"], meta["method"], meta["ste"]) == ("binary", "weights+activations", "xnor",
+                                                                         "clipped")
     assert meta["full_precision"] == ["stem.0", "fc"]
     assert ("shortcuts" in meta) == binary_run["shortcuts"]
     rebuilt = load_model(binary_run["run_dir"]).model  # the checkpoint's record rebuilds the same graph

@@ -280,8 +280,8 @@ def test_two_step_binary_benchmark_starts_each_binary_network_from_its_real_weig
     bench = _benchmark_module()
     with pytest.raises(SystemExit):
         bench.parse_args(["--binary-epochs", "4", "--binary-init-epochs", "4"])
-    argv = ["--smoke", "--part", "binary", "--binary-init-epochs", "1", "--binary-shortcuts", "--threads", "1",
-            "--work", str(tmp_path)]
+    argv = ["--smoke", "--part", "binary", "--binary-init-epochs", "1", "--binary-shortcuts", "--binary-ste", "scaled",
+            "--threads", "1", "--work", str(tmp_path)]
     runs = bench.main(argv)["binary"]["runs"]
     assert list(runs) == ["activations stage (epochs 1-1)", "binary weights+activations", "fp32 stage (epochs 1-1)",
                           "binary weights", "fp32"]
@@ -292,6 +292,7 @@ def test_two_step_binary_benchmark_starts_each_binary_network_from_its_real_weig
         assert Path(init["checkpoint"]) == (Path(runs[first]["run_dir"]) / "last.safetensors").resolve()
     stage = json.loads((Path(runs["activations stage (epochs 1-1)"]["run_dir"]) / "last.json").read_text())
     assert stage["quantization"]["mode"] == "activations" and "shortcuts" in stage["quantization"]
+    assert stage["quantization"]["ste"] == "scaled"
     again = bench.main(argv)["binary"]["runs"]
     assert all("bench_wall_s" not in run for run in again.values())  # nothing retrained
     assert {name: run["test_top1"] for name, run in again.items()} == {n: r["test_top1"] for n, r in runs.items()}

@@ -57,6 +57,7 @@ class TrainConfig:
     binary: str | None = None
     binary_method: str | None = None
     binary_shortcuts: bool = False
+    binary_ste: str | None = None
     teachers: list[str] = field(default_factory=list)
     teacher_model: str | None = None
     teacher_weights: str | None = None

@@ -60,6 +60,9 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
                                               "dorefa (one scale per layer, DoReFa-Net) (default: xnor)"),
     ("--binary-shortcuts", "binary_shortcuts", "flag", "with binary activations: a real-valued shortcut "
                                                        "around every binary convolution (Bi-Real Net)"),
+    ("--binary-ste", "binary_ste", str, "with binary activations: the sign's straight-through gradient, clipped "
+                                        "(|x| <= 1, default) or scaled (|x| <= the channel's standard deviation, "
+                                        "as with a BatchNorm before the sign)"),
     ("--teacher", "teachers", "append", "distil from this convforge checkpoint (repeatable: soft targets averaged)"),
     ("--teacher-model", "teacher_model", str, "distil from a foreign weight file: the teacher's model name"),
     ("--teacher-weights", "teacher_weights", str, "distil from a foreign weight file: the file (.pth/.th, weights_only)"),

@@ -6,7 +6,11 @@
 - ``dorefa`` weights (Zhou et al. 2016, "DoReFa-Net", 1-bit case): ``E(|W|) * sign(W)`` with one scale per
   layer, and the gradient passed straight to ``W`` (unclipped).
 - Binary activations (XNOR-Net, Bi-Real Net): ``sign(x)`` in {-1, +1} (0 counts as +1), gradient 1 where
-  ``|x| <= 1`` and 0 outside (Hubara et al. 2016's clipped straight-through estimator).
+  ``|x| <= 1`` and 0 outside (Hubara et al. 2016's clipped straight-through estimator, ``ste="clipped"``).
+  ``ste="scaled"`` takes the same estimator on the input as a BatchNorm before the sign would give it (XNOR-Net's
+  block order): the gradient of ``hardtanh(x / s)``, ``s`` each channel's batch standard deviation (detached),
+  so a channel whose values spread far beyond +-1 (the real-valued sums of a Bi-Real network) still passes
+  gradient; the forward value is the same sign.
 - Bi-Real shortcuts (Liu et al. 2018, "Bi-Real Net"): the real-valued input of a binary convolution added to
   its (BatchNorm-ed) output, so the real values a sign throws away still reach the next layer.
 
@@ -21,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BINARY_METHODS = ("xnor", "dorefa")
+BINARY_STES = ("clipped", "scaled")
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +46,26 @@ class ClippedSign(torch.autograd.Function):
         return grad * (x.abs() <= 1).to(grad.dtype)
 
 
+class ScaledClippedSign(torch.autograd.Function):
+    """sign(x) in {-1, +1}; backward: the derivative of hardtanh(x / s), ``1/s`` where |x| <= s and zero
+    elsewhere, ``s`` the standard deviation of x over every dimension but the channels (dimension 1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        dims = [d for d in range(x.dim()) if d != 1]
+        if x.numel() // x.shape[1] < 2:  # one value per channel: no spread to measure
+            scale = torch.ones_like(x)
+        else:
+            scale = x.detach().std(dim=dims, keepdim=True, correction=0).clamp_min(1e-5)
+        ctx.save_for_backward(x, scale)
+        return _sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x, scale = ctx.saved_tensors
+        return grad * (x.abs() <= scale).to(grad.dtype) / scale
+
+
 class ScaledStraightSign(torch.autograd.Function):
     """``scale * sign(x)`` in {-scale, +scale}; backward: the gradient passed to ``x`` unchanged (DoReFa's
     estimator, dc/dW = dc/dW_b); ``scale`` gets none."""
@@ -54,9 +79,10 @@ class ScaledStraightSign(torch.autograd.Function):
         return grad, None
 
 
-def binary_activation(x: torch.Tensor) -> torch.Tensor:
-    """``sign(x)`` with the clipped straight-through gradient."""
-    return ClippedSign.apply(x)
+def binary_activation(x: torch.Tensor, ste: str = "clipped") -> torch.Tensor:
+    """``sign(x)`` with the clipped straight-through gradient (``ste="scaled"``: measured in units of each
+    channel's standard deviation)."""
+    return ScaledClippedSign.apply(x) if ste == "scaled" else ClippedSign.apply(x)
 
 
 def binarize_weight(weight: torch.Tensor, method: str = "xnor") -> torch.Tensor:
@@ -74,33 +100,36 @@ class _BinaryLayer(nn.Module):
     binarised by ``method``; False keeps them real, as in the first stage of ReActNet's two-step training)
     and ``binary_input`` (the inputs binarised)."""
 
-    def __init__(self, method: str, binary_input: bool, binary_weight: bool) -> None:
+    def __init__(self, method: str, binary_input: bool, binary_weight: bool, ste: str) -> None:
         super().__init__()
         if method not in BINARY_METHODS:
             raise ValueError(f"binary method must be one of {', '.join(BINARY_METHODS)}, got {method!r}")
+        if ste not in BINARY_STES:
+            raise ValueError(f"binary activation gradient must be one of {', '.join(BINARY_STES)}, got {ste!r}")
         if not (binary_input or binary_weight):
             raise ValueError("a binary layer binarises its weights, its inputs or both")
-        self.method, self.binary_input, self.binary_weight = method, binary_input, binary_weight
+        self.method, self.binary_input, self.binary_weight, self.ste = method, binary_input, binary_weight, ste
 
     def _weight(self, weight: torch.Tensor) -> torch.Tensor:
         return binarize_weight(weight, self.method) if self.binary_weight else weight
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return binary_activation(x) if self.binary_input else x
+        return binary_activation(x, self.ste) if self.binary_input else x
 
     def _exported(self, layer: nn.Module) -> nn.Module:
         return nn.Sequential(SignActivation(), layer) if self.binary_input else layer
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, binary_input={self.binary_input}, binary_weight={self.binary_weight}"
+        return (f"method={self.method}, binary_input={self.binary_input}, binary_weight={self.binary_weight}, "
+                f"ste={self.ste}")
 
 
 class BinaryConv2d(_BinaryLayer):
     """``conv`` with binarised weights and/or inputs (its bias stays float)."""
 
     def __init__(self, conv: nn.Conv2d, method: str = "xnor", binary_input: bool = False,
-                 binary_weight: bool = True) -> None:
-        super().__init__(method, binary_input, binary_weight)
+                 binary_weight: bool = True, ste: str = "clipped") -> None:
+        super().__init__(method, binary_input, binary_weight, ste)
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +151,8 @@ class BinaryLinear(_BinaryLayer):
     """``linear`` with binarised weights and/or inputs (its bias stays float)."""
 
     def __init__(self, linear: nn.Linear, method: str = "xnor", binary_input: bool = False,
-                 binary_weight: bool = True) -> None:
-        super().__init__(method, binary_input, binary_weight)
+                 binary_weight: bool = True, ste: str = "clipped") -> None:
+        super().__init__(method, binary_input, binary_weight, ste)
         self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

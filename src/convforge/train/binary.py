@@ -29,12 +29,15 @@ import torch.fx
 import torch.nn as nn
 
 from convforge.errors import ConfigError
-from convforge.layers.binary import BINARY_METHODS, BinaryConv2d, BinaryLinear, RealShortcut
+from convforge.layers.binary import BINARY_METHODS, BINARY_STES, BinaryConv2d, BinaryLinear, RealShortcut
 from convforge.train.quant_graph import (finish, following_batchnorm, is_relu, layer_nodes, module_of, replace_calls,
                                          replace_module, trace)
 
 BINARY_MODES = ("weights", "activations", "weights+activations")
 DEFAULT_METHOD = "xnor"
+DEFAULT_STE = "clipped"
+STE_NOTES = {"clipped": "sign, clipped straight-through gradient (|x| <= 1)",
+             "scaled": "sign, clipped straight-through gradient in units of each channel's standard deviation"}
 SOURCES = {"xnor": "Rastegari et al. 2016, XNOR-Net", "dorefa": "Zhou et al. 2016, DoReFa-Net"}
 SHORTCUTS_SOURCE = "Liu et al. 2018, Bi-Real Net"
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -48,6 +51,9 @@ def check_binary(cfg: Any) -> None:
                               f"--binary {'|'.join(BINARY_MODES)}")
         if cfg.binary_shortcuts:
             raise ConfigError("--binary-shortcuts is a setting of binary networks: add --binary weights+activations")
+        if cfg.binary_ste is not None:
+            raise ConfigError(f"binary_ste {cfg.binary_ste!r} is a setting of binary activations: add --binary "
+                              "weights+activations (or activations)")
         return
     if cfg.binary not in BINARY_MODES:
         raise ConfigError(f"binary must be one of {', '.join(BINARY_MODES)} or none, got {cfg.binary!r}")
@@ -57,13 +63,19 @@ def check_binary(cfg: Any) -> None:
                           "(or activations) or drop it")
     if cfg.binary_method is not None and cfg.binary_method not in BINARY_METHODS:
         raise ConfigError(f"binary_method must be one of {', '.join(BINARY_METHODS)}, got {cfg.binary_method!r}")
+    if cfg.binary_ste is not None and cfg.binary_ste not in BINARY_STES:
+        raise ConfigError(f"binary_ste must be one of {', '.join(BINARY_STES)}, got {cfg.binary_ste!r}")
+    if cfg.binary_ste is not None and not binary_activations(cfg.binary):
+        raise ConfigError(f"--binary-ste is the gradient of binary activations; with --binary {cfg.binary} the "
+                          "activations are real: use --binary weights+activations (or activations) or drop it")
 
 
 def resolve_binary(cfg: Any) -> Any:
-    """``cfg`` with --binary none as None and the method filled in."""
+    """``cfg`` with --binary none as None and the method (and, with binary activations, the gradient) filled in."""
     if cfg.binary in (None, "none"):
-        return dataclasses.replace(cfg, binary=None, binary_method=None, binary_shortcuts=False)
-    return dataclasses.replace(cfg, binary_method=cfg.binary_method or DEFAULT_METHOD)
+        return dataclasses.replace(cfg, binary=None, binary_method=None, binary_shortcuts=False, binary_ste=None)
+    ste = (cfg.binary_ste or DEFAULT_STE) if binary_activations(cfg.binary) else None
+    return dataclasses.replace(cfg, binary_method=cfg.binary_method or DEFAULT_METHOD, binary_ste=ste)
 
 
 def binary_activations(mode: str | None) -> bool:
@@ -72,7 +84,7 @@ def binary_activations(mode: str | None) -> bool:
 
 
 def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = None,
-                  shortcuts: bool = False) -> dict[str, Any]:
+                  shortcuts: bool = False, ste: str | None = None) -> dict[str, Any]:
     """What a checkpoint says about its binary layers (``model``: the prepared model, for the full-precision
     layer names)."""
     scale = "scale mean|W| per output channel" if method == "xnor" else "scale mean|W| per layer"
@@ -81,6 +93,8 @@ def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = N
                               "activations": "sign (+-1)" if binary_activations(mode) else "float"}
     if shortcuts:
         record["shortcuts"] = f"real-valued around every binary convolution ({SHORTCUTS_SOURCE})"
+    if binary_activations(mode):
+        record["ste"] = ste or DEFAULT_STE
     if model is not None:
         inner = {id(sub) for m in model.modules() if isinstance(m, (BinaryConv2d, BinaryLinear)) for sub in m.modules()}
         record["full_precision"] = [name for name, m in model.named_modules()
@@ -103,9 +117,9 @@ def latent_state_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
-                   shortcuts: bool = False) -> torch.fx.GraphModule:
-    """``model`` traced, its inner convolution and linear layers binarised, with Bi-Real ``shortcuts`` (see
-    the module docstring)."""
+                   shortcuts: bool = False, ste: str | None = None) -> torch.fx.GraphModule:
+    """``model`` traced, its inner convolution and linear layers binarised, with Bi-Real ``shortcuts`` and the
+    activations' straight-through gradient ``ste`` (see the module docstring)."""
     if mode not in BINARY_MODES:
         raise ConfigError(f"binary must be one of {', '.join(BINARY_MODES)}, got {mode!r}")
     gm = trace(model, "--binary")
@@ -118,7 +132,7 @@ def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
         module = module_of(gm, node)
         wrapper = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
         replace_module(gm, node.target, wrapper(module, method, binary_input=activations,  # type: ignore[arg-type]
-                                                binary_weight=mode != "activations"))
+                                                binary_weight=mode != "activations", ste=ste or DEFAULT_STE))
     if shortcuts:
         for node in layers[1:-1]:
             if isinstance(module_of(gm, node), BinaryConv2d):
@@ -207,11 +221,11 @@ def describe_binary(cfg: Any) -> str:
     """One line naming the binary mode, method and its source."""
     if not cfg.binary:
         return ""
-    acts = ("binary activations (sign, clipped straight-through gradient; ReLUs become Hardtanh)"
-            if binary_activations(cfg.binary) else "float activations")
-    if cfg.binary_shortcuts:
-        acts = ("binary activations (sign, clipped straight-through gradient) with a real-valued shortcut around "
-                f"every binary convolution ({SHORTCUTS_SOURCE}; ReLUs become identities)")
+    acts = "float activations"
+    if binary_activations(cfg.binary):
+        acts = f"binary activations ({STE_NOTES[cfg.binary_ste or DEFAULT_STE]}"
+        acts += (f") with a real-valued shortcut around every binary convolution ({SHORTCUTS_SOURCE}; ReLUs become "
+                 "identities)" if cfg.binary_shortcuts else "; ReLUs become Hardtanh)")
     weights = ("float weights (binary activations only: the first step of two-step training)"
                if cfg.binary == "activations" else f"{cfg.binary_method} weights ({SOURCES[cfg.binary_method]})")
     return f"binary network: {weights}, {acts}; first and last layer in full precision"

@@ -113,7 +113,7 @@ def quantization_meta(cfg: Any, model: nn.Module | None = None) -> dict[str, Any
     if getattr(cfg, "qat", None):
         return {META_KEY: qat_record(cfg)}
     if getattr(cfg, "binary", None):
-        return {META_KEY: binary_record(cfg.binary, cfg.binary_method, model, cfg.binary_shortcuts)}
+        return {META_KEY: binary_record(cfg.binary, cfg.binary_method, model, cfg.binary_shortcuts, cfg.binary_ste)}
     return {}
 
 
@@ -122,7 +122,7 @@ def prepare_for_training(model: nn.Module, cfg: Any) -> nn.Module:
     if cfg.qat:
         return prepare_qat(model)
     if cfg.binary:
-        return prepare_binary(model, cfg.binary, cfg.binary_method, cfg.binary_shortcuts)
+        return prepare_binary(model, cfg.binary, cfg.binary_method, cfg.binary_shortcuts, cfg.binary_ste)
     return model
 
 
@@ -132,7 +132,8 @@ def prepare_from_record(model: nn.Module, record: Any, source: str) -> nn.Module
     if kind == "qat" and record.get("mode") in QAT_MODES:
         return prepare_qat(model)
     if kind == "binary":
-        return prepare_binary(model, str(record.get("mode")), str(record.get("method")), "shortcuts" in record)
+        return prepare_binary(model, str(record.get("mode")), str(record.get("method")), "shortcuts" in record,
+                              record.get("ste"))
     raise CheckpointError(f"{source}: unknown 'quantization' record {str(record)[:120]}: the metadata is damaged or "
                           "was written by another convforge version")
 
