@@ -223,19 +223,7 @@ def prune_checkpoint(
     """
     ckpt = load_checkpoint(checkpoint)
     input_size = ckpt.input_size
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
-    if finetune_epochs < 0 or sparsity_epochs < 0 or int(sparsity_epochs) != sparsity_epochs:
-        raise ConfigError(f"--finetune-epochs must be >= 0 and --sparsity-epochs a whole number >= 0, got "
-                          f"{finetune_epochs:g} and {sparsity_epochs:g}")
-    epochs = epochs_per_step(finetune_epochs, steps) if finetune_epochs > 0 else 0
-    teacher = None if distill is False else ckpt.path if distill is True else Path(distill)
-    if teacher is not None and not teacher.is_file():
-        raise ConfigError(f"--distill {teacher}: no such checkpoint file; give a convforge checkpoint to distil from, "
-                          "or --distill alone for the unpruned input")
-    if teacher is not None and not epochs:
-        raise ConfigError("--distill trains the pruned model on a teacher's soft targets while it fine-tunes: "
-                          "add --finetune-epochs N")
+    epochs, teacher = _fine_tuning_plan(ckpt.path, steps, finetune_epochs, sparsity_epochs, distill)
     target = {"target_macs": target_macs, "sparsity": sparsity, "min_share": min_share, "round_to": round_to,
               "seed": seed, "global_ranking": global_ranking, "normalizer": normalizer}
     spec = data or ckpt.meta.get("data", {}).get("spec")
@@ -279,6 +267,25 @@ def prune_checkpoint(
     pruned = _run_steps(ckpt, start, method, steps, target, dataset, evaluate_split, tuner, log)
     report["output"] = str(_save_output(report, pruned, ckpt, method, evaluate_split, out_path, tuner))
     return report
+
+
+def _fine_tuning_plan(checkpoint: Path, steps: int, finetune_epochs: float, sparsity_epochs: float,
+                      distill: bool | str | Path) -> tuple[int, Path | None]:
+    """The fine-tuning epochs per prune step and the distillation teacher, or a ConfigError for bad values."""
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if finetune_epochs < 0 or sparsity_epochs < 0 or int(sparsity_epochs) != sparsity_epochs:
+        raise ConfigError(f"--finetune-epochs must be >= 0 and --sparsity-epochs a whole number >= 0, got "
+                          f"{finetune_epochs:g} and {sparsity_epochs:g}")
+    epochs = epochs_per_step(finetune_epochs, steps) if finetune_epochs > 0 else 0
+    teacher = None if distill is False else checkpoint if distill is True else Path(distill)
+    if teacher is not None and not teacher.is_file():
+        raise ConfigError(f"--distill {teacher}: no such checkpoint file; give a convforge checkpoint to distil from, "
+                          "or --distill alone for the unpruned input")
+    if teacher is not None and not epochs:
+        raise ConfigError("--distill trains the pruned model on a teacher's soft targets while it fine-tunes: "
+                          "add --finetune-epochs N")
+    return epochs, teacher
 
 
 def _save_output(report: dict[str, Any], pruned: dict[str, Any], ckpt: Checkpoint, method: str,
