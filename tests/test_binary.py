@@ -15,13 +15,14 @@ from onnx import numpy_helper
 
 from convforge import TrainConfig, fit
 from convforge.data import load, normalize
-from convforge.errors import ConfigError
+from convforge.errors import CheckpointError, ConfigError
 from convforge.export.onnx import run_session, session
 from convforge.export.qat import export_quantized
 from convforge.layers.binary import BinaryConv2d, RealShortcut, binarize_weight, binary_activation
 from convforge.models import create_model
 from convforge.train.binary import latent_state_dict, prepare_binary
 from convforge.train.inference import load_model
+from convforge.train.qat import prepare_from_record
 from convforge.train.init import load_init
 from helpers import read_jsonl
 
@@ -225,6 +226,8 @@ def test_a_tiny_binary_network_trains(binary_run):
                                                                          "clipped")
     assert meta["full_precision"] == ["stem.0", "fc"]
     assert ("shortcuts" in meta) == binary_run["shortcuts"]
+    with pytest.raises(CheckpointError, match="unknown 'quantization' record"):
+        prepare_from_record(create_model("smallcnn"), {**meta, "ste": "wide"}, "damaged.safetensors")
     rebuilt = load_model(binary_run["run_dir"]).model  # the checkpoint's record rebuilds the same graph
     assert len([m for m in rebuilt.modules() if isinstance(m, RealShortcut)]) == (2 if binary_run["shortcuts"] else 0)
 

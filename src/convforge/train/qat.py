@@ -23,6 +23,7 @@ import torch.fx
 import torch.nn as nn
 
 from convforge.errors import CheckpointError, ConfigError
+from convforge.layers.binary import BINARY_STES
 from convforge.layers.fake_quant import ActivationFakeQuant, QuantConv2d, QuantLinear
 from convforge.train.binary import binary_record, check_binary, describe_binary, prepare_binary, resolve_binary
 from convforge.train.quant_graph import (finish, following_batchnorm, following_relu, insert_after, layer_nodes,
@@ -131,7 +132,7 @@ def prepare_from_record(model: nn.Module, record: Any, source: str) -> nn.Module
     kind = record.get("kind") if isinstance(record, dict) else None
     if kind == "qat" and record.get("mode") in QAT_MODES:
         return prepare_qat(model)
-    if kind == "binary":
+    if kind == "binary" and record.get("ste") in (None, *BINARY_STES):
         return prepare_binary(model, str(record.get("mode")), str(record.get("method")), "shortcuts" in record,
                               record.get("ste"))
     raise CheckpointError(f"{source}: unknown 'quantization' record {str(record)[:120]}: the metadata is damaged or "
