@@ -127,9 +127,9 @@ def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, A
     runs, step = {}, args.binary_init_epochs
     for name, extra, first_step in plan:
         if step:
-            first = f"{first_step.get('binary', 'fp32')} stage (epochs 1-{step})"
-            runs[first] = _fit(work / f"{first_step.get('binary', 'fp32')}-stage-{step}", epochs=step,
-                               **first_step, **recipe)
+            kind = first_step.get("binary", "fp32")
+            first = f"{kind} stage (epochs 1-{step})"
+            runs[first] = _fit(work / f"{kind}-stage-{step}", epochs=step, **first_step, **recipe)
             extra = {**extra, "init": str(Path(runs[first]["run_dir"]) / "last.safetensors")}  # last: no test pick
         runs[name] = _fit(work / name.replace(" ", "-").replace("+", "-"), epochs=args.binary_epochs - step,
                           **extra, **recipe)

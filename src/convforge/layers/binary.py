@@ -54,7 +54,7 @@ class ScaledClippedSign(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         dims = [d for d in range(x.dim()) if d != 1]
         if x.numel() // x.shape[1] < 2:  # one value per channel: no spread to measure
-            scale = torch.ones_like(x)
+            scale = x.new_ones([1] * x.dim())
         else:
             scale = x.detach().std(dim=dims, keepdim=True, correction=0).clamp_min(1e-5)
         ctx.save_for_backward(x, scale)
@@ -81,7 +81,9 @@ class ScaledStraightSign(torch.autograd.Function):
 
 def binary_activation(x: torch.Tensor, ste: str = "clipped") -> torch.Tensor:
     """``sign(x)`` with the clipped straight-through gradient (``ste="scaled"``: measured in units of each
-    channel's standard deviation)."""
+    channel's standard deviation); the plain sign when no gradient is recorded (evaluation)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _sign(x)
     return ScaledClippedSign.apply(x) if ste == "scaled" else ClippedSign.apply(x)
 
 
@@ -171,7 +173,7 @@ class SignActivation(nn.Module):
     """``sign(x)`` in {-1, +1} (0 counts as +1) with the clipped straight-through gradient."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return binary_activation(x) if torch.is_grad_enabled() and x.requires_grad else _sign(x)
+        return binary_activation(x)
 
 
 class RealShortcut(nn.Module):
