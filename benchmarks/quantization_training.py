@@ -14,7 +14,8 @@ A run directory under --work that already holds a completed run with the same op
 benchmark that was cut off resumes with its remaining runs.
 
     python benchmarks/quantization_training.py [--part all|qat|binary] [--fp32-epochs 30] [--qat-epochs 5]
-        [--binary-epochs 30] [--binary-init-epochs K] [--binary-shortcuts] [--threads N] [--no-record]
+        [--binary-epochs 30] [--binary-init-epochs K] [--binary-shortcuts [--binary-react]] [--binary-distill]
+        [--threads N] [--no-record]
     python benchmarks/quantization_training.py --smoke    # tiny synthetic data, seconds, nothing recorded
 
 Runs go to --work (default /tmp/convforge-bench-runs/quantization-training/DATE); results are appended to
@@ -120,11 +121,16 @@ def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, A
 
     recipe = {"model": args.binary_model, "optimizer": "adamw", "lr": args.binary_lr, "schedule": "cosine",
               "label_smoothing": args.label_smoothing, **_common(args)}
-    real_values = {"binary_shortcuts": args.binary_shortcuts, "binary_ste": args.binary_ste}
-    plan = (("binary weights+activations", {"binary": "weights+activations", **real_values},
-             {"binary": "activations", **real_values}),
+    real_values = {"binary_shortcuts": args.binary_shortcuts, "binary_ste": args.binary_ste,
+                   "binary_react": args.binary_react}
+    runs, teacher = {}, {}
+    if args.binary_distill:  # the twin first: the weights+activations network learns its soft targets
+        runs["fp32"] = _fit(work / "fp32", epochs=args.binary_epochs, **recipe)
+        teacher = {"teachers": [str(Path(runs["fp32"]["run_dir"]) / "last.safetensors")]}  # last: no test pick
+    plan = (("binary weights+activations", {"binary": "weights+activations", **real_values, **teacher},
+             {"binary": "activations", **real_values, **teacher}),
             ("binary weights", {"binary": "weights"}, {}))
-    runs, step = {}, args.binary_init_epochs
+    step = args.binary_init_epochs
     for name, extra, first_step in plan:
         if step:
             kind = first_step.get("binary", "fp32")
@@ -133,7 +139,8 @@ def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, A
             extra = {**extra, "init": str(Path(runs[first]["run_dir"]) / "last.safetensors")}  # last: no test pick
         runs[name] = _fit(work / name.replace(" ", "-").replace("+", "-"), epochs=args.binary_epochs - step,
                           **extra, **recipe)
-    runs["fp32"] = _fit(work / "fp32", epochs=args.binary_epochs, **recipe)
+    if "fp32" not in runs:
+        runs["fp32"] = _fit(work / "fp32", epochs=args.binary_epochs, **recipe)
     loaded = load_model(Path(runs["binary weights+activations"]["run_dir"]))
     export = quantize_trained(loaded, loaded.input_size, Path(runs["binary weights+activations"]["run_dir"]) /
                               "binary.onnx", data, batch_size=256, threads=args.threads)
@@ -172,6 +179,10 @@ def binary_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
              "first and last layer full precision; xnor weights (mean |W| per output channel)"
              + ("; weights+activations with Bi-Real shortcuts (a real-valued shortcut around every binary "
                 "convolution, no other activation)" if args.binary_shortcuts else "")
+             + ("; ReActNet's activations (learnable sign thresholds, RPReLU; --binary-react)"
+                if args.binary_react else "")
+             + ("; the weights+activations network also learns the fp32 twin's soft targets (--teacher: the "
+                "twin's last checkpoint, kd alpha 0.5, temperature 4)" if args.binary_distill else "")
              + ("; the sign's straight-through gradient scaled to each channel's standard deviation "
                 "(--binary-ste scaled)." if args.binary_ste == "scaled" else "."),
              "", "| network | top-1 | vs fp32 twin | training time |", "|---|---:|---:|---:|"]
@@ -205,6 +216,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the binary activations' straight-through gradient (default: train's, clipped)")
     parser.add_argument("--binary-shortcuts", action="store_true",
                         help="Bi-Real shortcuts in the weights+activations run (train's --binary-shortcuts)")
+    parser.add_argument("--binary-react", action="store_true",
+                        help="with --binary-shortcuts: ReActNet's activations (train's --binary-react)")
+    parser.add_argument("--binary-distill", action="store_true",
+                        help="the weights+activations network distils from the fp32 twin (trained first)")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=512, help="PTQ calibration images")
@@ -223,6 +238,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             args.qat_model = "smallcnn"
         if args.binary_init_epochs:
             args.binary_init_epochs, args.binary_epochs = 1, 2
+    if args.binary_react and not args.binary_shortcuts:
+        parser.error("--binary-react's RPReLU sits on the real-valued path: add --binary-shortcuts")
     if not 0 <= args.binary_init_epochs < args.binary_epochs:
         parser.error(f"--binary-init-epochs must be >= 0 and below --binary-epochs ({args.binary_epochs}), "
                      f"got {args.binary_init_epochs}")

@@ -18,7 +18,7 @@ from convforge.data import load, normalize
 from convforge.errors import CheckpointError, ConfigError
 from convforge.export.onnx import run_session, session
 from convforge.export.qat import export_quantized
-from convforge.layers.binary import BinaryConv2d, RealShortcut, binarize_weight, binary_activation
+from convforge.layers.binary import BinaryConv2d, RealShortcut, RPReLU, binarize_weight, binary_activation
 from convforge.models import create_model
 from convforge.train.binary import latent_state_dict, prepare_binary
 from convforge.train.inference import load_model
@@ -110,6 +110,51 @@ def test_activations_mode_binarises_the_inputs_and_keeps_the_real_weights():
         BinaryConv2d(conv, binary_input=False, binary_weight=False)
 
 
+def test_rsign_compares_each_input_channel_with_its_learnable_threshold():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    layer = BinaryConv2d(conv, binary_input=True, binary_weight=False, learnable_threshold=True)
+    assert layer.threshold is not None and torch.equal(layer.threshold.detach(), torch.zeros(3))  # starts as sign
+    with torch.no_grad():
+        layer.threshold.copy_(torch.tensor([0.5, -0.25, 0.0]))
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    shifted = x.detach() - torch.tensor([0.5, -0.25, 0.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(layer(x), conv(torch.where(shifted >= 0, 1.0, -1.0)))
+    layer(x).sum().backward()
+    assert layer.threshold.grad is not None and layer.threshold.grad.abs().sum() > 0  # learnt through the STE
+    torch.testing.assert_close(layer.threshold.grad, -x.grad.sum(dim=(0, 2, 3)))  # d/dt of sign(x - t)
+    exported = layer.export_module()
+    torch.testing.assert_close(exported(x.detach()), layer(x.detach()))
+    with pytest.raises(ValueError, match="setting of binary inputs"):
+        BinaryConv2d(conv, binary_input=False, learnable_threshold=True)
+
+
+def test_rprelu_is_prelu_between_two_learnable_shifts():
+    act = RPReLU(2)
+    with torch.no_grad():
+        act.shift_in.copy_(torch.tensor([1.0, -1.0]))
+        act.prelu.weight.copy_(torch.tensor([0.5, 0.1]))
+        act.shift_out.copy_(torch.tensor([0.2, 0.0]))
+    x = torch.tensor([[[[0.0, 3.0]], [[-2.0, 1.0]]]])
+    # channel 0: x - 1 = (-1, 2) -> (-0.5, 2) + 0.2; channel 1: x + 1 = (-1, 2) -> (-0.1, 2)
+    torch.testing.assert_close(act(x), torch.tensor([[[[-0.3, 2.2]], [[-0.1, 2.0]]]]))
+    assert torch.equal(RPReLU(3)(x.repeat(1, 2, 1, 1)[:, :3]), F.prelu(x.repeat(1, 2, 1, 1)[:, :3],
+                                                                    torch.full((3,), 0.25)))  # starts as PReLU
+
+
+def test_react_gives_resnet20_rsign_thresholds_and_an_rprelu_of_the_right_width_for_each_relu():
+    gm = prepare_binary(create_model("resnet20"), "weights+activations", shortcuts=True, react=True)
+    binary = [m for m in gm.modules() if isinstance(m, BinaryConv2d)]
+    assert len(binary) == 18 and all(m.threshold.numel() == m.conv.in_channels for m in binary)
+    widths = sorted(m.shift_in.numel() for m in gm.modules() if isinstance(m, RPReLU))
+    assert widths == [16] * 7 + [32] * 6 + [64] * 6  # the stem's ReLU and two per block
+    gm(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(m.threshold.grad is not None for m in binary)
+    assert all(m.shift_in.grad is not None for m in gm.modules() if isinstance(m, RPReLU))
+    with pytest.raises(ConfigError, match="Bi-Real shortcuts"):
+        prepare_binary(create_model("resnet20"), "weights+activations", react=True)
+
+
 def test_latent_state_of_a_binary_model_is_the_float_models_state():
     model = create_model("resnet20")
     expected = {k: v.clone() for k, v in model.state_dict().items()}
@@ -120,23 +165,31 @@ def test_latent_state_of_a_binary_model_is_the_float_models_state():
     assert all(torch.equal(latent[k], expected[k]) for k in expected)
 
 
-def test_two_step_binary_training_starts_weights_and_activations_from_the_activations_step(tmp_path):
+def test_two_step_binary_training_starts_weights_and_activations_from_the_activations_step(tmp_path, capsys):
     """ReActNet's two steps: binary activations with real weights, then --init that checkpoint with binary
     weights too; the second run starts from the first one's real-valued weights."""
     common = dict(model="smallcnn", data="digits", batch_size=64, threads=1, seed=0, optimizer="adamw", lr=0.01,
-                  model_args={"widths": [16, 32, 64]}, binary_shortcuts=True, binary_ste="scaled")
+                  model_args={"widths": [16, 32, 64]}, binary_shortcuts=True, binary_ste="scaled", binary_react=True)
     fit(TrainConfig(epochs=1, binary="activations", out=str(tmp_path / "step1"), **common), quiet=True)
     step1 = json.loads((tmp_path / "step1" / "last.json").read_text())["quantization"]
     assert (step1["mode"], step1["weights"], step1["activations"]) == ("activations", "float", "sign (+-1)")
     data = load("digits")
     init = load_init(str(tmp_path / "step1" / "last.safetensors"), "smallcnn", "classify", data, {})
     latent = latent_state_dict(load_model(tmp_path / "step1" / "last.safetensors").model)
-    assert all(torch.equal(init.model.state_dict()[k], v) for k, v in latent.items())
+    float_state = init.model.state_dict()
+    assert all(torch.equal(float_state[k], v) for k, v in latent.items() if k in float_state)
+    assert {k for k in latent if k not in float_state} == init.binary_state.keys()  # thresholds and RPReLU
     assert any("real-valued (latent) weights" in note for note in init.notes)
+    step1_model = load_model(tmp_path / "step1" / "last.safetensors").model
+    thresholds = {k: v for k, v in step1_model.state_dict().items() if k.endswith(".threshold")}
+    assert thresholds and all(torch.equal(init.binary_state[k], v) for k, v in thresholds.items())
     fit(TrainConfig(epochs=1, binary="weights+activations", init=str(tmp_path / "step1" / "last.safetensors"),
-                    out=str(tmp_path / "step2"), **common), quiet=True)
+                    out=str(tmp_path / "step2"), **common), quiet=False)
     meta = json.loads((tmp_path / "step2" / "last.json").read_text())
     assert meta["quantization"]["mode"] == "weights+activations" and meta["init"]["epoch"] == 1
+    assert "react" in meta["quantization"]
+    carried = f"{len(init.binary_state)} binary-network tensor(s) of the checkpoint carried over"
+    assert carried in capsys.readouterr().err
     step2 = [m for m in load_model(tmp_path / "step2").model.modules() if isinstance(m, BinaryConv2d)]
     assert len(step2) == 2 and all(m.binary_weight and m.binary_input and m.ste == "scaled" for m in step2)
     assert meta["quantization"]["ste"] == "scaled"
@@ -204,17 +257,22 @@ def test_binary_settings_are_checked():
         TrainConfig(binary="weights", binary_ste="scaled").validate()
     with pytest.raises(ConfigError, match="is a setting of binary activations"):
         TrainConfig(binary_ste="scaled").validate()
+    with pytest.raises(ConfigError, match="add --binary-shortcuts"):
+        TrainConfig(binary="weights+activations", binary_react=True).validate()
+    with pytest.raises(ConfigError, match="--binary-react is a setting of binary networks"):
+        TrainConfig(binary_react=True).validate()
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "bireal"])
+@pytest.fixture(scope="module", params=["plain", "bireal", "react"])
 def binary_run(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("binary") / "run"
+    shortcuts, react = request.param != "plain", request.param == "react"
     summary = fit(TrainConfig(model="smallcnn", data="digits", epochs=4, batch_size=64, threads=1, seed=0,
                               optimizer="adamw", lr=0.01,  # Adam, as XNOR-Net and Bi-Real Net train
                               model_args={"widths": [16, 32, 64]}, binary="weights+activations",
-                              binary_shortcuts=request.param, out=str(out)),
+                              binary_shortcuts=shortcuts, binary_react=react, out=str(out)),
                   quiet=True)
-    return {"summary": summary, "run_dir": out, "shortcuts": request.param}
+    return {"summary": summary, "run_dir": out, "shortcuts": shortcuts, "react": react}
 
 
 def test_a_tiny_binary_network_trains(binary_run):
@@ -225,11 +283,12 @@ def test_a_tiny_binary_network_trains(binary_run):
     assert (meta["kind"], meta["mode"], meta["method"], meta["ste"]) == ("binary", "weights+activations", "xnor",
                                                                          "clipped")
     assert meta["full_precision"] == ["stem.0", "fc"]
-    assert ("shortcuts" in meta) == binary_run["shortcuts"]
+    assert ("shortcuts" in meta) == binary_run["shortcuts"] and ("react" in meta) == binary_run["react"]
     with pytest.raises(CheckpointError, match="unknown 'quantization' record"):
         prepare_from_record(create_model("smallcnn"), {**meta, "ste": "wide"}, "damaged.safetensors")
     rebuilt = load_model(binary_run["run_dir"]).model  # the checkpoint's record rebuilds the same graph
     assert len([m for m in rebuilt.modules() if isinstance(m, RealShortcut)]) == (2 if binary_run["shortcuts"] else 0)
+    assert any(isinstance(m, RPReLU) for m in rebuilt.modules()) == binary_run["react"]
 
 
 def test_onnx_runtime_runs_the_exported_binary_model_as_pytorch_does(binary_run, tmp_path):

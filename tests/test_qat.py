@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convforge import TrainConfig, fit
+from convforge.config import load_yaml
 from convforge.data import load, normalize
 from convforge.errors import ConfigError
 from convforge.export.onnx import onnx_top1, quantize_int8, run_session, session
@@ -296,6 +297,27 @@ def test_two_step_binary_benchmark_starts_each_binary_network_from_its_real_weig
     again = bench.main(argv)["binary"]["runs"]
     assert all("bench_wall_s" not in run for run in again.values())  # nothing retrained
     assert {name: run["test_top1"] for name, run in again.items()} == {n: r["test_top1"] for n, r in runs.items()}
+
+
+def test_binary_benchmark_distils_the_react_network_from_the_twin(tmp_path):
+    """--binary-react --binary-distill: the twin trains first, and the weights+activations network (ReActNet's
+    activations) learns from its last checkpoint; the binary-weights network trains as before."""
+    bench = _benchmark_module()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--binary-react"])
+    argv = ["--smoke", "--part", "binary", "--binary-shortcuts", "--binary-react", "--binary-distill",
+            "--threads", "1", "--work", str(tmp_path)]
+    result = bench.main(argv)["binary"]
+    runs = result["runs"]
+    assert list(runs) == ["fp32", "binary weights+activations", "binary weights"]
+    config = load_yaml(Path(runs["binary weights+activations"]["run_dir"]) / "config.yaml")
+    assert config["teachers"] == [str(Path(runs["fp32"]["run_dir"]) / "last.safetensors")]
+    assert load_yaml(Path(runs["binary weights"]["run_dir"]) / "config.yaml")["teachers"] == []
+    record = json.loads((Path(runs["binary weights+activations"]["run_dir"]) / "last.json").read_text())["quantization"]
+    assert "react" in record and "shortcuts" in record
+    assert result["export"]["top1_onnx"] == pytest.approx(runs["binary weights+activations"]["test_top1"])
+    lines = "\n".join(bench.binary_lines(result, bench.parse_args(argv)))
+    assert "--binary-react" in lines and "soft targets" in lines
 
 
 def test_export_command_points_a_qat_checkpoint_to_quantize(qat_run, tmp_path, capsys):

@@ -58,6 +58,7 @@ class TrainConfig:
     binary_method: str | None = None
     binary_shortcuts: bool = False
     binary_ste: str | None = None
+    binary_react: bool = False
     teachers: list[str] = field(default_factory=list)
     teacher_model: str | None = None
     teacher_weights: str | None = None

@@ -63,6 +63,9 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--binary-ste", "binary_ste", str, "with binary activations: the sign's straight-through gradient, clipped "
                                         "(|x| <= 1, default) or scaled (|x| <= the channel's standard deviation, "
                                         "as with a BatchNorm before the sign)"),
+    ("--binary-react", "binary_react", "flag", "with --binary-shortcuts: ReActNet's activations, a learnable "
+                                               "threshold per channel before each sign (RSign) and RPReLU on the "
+                                               "real-valued path"),
     ("--teacher", "teachers", "append", "distil from this convforge checkpoint (repeatable: soft targets averaged)"),
     ("--teacher-model", "teacher_model", str, "distil from a foreign weight file: the teacher's model name"),
     ("--teacher-weights", "teacher_weights", str, "distil from a foreign weight file: the file (.pth/.th, weights_only)"),

@@ -13,6 +13,8 @@
   gradient; the forward value is the same sign.
 - Bi-Real shortcuts (Liu et al. 2018, "Bi-Real Net"): the real-valued input of a binary convolution added to
   its (BatchNorm-ed) output, so the real values a sign throws away still reach the next layer.
+- ReActNet's learnable activations (Liu et al. 2020): RSign, ``sign(x - t_c)`` with a learnable threshold per
+  input channel (``learnable_threshold``), and :class:`RPReLU` on the real-valued path.
 
 torch has no binarisation with these gradients, hence the two small autograd functions below. The
 binarised weights are exactly two values per output channel (``+-alpha_c``).
@@ -99,10 +101,12 @@ def binarize_weight(weight: torch.Tensor, method: str = "xnor") -> torch.Tensor:
 
 class _BinaryLayer(nn.Module):
     """The settings the binary convolution and linear layers share: ``binary_weight`` (the weights
-    binarised by ``method``; False keeps them real, as in the first stage of ReActNet's two-step training)
-    and ``binary_input`` (the inputs binarised)."""
+    binarised by ``method``; False keeps them real, as in the first stage of ReActNet's two-step training),
+    ``binary_input`` (the inputs binarised) and ``threshold`` (RSign's learnable per-channel threshold the
+    inputs are compared with, zero at the start; None: compared with 0)."""
 
-    def __init__(self, method: str, binary_input: bool, binary_weight: bool, ste: str) -> None:
+    def __init__(self, method: str, binary_input: bool, binary_weight: bool, ste: str,
+                 threshold_channels: int = 0) -> None:
         super().__init__()
         if method not in BINARY_METHODS:
             raise ValueError(f"binary method must be one of {', '.join(BINARY_METHODS)}, got {method!r}")
@@ -110,28 +114,37 @@ class _BinaryLayer(nn.Module):
             raise ValueError(f"binary activation gradient must be one of {', '.join(BINARY_STES)}, got {ste!r}")
         if not (binary_input or binary_weight):
             raise ValueError("a binary layer binarises its weights, its inputs or both")
+        if threshold_channels and not binary_input:
+            raise ValueError("a learnable threshold is a setting of binary inputs")
         self.method, self.binary_input, self.binary_weight, self.ste = method, binary_input, binary_weight, ste
+        self.threshold = nn.Parameter(torch.zeros(threshold_channels)) if threshold_channels else None
 
     def _weight(self, weight: torch.Tensor) -> torch.Tensor:
         return binarize_weight(weight, self.method) if self.binary_weight else weight
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return binary_activation(x, self.ste) if self.binary_input else x
+        if not self.binary_input:
+            return x
+        return binary_activation(x if self.threshold is None else shift_channels(x, self.threshold), self.ste)
 
     def _exported(self, layer: nn.Module) -> nn.Module:
-        return nn.Sequential(SignActivation(), layer) if self.binary_input else layer
+        if not self.binary_input:
+            return layer
+        if self.threshold is None:
+            return nn.Sequential(SignActivation(), layer)
+        return nn.Sequential(ChannelShift(self.threshold.detach().clone()), SignActivation(), layer)
 
     def extra_repr(self) -> str:
         return (f"method={self.method}, binary_input={self.binary_input}, binary_weight={self.binary_weight}, "
-                f"ste={self.ste}")
+                f"ste={self.ste}, learnable_threshold={self.threshold is not None}")
 
 
 class BinaryConv2d(_BinaryLayer):
     """``conv`` with binarised weights and/or inputs (its bias stays float)."""
 
     def __init__(self, conv: nn.Conv2d, method: str = "xnor", binary_input: bool = False,
-                 binary_weight: bool = True, ste: str = "clipped") -> None:
-        super().__init__(method, binary_input, binary_weight, ste)
+                 binary_weight: bool = True, ste: str = "clipped", learnable_threshold: bool = False) -> None:
+        super().__init__(method, binary_input, binary_weight, ste, conv.in_channels if learnable_threshold else 0)
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,8 +166,9 @@ class BinaryLinear(_BinaryLayer):
     """``linear`` with binarised weights and/or inputs (its bias stays float)."""
 
     def __init__(self, linear: nn.Linear, method: str = "xnor", binary_input: bool = False,
-                 binary_weight: bool = True, ste: str = "clipped") -> None:
-        super().__init__(method, binary_input, binary_weight, ste)
+                 binary_weight: bool = True, ste: str = "clipped", learnable_threshold: bool = False) -> None:
+        super().__init__(method, binary_input, binary_weight, ste,
+                         linear.in_features if learnable_threshold else 0)
         self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,3 +206,37 @@ class RealShortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, repeat={self.repeat}"
+
+
+def shift_channels(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x`` minus ``shift[c]`` on each channel ``c`` (dimension 1) of an (N, C, ...) tensor."""
+    return x - shift.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+class ChannelShift(nn.Module):
+    """``x - shift[c]`` per channel, a fixed shift (RSign's trained threshold in an exported model)."""
+
+    def __init__(self, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shift_channels(x, self.shift)
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU (Liu et al. 2020): ``PReLU(x - gamma_c) + zeta_c`` with learnable per-channel shifts
+    and slopes, the activation of the real-valued path of a binary network. It starts as ``nn.PReLU``'s default
+    (slope 0.25) with no shifts."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(channels))
+        self.prelu = nn.PReLU(channels, init=0.25)
+        self.shift_out = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shift_channels(self.prelu(shift_channels(x, self.shift_in)), -self.shift_out)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.shift_in.numel()}"

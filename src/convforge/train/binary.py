@@ -17,6 +17,10 @@ widens). A residual add that already follows such a convolution, and whose other
 convolution's input (a ResNet block's second convolution), is re-pointed at that input, as Bi-Real's blocks
 are; a convolution whose output cannot match its input's shape keeps its graph. The real-valued path then
 needs no clipping, so the ReLUs become identities (Bi-Real Net has no activation besides the sign).
+
+With ``react`` (``--binary-react``, with shortcuts) the activations are ReActNet's (Liu et al. 2020): each
+binary input is compared with a learnable per-channel threshold (RSign) and the ReLUs become RPReLU
+(:class:`~convforge.layers.binary.RPReLU`) instead of identities.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch.fx
 import torch.nn as nn
 
 from convforge.errors import ConfigError
-from convforge.layers.binary import BINARY_METHODS, BINARY_STES, BinaryConv2d, BinaryLinear, RealShortcut
+from convforge.layers.binary import BINARY_METHODS, BINARY_STES, BinaryConv2d, BinaryLinear, RealShortcut, RPReLU
 from convforge.train.quant_graph import (finish, following_batchnorm, is_relu, layer_nodes, module_of, replace_calls,
                                          replace_module, trace)
 
@@ -40,6 +44,7 @@ STE_NOTES = {"clipped": "sign, clipped straight-through gradient (|x| <= 1)",
              "scaled": "sign, clipped straight-through gradient in units of each channel's standard deviation"}
 SOURCES = {"xnor": "Rastegari et al. 2016, XNOR-Net", "dorefa": "Zhou et al. 2016, DoReFa-Net"}
 SHORTCUTS_SOURCE = "Liu et al. 2018, Bi-Real Net"
+REACT_SOURCE = "Liu et al. 2020, ReActNet"
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -51,6 +56,9 @@ def check_binary(cfg: Any) -> None:
                               f"--binary {'|'.join(BINARY_MODES)}")
         if cfg.binary_shortcuts:
             raise ConfigError("--binary-shortcuts is a setting of binary networks: add --binary weights+activations")
+        if cfg.binary_react:
+            raise ConfigError("--binary-react is a setting of binary networks: add --binary weights+activations "
+                              "--binary-shortcuts")
         if cfg.binary_ste is not None:
             raise ConfigError(f"binary_ste {cfg.binary_ste!r} is a setting of binary activations: add --binary "
                               "weights+activations (or activations)")
@@ -61,6 +69,9 @@ def check_binary(cfg: Any) -> None:
         raise ConfigError(f"--binary-shortcuts carry the real values that binary activations discard; with --binary "
                           f"{cfg.binary} the activations are already real: use --binary weights+activations "
                           "(or activations) or drop it")
+    if cfg.binary_react and not cfg.binary_shortcuts:
+        raise ConfigError("--binary-react's RPReLU is the activation of the real-valued path of Bi-Real shortcuts: "
+                          "add --binary-shortcuts (ReActNet's blocks have them)")
     if cfg.binary_method is not None and cfg.binary_method not in BINARY_METHODS:
         raise ConfigError(f"binary_method must be one of {', '.join(BINARY_METHODS)}, got {cfg.binary_method!r}")
     if cfg.binary_ste is not None and cfg.binary_ste not in BINARY_STES:
@@ -73,7 +84,8 @@ def check_binary(cfg: Any) -> None:
 def resolve_binary(cfg: Any) -> Any:
     """``cfg`` with --binary none as None and the method (and, with binary activations, the gradient) filled in."""
     if cfg.binary in (None, "none"):
-        return dataclasses.replace(cfg, binary=None, binary_method=None, binary_shortcuts=False, binary_ste=None)
+        return dataclasses.replace(cfg, binary=None, binary_method=None, binary_shortcuts=False, binary_ste=None,
+                                   binary_react=False)
     ste = (cfg.binary_ste or DEFAULT_STE) if binary_activations(cfg.binary) else None
     return dataclasses.replace(cfg, binary_method=cfg.binary_method or DEFAULT_METHOD, binary_ste=ste)
 
@@ -84,7 +96,7 @@ def binary_activations(mode: str | None) -> bool:
 
 
 def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = None,
-                  shortcuts: bool = False, ste: str | None = None) -> dict[str, Any]:
+                  shortcuts: bool = False, ste: str | None = None, react: bool = False) -> dict[str, Any]:
     """What a checkpoint says about its binary layers (``model``: the prepared model, for the full-precision
     layer names)."""
     scale = "scale mean|W| per output channel" if method == "xnor" else "scale mean|W| per layer"
@@ -93,6 +105,8 @@ def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = N
                               "activations": "sign (+-1)" if binary_activations(mode) else "float"}
     if shortcuts:
         record["shortcuts"] = f"real-valued around every binary convolution ({SHORTCUTS_SOURCE})"
+    if react:
+        record["react"] = f"RSign thresholds and RPReLU ({REACT_SOURCE})"
     if binary_activations(mode):
         record["ste"] = ste or DEFAULT_STE
     if model is not None:
@@ -105,7 +119,8 @@ def binary_record(mode: str, method: str, model: torch.fx.GraphModule | None = N
 def latent_state_dict(model: nn.Module) -> dict[str, Any]:
     """The state of the float model inside a prepared binary ``model``: its real-valued (latent) weights under
     the float model's names (``layer1.0.conv1.conv.weight`` -> ``layer1.0.conv1.weight``). Bi-Real shortcuts
-    and the activations that replace ReLUs hold no state, so nothing else differs."""
+    and the activations that replace ReLUs hold no state; the parameters only a binary network has
+    (``--binary-react``'s thresholds and RPReLU) keep their names."""
     wrapped = {name: "conv" if isinstance(module, BinaryConv2d) else "linear"
                for name, module in model.named_modules() if isinstance(module, (BinaryConv2d, BinaryLinear))}
     state = {}
@@ -116,12 +131,15 @@ def latent_state_dict(model: nn.Module) -> dict[str, Any]:
     return state
 
 
-def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
-                   shortcuts: bool = False, ste: str | None = None) -> torch.fx.GraphModule:
-    """``model`` traced, its inner convolution and linear layers binarised, with Bi-Real ``shortcuts`` and the
-    activations' straight-through gradient ``ste`` (see the module docstring)."""
+def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD, shortcuts: bool = False,
+                   ste: str | None = None, react: bool = False) -> torch.fx.GraphModule:
+    """``model`` traced, its inner convolution and linear layers binarised, with Bi-Real ``shortcuts``, the
+    activations' straight-through gradient ``ste`` and ReActNet's activations (``react``; see the module
+    docstring)."""
     if mode not in BINARY_MODES:
         raise ConfigError(f"binary must be one of {', '.join(BINARY_MODES)}, got {mode!r}")
+    if react and not (shortcuts and binary_activations(mode)):
+        raise ConfigError("ReActNet's activations (react) need binary activations and Bi-Real shortcuts")
     gm = trace(model, "--binary")
     layers = layer_nodes(gm)
     if len(layers) < 3:
@@ -132,7 +150,8 @@ def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
         module = module_of(gm, node)
         wrapper = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
         replace_module(gm, node.target, wrapper(module, method, binary_input=activations,  # type: ignore[arg-type]
-                                                binary_weight=mode != "activations", ste=ste or DEFAULT_STE))
+                                                binary_weight=mode != "activations", ste=ste or DEFAULT_STE,
+                                                learnable_threshold=react))
     if shortcuts:
         for node in layers[1:-1]:
             if isinstance(module_of(gm, node), BinaryConv2d):
@@ -140,8 +159,33 @@ def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD,
         gm.graph.eliminate_dead_code()  # the blocks' own shortcuts, which the re-pointed adds no longer read
     if activations:
         relus = [n for n in gm.graph.nodes if is_relu(gm, n)]
-        replace_calls(gm, relus, nn.Identity if shortcuts else nn.Hardtanh, "binary_act")
+        if react:
+            for relu in relus:
+                channels = _channels(gm, relu)
+                replace_calls(gm, [relu], lambda: RPReLU(channels), "binary_act")  # noqa: B023 (called at once)
+        else:
+            replace_calls(gm, relus, nn.Identity if shortcuts else nn.Hardtanh, "binary_act")
     return finish(gm)
+
+
+def _channels(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    """The number of channels of ``node``'s output: that of the nearest convolution or BatchNorm it is computed
+    from (nearest first, not through a Bi-Real shortcut, whose repeat changes the count)."""
+    todo, seen = list(node.all_input_nodes), set()
+    while todo:
+        current = todo.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        module = module_of(gm, current)
+        if isinstance(module, nn.BatchNorm2d):
+            return module.num_features
+        if isinstance(module, (nn.Conv2d, BinaryConv2d)):
+            return (module.conv if isinstance(module, BinaryConv2d) else module).out_channels
+        if not isinstance(module, RealShortcut):
+            todo += current.all_input_nodes
+    raise ConfigError(f"--binary-react: cannot tell the channels of {node.name} (no convolution or BatchNorm "
+                      "before it) for its RPReLU")
 
 
 def _shortcut_for(conv: nn.Conv2d) -> RealShortcut | None:
@@ -224,8 +268,10 @@ def describe_binary(cfg: Any) -> str:
     acts = "float activations"
     if binary_activations(cfg.binary):
         acts = f"binary activations ({STE_NOTES[cfg.binary_ste or DEFAULT_STE]}"
-        acts += (f") with a real-valued shortcut around every binary convolution ({SHORTCUTS_SOURCE}; ReLUs become "
-                 "identities)" if cfg.binary_shortcuts else "; ReLUs become Hardtanh)")
+        relus = (f"RSign thresholds, ReLUs become RPReLU: {REACT_SOURCE}" if cfg.binary_react
+                 else "ReLUs become identities")
+        acts += (f") with a real-valued shortcut around every binary convolution ({SHORTCUTS_SOURCE}; {relus})"
+                 if cfg.binary_shortcuts else "; ReLUs become Hardtanh)")
     weights = ("float weights (binary activations only: the first step of two-step training)"
                if cfg.binary == "activations" else f"{cfg.binary_method} weights ({SOURCES[cfg.binary_method]})")
     return f"binary network: {weights}, {acts}; first and last layer in full precision"

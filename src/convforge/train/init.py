@@ -31,6 +31,7 @@ class InitWeights:
     std: tuple[float, ...]
     meta: dict[str, Any]  # carried into the run's checkpoints: "init" (provenance) and "pruned" (widths)
     notes: list[str] = field(default_factory=list)
+    binary_state: dict[str, torch.Tensor] = field(default_factory=dict)  # a binary checkpoint's own parameters
 
 
 def head_tensors(name: str, num_classes: int, in_chans: int, args: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -289,6 +290,7 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
         source_state = latent_state_dict(ckpt.model)
     state = _carried_state(source_state, built.state_dict(), heads, same, order, f"--init {shown}", args)
     built.load_state_dict(state)
+    binary_state = {k: v for k, v in source_state.items() if k not in state} if binary else {}
     head = "kept" if same else "reordered" if reordered else "reinitialised"
     notes = [f"--init: weights from {shown} ({spec['name']}, epoch {meta.get('epoch', '?')})"]
     if binary:
@@ -308,4 +310,4 @@ def load_init(path: str, model: str, task: str, data: Any, model_args: dict[str,
                                         "metrics": meta.get("metrics", {}), "head": head}}
     if pruned:
         carried["pruned"] = pruned
-    return InitWeights(built, spec["name"], args, mean, std, carried, notes)
+    return InitWeights(built, spec["name"], args, mean, std, carried, notes, binary_state)

@@ -114,7 +114,8 @@ def quantization_meta(cfg: Any, model: nn.Module | None = None) -> dict[str, Any
     if getattr(cfg, "qat", None):
         return {META_KEY: qat_record(cfg)}
     if getattr(cfg, "binary", None):
-        return {META_KEY: binary_record(cfg.binary, cfg.binary_method, model, cfg.binary_shortcuts, cfg.binary_ste)}
+        return {META_KEY: binary_record(cfg.binary, cfg.binary_method, model, cfg.binary_shortcuts, cfg.binary_ste,
+                                        cfg.binary_react)}
     return {}
 
 
@@ -123,7 +124,8 @@ def prepare_for_training(model: nn.Module, cfg: Any) -> nn.Module:
     if cfg.qat:
         return prepare_qat(model)
     if cfg.binary:
-        return prepare_binary(model, cfg.binary, cfg.binary_method, cfg.binary_shortcuts, cfg.binary_ste)
+        return prepare_binary(model, cfg.binary, cfg.binary_method, cfg.binary_shortcuts, cfg.binary_ste,
+                              cfg.binary_react)
     return model
 
 
@@ -134,7 +136,7 @@ def prepare_from_record(model: nn.Module, record: Any, source: str) -> nn.Module
         return prepare_qat(model)
     if kind == "binary" and record.get("ste") in (None, *BINARY_STES):
         return prepare_binary(model, str(record.get("mode")), str(record.get("method")), "shortcuts" in record,
-                              record.get("ste"))
+                              record.get("ste"), "react" in record)
     raise CheckpointError(f"{source}: unknown 'quantization' record {str(record)[:120]}: the metadata is damaged or "
                           "was written by another convforge version")
 

@@ -164,6 +164,8 @@ def build_model(state: TrainingState) -> None:
     state.hold_zeros = _zero_holder(model, state.say) if cfg.keep_sparsity else None
     task.prepare_model(model, data, cfg, from_init=state.init is not None)
     model = prepare_for_training(model, cfg)  # --qat / --binary: layers swapped on the traced model
+    if state.init is not None and state.init.binary_state:
+        _load_binary_state(model, state.init.binary_state, state.say)
     state.extras = task.start_training(cfg, data, device)
     state.params = count_params(model)
     state.input_size = tuple(task.input_size(data, model))
@@ -176,6 +178,17 @@ def build_model(state: TrainingState) -> None:
     state.model = model
     state.optimizer = build_optimizer(model, cfg)
     state.ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
+
+
+def _load_binary_state(model: nn.Module, binary_state: dict[str, torch.Tensor], say: Callable[[str], None]) -> None:
+    """Load the --init binary checkpoint's own parameters (e.g. --binary-react's thresholds and RPReLU) that the
+    prepared ``model`` has under the same name and shape."""
+    own = model.state_dict()
+    carried = {k: v for k, v in binary_state.items() if k in own and own[k].shape == v.shape}
+    if carried:
+        model.load_state_dict(carried, strict=False)
+        say(f"note: --init: {len(carried)} binary-network tensor(s) of the checkpoint carried over as well "
+            "(e.g. --binary-react's thresholds and RPReLU)")
 
 
 def _zero_holder(model: nn.Module, say: Callable[[str], None]) -> Callable[[], None]:
