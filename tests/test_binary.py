@@ -153,6 +153,12 @@ def test_react_gives_resnet20_rsign_thresholds_and_an_rprelu_of_the_right_width_
     assert all(m.shift_in.grad is not None for m in gm.modules() if isinstance(m, RPReLU))
     with pytest.raises(ConfigError, match="Bi-Real shortcuts"):
         prepare_binary(create_model("resnet20"), "weights+activations", react=True)
+    mlp_head = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12),
+                             nn.ReLU(), nn.Linear(12, 5))
+    gm = prepare_binary(mlp_head, "weights+activations", shortcuts=True, react=True)
+    assert sorted(m.shift_in.numel() for m in gm.modules() if isinstance(m, RPReLU)) == [8, 8, 12]  # 12: the linear's
+    assert gm(torch.randn(2, 3, 8, 8)).shape == (2, 5)
 
 
 def test_latent_state_of_a_binary_model_is_the_float_models_state():

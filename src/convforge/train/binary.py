@@ -169,8 +169,8 @@ def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD, sh
 
 
 def _channels(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
-    """The number of channels of ``node``'s output: that of the nearest convolution or BatchNorm it is computed
-    from (nearest first, not through a Bi-Real shortcut, whose repeat changes the count)."""
+    """The number of channels of ``node``'s output: that of the nearest convolution, linear layer or BatchNorm it
+    is computed from (nearest first, not through a Bi-Real shortcut, whose repeat changes the count)."""
     todo, seen = list(node.all_input_nodes), set()
     while todo:
         current = todo.pop(0)
@@ -182,6 +182,8 @@ def _channels(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
             return module.num_features
         if isinstance(module, (nn.Conv2d, BinaryConv2d)):
             return (module.conv if isinstance(module, BinaryConv2d) else module).out_channels
+        if isinstance(module, (nn.Linear, BinaryLinear)):
+            return (module.linear if isinstance(module, BinaryLinear) else module).out_features
         if not isinstance(module, RealShortcut):
             todo += current.all_input_nodes
     raise ConfigError(f"--binary-react: cannot tell the channels of {node.name} (no convolution or BatchNorm "
