@@ -54,7 +54,7 @@ def test_sign_gradient_is_zero_outside_the_clip_range():
     y = binary_activation(x)
     assert y.tolist() == [-1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
     y.backward(torch.full_like(x, 3.0))
-    assert x.grad.tolist() == [0.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.0]
+    assert x.grad.tolist() == [0.0, 0.0, 3.0, 3.0, 3.0, 0.0, 0.0]  # hardtanh's derivative: |x| < 1
 
 
 def test_scaled_sign_gradient_is_hardtanhs_in_units_of_each_channels_deviation():
@@ -63,7 +63,7 @@ def test_scaled_sign_gradient_is_hardtanhs_in_units_of_each_channels_deviation()
     out = binary_activation(x, "scaled")
     assert torch.equal(out, binary_activation(x.detach()))  # the same sign forward
     out.backward(torch.full_like(x, 2.0))
-    expected = 2.0 * (x.detach().abs() <= scale).float() / scale
+    expected = 2.0 * (x.detach().abs() < scale).float() / scale
     torch.testing.assert_close(x.grad, expected)
     assert x.grad[0, 0, 0, 1] == 0 and x.grad[0, 0, 0, 0] > 0 and x.grad[0, 1, 0, 1] == 0  # -3.0, 0.5, -0.3
     assert x.grad[1, 0, 0, 0] > 0  # 1.8 lies within channel 0's deviation: the clipped estimator would drop it
@@ -78,7 +78,7 @@ def test_xnor_weight_gradient_is_the_papers_and_dorefa_passes_it_straight():
     sign = np.where(w >= 0, 1.0, -1.0)
     alpha = np.abs(w).mean(axis=1, keepdims=True)
     # d/dW of alpha * sign(W): through alpha (1/n sign(W) per channel) and the clipped straight-through sign
-    expected = sign / w.shape[1] * (g * sign).sum(axis=1, keepdims=True) + alpha * g * (np.abs(w) <= 1)
+    expected = sign / w.shape[1] * (g * sign).sum(axis=1, keepdims=True) + alpha * g * (np.abs(w) < 1)
     np.testing.assert_allclose(weight.grad.numpy(), expected, rtol=1e-5, atol=1e-6)
     weight.grad = None
     (binarize_weight(weight, "dorefa") * upstream).sum().backward()
@@ -313,3 +313,27 @@ def test_onnx_runtime_runs_the_exported_binary_model_as_pytorch_does(binary_run,
     assert len(binary_weights) == 2  # the two inner convolutions, each channel exactly +-alpha_c
     for weight in binary_weights:
         assert all(len(np.unique(np.abs(channel))) == 1 for channel in weight)
+
+
+def test_step_time_benchmark_times_every_variant_and_restores_the_sign():
+    """benchmarks/binary_step_time.py --smoke: one timed step per variant, the earlier torch.where sign patched in
+    for its own row only."""
+    import importlib.util
+    from pathlib import Path
+
+    from convforge.layers import binary
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "binary_step_time.py"
+    spec = importlib.util.spec_from_file_location("binary_step_time_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sign, backward = binary._sign, binary.ClippedSign.backward
+    with bench.where_sign():
+        x = torch.tensor([-0.5, 0.0, 2.0], requires_grad=True)
+        binary.ClippedSign.apply(x).sum().backward()
+        assert x.grad.tolist() == [1.0, 1.0, 0.0] and binary._sign is not sign
+    assert binary._sign is sign and binary.ClippedSign.backward is backward
+    result = bench.main(["--smoke", "--threads", "1", "--with-where-sign"])
+    assert list(result) == [*bench.VARIANTS, bench.WHERE_SIGN] and all(v > 0 for v in result.values())
+    text = "\n".join(bench.lines(result, bench.parse_args(["--smoke"])))
+    assert "| fp32 |" in text and "1.00x" in text

@@ -61,7 +61,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--binary-shortcuts", "binary_shortcuts", "flag", "with binary activations: a real-valued shortcut "
                                                        "around every binary convolution (Bi-Real Net)"),
     ("--binary-ste", "binary_ste", str, "with binary activations: the sign's straight-through gradient, clipped "
-                                        "(|x| <= 1, default) or scaled (|x| <= the channel's standard deviation, "
+                                        "(|x| < 1, default) or scaled (|x| < the channel's standard deviation, "
                                         "as with a BatchNorm before the sign)"),
     ("--binary-react", "binary_react", "flag", "with --binary-shortcuts: ReActNet's activations, a learnable "
                                                "threshold per channel before each sign (RSign) and RPReLU on the "

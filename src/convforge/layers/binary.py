@@ -2,11 +2,13 @@
 
 - ``xnor`` weights (Rastegari et al. 2016, "XNOR-Net"): ``alpha_c * sign(W_c)`` with ``alpha_c = mean |W_c|``
   per output channel. The gradient follows from that expression: through ``alpha`` and through the sign by
-  the straight-through estimator clipped to ``|W| <= 1`` (the paper's ``1/n + alpha * 1_{|W|<=1}``).
+  the straight-through estimator clipped to ``|W| < 1`` (the paper's ``1/n + alpha * 1_{|W|<=1}``; the
+  boundary, where hardtanh has no derivative, is left out).
 - ``dorefa`` weights (Zhou et al. 2016, "DoReFa-Net", 1-bit case): ``E(|W|) * sign(W)`` with one scale per
   layer, and the gradient passed straight to ``W`` (unclipped).
 - Binary activations (XNOR-Net, Bi-Real Net): ``sign(x)`` in {-1, +1} (0 counts as +1), gradient 1 where
-  ``|x| <= 1`` and 0 outside (Hubara et al. 2016's clipped straight-through estimator, ``ste="clipped"``).
+  ``|x| < 1`` and 0 outside, the derivative of hardtanh (Hubara et al. 2016's clipped straight-through
+  estimator, ``ste="clipped"``).
   ``ste="scaled"`` takes the same estimator on the input as a BatchNorm before the sign would give it (XNOR-Net's
   block order): the gradient of ``hardtanh(x / s)``, ``s`` each channel's batch standard deviation (detached),
   so a channel whose values spread far beyond +-1 (the real-valued sums of a Bi-Real network) still passes
@@ -31,11 +33,13 @@ BINARY_STES = ("clipped", "scaled")
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    # sign(sign(x) + 0.5) maps 0 to +1: three cheap elementwise passes. torch.where(x >= 0, 1, -1) gives the
+    # same values but took 5x as long on channels_last activations here (torch 2.13, CPU).
+    return torch.sign(x).add_(0.5).sign_()
 
 
 class ClippedSign(torch.autograd.Function):
-    """sign(x) in {-1, +1}; backward: the gradient where |x| <= 1, zero elsewhere."""
+    """sign(x) in {-1, +1}; backward: the gradient where |x| < 1, zero elsewhere (hardtanh's derivative)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -45,11 +49,11 @@ class ClippedSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
+        return torch.ops.aten.hardtanh_backward(grad, x, -1.0, 1.0)  # one fused pass; a float mask took 6x
 
 
 class ScaledClippedSign(torch.autograd.Function):
-    """sign(x) in {-1, +1}; backward: the derivative of hardtanh(x / s), ``1/s`` where |x| <= s and zero
+    """sign(x) in {-1, +1}; backward: the derivative of hardtanh(x / s), ``1/s`` where |x| < s and zero
     elsewhere, ``s`` the standard deviation of x over every dimension but the channels (dimension 1)."""
 
     @staticmethod
@@ -65,7 +69,7 @@ class ScaledClippedSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x, scale = ctx.saved_tensors
-        return grad * (x.abs() <= scale).to(grad.dtype) / scale
+        return torch.ops.aten.hardtanh_backward(grad, x / scale, -1.0, 1.0) / scale
 
 
 class ScaledStraightSign(torch.autograd.Function):

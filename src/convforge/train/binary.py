@@ -40,7 +40,7 @@ from convforge.train.quant_graph import (finish, following_batchnorm, is_relu, l
 BINARY_MODES = ("weights", "activations", "weights+activations")
 DEFAULT_METHOD = "xnor"
 DEFAULT_STE = "clipped"
-STE_NOTES = {"clipped": "sign, clipped straight-through gradient (|x| <= 1)",
+STE_NOTES = {"clipped": "sign, clipped straight-through gradient (|x| < 1)",
              "scaled": "sign, clipped straight-through gradient in units of each channel's standard deviation"}
 SOURCES = {"xnor": "Rastegari et al. 2016, XNOR-Net", "dorefa": "Zhou et al. 2016, DoReFa-Net"}
 SHORTCUTS_SOURCE = "Liu et al. 2018, Bi-Real Net"
