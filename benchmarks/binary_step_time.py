@@ -101,7 +101,8 @@ def lines(result: dict[str, float], args: argparse.Namespace) -> list[str]:
     out = [f"{args.model}, one AdamW training step at batch {args.batch} (random 32x32 inputs, channels_last), "
            f"threads={args.threads}; median of {args.rounds} interleaved rounds of {args.steps} steps.", "",
            "| network | s/step | images/s | vs fp32 |", "|---|---:|---:|---:|"]
-    out += [f"| {name} | {value:.3f} | {args.batch / value:.0f} | {value / base:.2f}x |" for name, value in result.items()]
+    out += [f"| {name} | {value:.3f} | {args.batch / value:.0f} | {value / base:.2f}x |"
+            for name, value in result.items()]
     if WHERE_SIGN in result:
         gain = result[WHERE_SIGN] / result["binary weights+activations, Bi-Real"]
         out += ["", f"The fused sign (sign(sign(x) + 0.5)) and hardtanh_backward gradient make the Bi-Real step "
