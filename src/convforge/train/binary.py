@@ -26,6 +26,7 @@ binary input is compared with a learnable per-channel threshold (RSign) and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import Any
 
@@ -161,8 +162,7 @@ def prepare_binary(model: nn.Module, mode: str, method: str = DEFAULT_METHOD, sh
         relus = [n for n in gm.graph.nodes if is_relu(gm, n)]
         if react:
             for relu in relus:
-                channels = _channels(gm, relu)
-                replace_calls(gm, [relu], lambda: RPReLU(channels), "binary_act")  # noqa: B023 (called at once)
+                replace_calls(gm, [relu], functools.partial(RPReLU, _channels(gm, relu)), "binary_act")
         else:
             replace_calls(gm, relus, nn.Identity if shortcuts else nn.Hardtanh, "binary_act")
     return finish(gm)
