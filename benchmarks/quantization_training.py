@@ -15,6 +15,7 @@ benchmark that was cut off resumes with its remaining runs.
 
     python benchmarks/quantization_training.py [--part all|qat|binary] [--fp32-epochs 30] [--qat-epochs 5]
         [--binary-epochs 30] [--binary-init-epochs K] [--binary-shortcuts [--binary-react]] [--binary-distill]
+        [--binary-wa-only] [--amp] [--compile]
         [--threads N] [--no-record]
     python benchmarks/quantization_training.py --smoke    # tiny synthetic data, seconds, nothing recorded
 
@@ -73,7 +74,7 @@ def _finished_run(out: Path, options: dict[str, Any]) -> dict[str, Any] | None:
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": args.data, "batch_size": args.batch_size, "threads": args.threads, "seed": args.seed,
-            "channels_last": args.channels_last}
+            "channels_last": args.channels_last, "amp": args.amp, "compile": args.compile}
 
 
 def _ptq_top1(run: Path, data: Any, threads: int | None, samples: int) -> float:
@@ -129,7 +130,7 @@ def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, A
         teacher = {"teachers": [str(Path(runs["fp32"]["run_dir"]) / "last.safetensors")]}  # last: no test pick
     plan = (("binary weights+activations", {"binary": "weights+activations", **real_values, **teacher},
              {"binary": "activations", **real_values, **teacher}),
-            ("binary weights", {"binary": "weights"}, {}))
+            ("binary weights", {"binary": "weights"}, {}))[:1 if args.binary_wa_only else 2]
     step = args.binary_init_epochs
     for name, extra, first_step in plan:
         if step:
@@ -184,7 +185,9 @@ def binary_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
              + ("; the weights+activations network also learns the fp32 twin's soft targets (--teacher: the "
                 "twin's last checkpoint, kd alpha 0.5, temperature 4)" if args.binary_distill else "")
              + ("; the sign's straight-through gradient scaled to each channel's standard deviation "
-                "(--binary-ste scaled)." if args.binary_ste == "scaled" else "."),
+                "(--binary-ste scaled)." if args.binary_ste == "scaled" else ".")
+             + "".join(f" {flag} in every run." for flag, on in (("bf16 autocast (--amp)", args.amp),
+                                                                    ("torch.compile (--compile)", args.compile)) if on),
              "", "| network | top-1 | vs fp32 twin | training time |", "|---|---:|---:|---:|"]
     for name, summary in runs.items():
         gap = "-" if "stage" in name or name == "fp32" else f"{summary['test_top1'] - twin:+.2f}"
@@ -223,7 +226,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=512, help="PTQ calibration images")
+    parser.add_argument("--binary-wa-only", action="store_true",
+                        help="train only the weights+activations network (and its twin), not binary weights")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast in every run (train's --amp)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile in every run (train's --compile)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help=f"run directory (default: {WORK}/DATE-TIME)")
