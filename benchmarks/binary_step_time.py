@@ -7,9 +7,13 @@ interleaved rounds of --steps steps, after warm-up, as a ratio to fp32.
 
 ``--with-where-sign`` adds the Bi-Real variant with the sign and its straight-through gradient written as
 ``torch.where`` / a float mask (convforge's implementation before 2026-12-01), to measure what the fused
-kernels gained, in the same run.
+kernels gained, in the same run. ``--with-bf16-compile`` adds fp32 and Bi-Real + ReAct under bfloat16 autocast,
+eager and ``torch.compile``d (train's ``--amp`` and ``--compile``): a binary network is mostly elementwise work
+(signs, thresholds, PReLUs, shortcut sums) that the compiler fuses; compiling takes a minute or two per network
+before the timed rounds.
 
-    python benchmarks/binary_step_time.py [--threads 2] [--batch 128] [--rounds 7] [--with-where-sign] [--no-record]
+    python benchmarks/binary_step_time.py [--threads 2] [--batch 128] [--rounds 7] [--with-where-sign]
+        [--with-bf16-compile] [--no-record]
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ VARIANTS = {  # name -> prepare_binary arguments (None: the fp32 network)
     "binary weights+activations, Bi-Real + ReAct": {"mode": "weights+activations", "shortcuts": True, "react": True},
 }
 WHERE_SIGN = "binary weights+activations, Bi-Real (torch.where sign, float-mask gradient)"
+REACT = "binary weights+activations, Bi-Real + ReAct"
+BF16_COMPILE = {  # name -> (VARIANTS key, torch.compile)
+    "fp32, bf16 autocast": ("fp32", False),
+    "fp32, bf16 autocast + torch.compile": ("fp32", True),
+    f"{REACT}, bf16 autocast": (REACT, False),
+    f"{REACT}, bf16 autocast + torch.compile": (REACT, True),
+}
 
 
 @contextlib.contextmanager
@@ -57,7 +68,8 @@ def where_sign() -> Iterator[None]:
         binary._sign, binary.ClippedSign.backward = saved[0], staticmethod(saved[1])
 
 
-def _stepper(options: dict[str, Any] | None, batch: int, model_name: str) -> Callable[[], None]:
+def _stepper(options: dict[str, Any] | None, batch: int, model_name: str, bf16: bool = False,
+             compiled: bool = False) -> Callable[[], None]:
     from convforge.models import create_model
     from convforge.train.binary import prepare_binary
 
@@ -67,12 +79,15 @@ def _stepper(options: dict[str, Any] | None, batch: int, model_name: str) -> Cal
         model = prepare_binary(model, **options)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if compiled else model
     inputs = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(inputs), labels).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(forward(inputs), labels)
+        loss.backward()
         optimizer.step()
 
     return step
@@ -84,6 +99,9 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     steppers = {name: _stepper(options, args.batch, args.model) for name, options in VARIANTS.items()}
     if args.with_where_sign:
         steppers[WHERE_SIGN] = _stepper(VARIANTS["binary weights+activations, Bi-Real"], args.batch, args.model)
+    if args.with_bf16_compile:
+        for name, (variant, compiled) in BF16_COMPILE.items():
+            steppers[name] = _stepper(VARIANTS[variant], args.batch, args.model, bf16=True, compiled=compiled)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for round_index in range(args.rounds + 1):  # round 0: warm-up
         for name, step in steppers.items():
@@ -107,6 +125,11 @@ def lines(result: dict[str, float], args: argparse.Namespace) -> list[str]:
         gain = result[WHERE_SIGN] / result["binary weights+activations, Bi-Real"]
         out += ["", f"The fused sign (sign(sign(x) + 0.5)) and hardtanh_backward gradient make the Bi-Real step "
                     f"{gain:.2f}x as fast as the torch.where sign with a float-mask gradient."]
+    if f"{REACT}, bf16 autocast + torch.compile" in result:
+        react_gain = result[f"{REACT}, bf16 autocast"] / result[f"{REACT}, bf16 autocast + torch.compile"]
+        fp32_gain = result["fp32, bf16 autocast"] / result["fp32, bf16 autocast + torch.compile"]
+        out += ["", f"Under bf16 autocast, torch.compile makes the Bi-Real + ReAct step {react_gain:.2f}x as fast "
+                    f"(the fp32 network's: {fp32_gain:.2f}x); the compilation itself is not in these figures."]
     out += ["", "Command: `python benchmarks/binary_step_time.py " + " ".join(args.argv) + "`"]
     return out
 
@@ -119,6 +142,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="steps per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--with-where-sign", action="store_true")
+    parser.add_argument("--with-bf16-compile", action="store_true",
+                        help="add fp32 and Bi-Real + ReAct under bf16 autocast, eager and torch.compiled")
     parser.add_argument("--smoke", action="store_true", help="batch 4, 1 round of 1 step; nothing recorded")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)

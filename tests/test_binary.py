@@ -337,3 +337,8 @@ def test_step_time_benchmark_times_every_variant_and_restores_the_sign():
     assert list(result) == [*bench.VARIANTS, bench.WHERE_SIGN] and all(v > 0 for v in result.values())
     text = "\n".join(bench.lines(result, bench.parse_args(["--smoke"])))
     assert "| fp32 |" in text and "1.00x" in text
+    bench._stepper(bench.VARIANTS[bench.REACT], 2, "resnet20", bf16=True)()  # the binary ops run under autocast
+    timed = {"fp32": 0.4, "fp32, bf16 autocast": 0.2, "fp32, bf16 autocast + torch.compile": 0.25,
+             f"{bench.REACT}, bf16 autocast": 0.5, f"{bench.REACT}, bf16 autocast + torch.compile": 0.25}
+    text = "\n".join(bench.lines(timed, bench.parse_args(["--smoke", "--with-bf16-compile"])))
+    assert "Bi-Real + ReAct step 2.00x as fast (the fp32 network's: 0.80x)" in text and "| 0.500 | 8 | 1.25x |" in text
