@@ -32,15 +32,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record  # noqa: E402
 
+REACT = "binary weights+activations, Bi-Real + ReAct"
 VARIANTS = {  # name -> prepare_binary arguments (None: the fp32 network)
     "fp32": None,
     "binary weights": {"mode": "weights"},
     "binary weights+activations (Hardtanh)": {"mode": "weights+activations"},
     "binary weights+activations, Bi-Real": {"mode": "weights+activations", "shortcuts": True},
-    "binary weights+activations, Bi-Real + ReAct": {"mode": "weights+activations", "shortcuts": True, "react": True},
+    REACT: {"mode": "weights+activations", "shortcuts": True, "react": True},
 }
 WHERE_SIGN = "binary weights+activations, Bi-Real (torch.where sign, float-mask gradient)"
-REACT = "binary weights+activations, Bi-Real + ReAct"
 BF16_COMPILE = {  # name -> (VARIANTS key, torch.compile)
     "fp32, bf16 autocast": ("fp32", False),
     "fp32, bf16 autocast + torch.compile": ("fp32", True),

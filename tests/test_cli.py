@@ -136,14 +136,14 @@ def test_predict_human_output_rgb_image(tmp_path, digits_run):
 
 
 def test_models_json(tmp_path):
-    """A filtered listing (the whole zoo's MACs take half a minute; test_zoo checks every model's size)."""
-    result = run_cli("models", "resnet[2-5]?", "--json", cwd=tmp_path)
+    result = run_cli("models", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)["models"]}
-    assert set(rows) == set(convforge.list_models("resnet[2-5]?")) and {"resnet20", "resnet50", "resnet56"} <= set(rows)
+    assert set(rows) == set(convforge.list_models())
     assert rows["resnet20"]["params"] == 269_722 and 40e6 <= rows["resnet20"]["macs"] <= 41.5e6
-    assert rows["resnet56"]["params"] == 853_018 and rows["resnet50"]["params"] == 25_557_032
+    assert rows["resnet56"]["params"] == 853_018
     assert rows["resnet20"]["input_size"] == [3, 32, 32] and rows["resnet20"]["family"] == "resnet_cifar"
+    assert rows["smallcnn"]["params"] > 0
 
 
 def test_models_pattern(tmp_path):
