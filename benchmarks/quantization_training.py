@@ -15,7 +15,7 @@ benchmark that was cut off resumes with its remaining runs.
 
     python benchmarks/quantization_training.py [--part all|qat|binary] [--fp32-epochs 30] [--qat-epochs 5]
         [--binary-epochs 30] [--binary-init-epochs K] [--binary-shortcuts [--binary-react]] [--binary-distill]
-        [--binary-wa-only] [--amp] [--compile]
+        [--binary-wa-only] [--binary-weight-decay WD] [--amp] [--compile]
         [--threads N] [--no-record]
     python benchmarks/quantization_training.py --smoke    # tiny synthetic data, seconds, nothing recorded
 
@@ -124,13 +124,14 @@ def binary_study(args: argparse.Namespace, work: Path, data: Any) -> dict[str, A
               "label_smoothing": args.label_smoothing, **_common(args)}
     real_values = {"binary_shortcuts": args.binary_shortcuts, "binary_ste": args.binary_ste,
                    "binary_react": args.binary_react}
+    binary_decay = {} if args.binary_weight_decay is None else {"weight_decay": args.binary_weight_decay}
     runs, teacher = {}, {}
     if args.binary_distill:  # the twin first: the weights+activations network learns its soft targets
         runs["fp32"] = _fit(work / "fp32", epochs=args.binary_epochs, **recipe)
         teacher = {"teachers": [str(Path(runs["fp32"]["run_dir"]) / "last.safetensors")]}  # last: no test pick
-    plan = (("binary weights+activations", {"binary": "weights+activations", **real_values, **teacher},
-             {"binary": "activations", **real_values, **teacher}),
-            ("binary weights", {"binary": "weights"}, {}))[:1 if args.binary_wa_only else 2]
+    plan = (("binary weights+activations", {"binary": "weights+activations", **real_values, **teacher, **binary_decay},
+             {"binary": "activations", **real_values, **teacher, **binary_decay}),
+            ("binary weights", {"binary": "weights", **binary_decay}, {}))[:1 if args.binary_wa_only else 2]
     step = args.binary_init_epochs
     for name, extra, first_step in plan:
         if step:
@@ -184,6 +185,8 @@ def binary_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
                 if args.binary_react else "")
              + ("; the weights+activations network also learns the fp32 twin's soft targets (--teacher: the "
                 "twin's last checkpoint, kd alpha 0.5, temperature 4)" if args.binary_distill else "")
+             + (f"; weight decay {args.binary_weight_decay:g} in the binary runs (the twin: train's default)"
+                if args.binary_weight_decay is not None else "")
              + ("; the sign's straight-through gradient scaled to each channel's standard deviation "
                 "(--binary-ste scaled)." if args.binary_ste == "scaled" else ".")
              + "".join(f" {flag} in every run." for flag, on in (("bf16 autocast (--amp)", args.amp),
@@ -223,6 +226,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="with --binary-shortcuts: ReActNet's activations (train's --binary-react)")
     parser.add_argument("--binary-distill", action="store_true",
                         help="the weights+activations network distils from the fp32 twin (trained first)")
+    parser.add_argument("--binary-weight-decay", type=float,
+                        help="AdamW weight decay of the binary runs only (default: train's, as for the twin); "
+                             "decay pulls latent weights towards 0, where their signs flip most (Liu et al. 2021)")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=512, help="PTQ calibration images")

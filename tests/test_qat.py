@@ -322,20 +322,24 @@ def test_binary_benchmark_distils_the_react_network_from_the_twin(tmp_path):
 
 def test_binary_benchmark_can_train_only_the_activation_network_with_bf16_and_compile(tmp_path):
     """--binary-wa-only: the twin and the weights+activations network only; --amp and --compile reach every run's
-    config and the recorded lines say so."""
+    config and the recorded lines say so; --binary-weight-decay reaches the binary run only."""
     bench = _benchmark_module()
     args = bench.parse_args(["--binary-wa-only", "--amp", "--compile"])
     assert bench._common(args)["amp"] is True and bench._common(args)["compile"] is True
     assert bench._common(bench.parse_args([]))["compile"] is False
     argv = ["--smoke", "--part", "binary", "--binary-shortcuts", "--binary-wa-only", "--amp", "--threads", "1",
-            "--work", str(tmp_path)]
+            "--binary-weight-decay", "0", "--work", str(tmp_path)]
     result = bench.main(argv)["binary"]
     assert list(result["runs"]) == ["binary weights+activations", "fp32"]
-    for run in result["runs"].values():
+    decay = {}
+    for name, run in result["runs"].items():
         config = load_yaml(Path(run["run_dir"]) / "config.yaml")
         assert config["amp"] is True and config["compile"] is False
+        decay[name] = config["weight_decay"]
+    assert decay == {"binary weights+activations": 0.0, "fp32": 0.05}  # the twin keeps AdamW's default
     lines = "\n".join(bench.binary_lines(result, bench.parse_args(argv)))
     assert "bf16 autocast (--amp) in every run" in lines and "torch.compile" not in lines
+    assert "weight decay 0 in the binary runs" in lines
 
 
 def test_export_command_points_a_qat_checkpoint_to_quantize(qat_run, tmp_path, capsys):
