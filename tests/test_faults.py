@@ -153,16 +153,16 @@ def test_sigkill_from_outside_at_random_times(tmp_path, reference_run):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_save_state_and_exit_cleanly(tmp_path, sig, code):
     run = tmp_path / "run"
-    args = ["train", "--data", "synthetic:classes=3,size=8,train=6144,test=32", "--epochs", "2",
-            "--batch-size", "8", "--threads", "1", "--out", str(run)]
+    # 2 epochs of 384 steps; the first periodic save (step 100) says the run is inside its loop
+    args = ["train", "--data", "synthetic:classes=3,size=8,train=3072,test=32", "--epochs", "2",
+            "--batch-size", "8", "--threads", "1", "--save-every-steps", "100", "--out", str(run)]
     # A suite started as a background job of a non-interactive shell inherits SIGINT ignored; the child must not.
     process = subprocess.Popen([sys.executable, "-m", "convforge", *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    while not (run / "config.yaml").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the run (2 epochs of 768 steps: seconds of slack on a loaded machine)
+    while not (run / "resume.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == code, stderr[-2000:]
